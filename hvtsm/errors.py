@@ -1,0 +1,68 @@
+"""The one error hierarchy of hvtsm.
+
+Every error carries what the user must know to act; only the CLI turns them into
+messages and exit codes.
+"""
+
+from __future__ import annotations
+
+
+class HvtsmError(Exception):
+    """Base of every error hvtsm raises on purpose."""
+
+    #: a short hint of what to do next, printed under the message by the CLI
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class PolicyError(HvtsmError):
+    """A policy file that cannot be used, located down to file, phase and field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        phase: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.file = file
+        self.phase = phase
+        self.field = field
+        self.detail = message
+        super().__init__(self._render(), hint=hint)
+
+    def _render(self) -> str:
+        where: list[str] = []
+        if self.file:
+            where.append(self.file)
+        if self.phase is not None:
+            where.append(f"phase {self.phase}")
+        if self.field:
+            where.append(f"field '{self.field}'")
+        return ": ".join([*where, self.detail]) if where else self.detail
+
+
+class ZoneError(HvtsmError):
+    """A zone could not be made, changed or ended."""
+
+    def __init__(self, message: str, *, zone_id: str | None = None, hint: str | None = None):
+        self.zone_id = zone_id
+        super().__init__(f"zone {zone_id}: {message}" if zone_id else message, hint=hint)
+
+
+class HostError(HvtsmError):
+    """The host lacks something hvtsm needs (root, cgroups, a tool)."""
+
+
+class StoreError(HvtsmError):
+    """The audit store cannot be opened or written."""
+
+
+class TimelineError(HvtsmError):
+    """The phase scheduler refused an operation."""

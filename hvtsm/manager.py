@@ -1,0 +1,449 @@
+"""The manager: zones' lifecycles, where a due phase becomes an applied restriction and an
+anomaly becomes a reaction. Every step is written to the store before it is announced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlmodel import select
+
+from hvtsm.controllers import dead_controllers, orphaned_zones, register_controller
+from hvtsm.errors import HvtsmError, ZoneError
+from hvtsm.policy import Policy, Reaction, parse_policy
+from hvtsm.restrictions import Restrictions
+from hvtsm.store import Store
+from hvtsm.store.audit import (
+    record_anomaly,
+    record_event,
+    record_operator,
+    record_phase,
+    record_reaction,
+)
+from hvtsm.store.models import Controller, Zone, ZoneState
+from hvtsm.timeline import Timeline
+from hvtsm.zones.base import Workload, WorkloadIO, ZoneDriver, ZoneHandle, ZoneSpec
+
+log = logging.getLogger(__name__)
+
+#: a phase applied more than this behind schedule is audited as late
+LATE_AFTER_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something that happened to a zone, for whoever watches (the CLI, later the TUI)."""
+
+    kind: str  # "phase" | "anomaly" | "reaction" | "exit" | "zone"
+    zone_id: str
+    ts: float
+    data: dict[str, Any]
+
+
+Listener = Callable[[Notice], None]
+
+
+@dataclass
+class ZoneRun:
+    """A zone this controller drives."""
+
+    zone_id: str
+    policy: Policy
+    scale: float
+    handle: ZoneHandle
+    workload: Workload | None
+    started_at: float
+    #: phase index -> due epoch of transitions not yet applied
+    pending: dict[int, float]
+    phase_index: int
+    state: ZoneState = ZoneState.RUNNING
+    exit_status: int | None = None
+    end_reason: str | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+class Manager:
+    def __init__(self, store: Store, driver: ZoneDriver, *, listener: Listener | None = None,
+                 actor: str = "operator") -> None:
+        self.store = store
+        self.driver = driver
+        self.listener = listener
+        self.actor = actor
+        self.zones: dict[str, ZoneRun] = {}
+        self._zones_lock = threading.Lock()
+        with store.session() as session:
+            self.controller: Controller = register_controller(session)
+        self.timeline = Timeline(store.engine, self.controller.id)
+        self._started = False
+
+    # -- controller lifecycle -------------------------------------------------------------
+
+    def start(self, *, adopt: bool = False) -> list[str]:
+        """Start the timeline. With adopt, first take over the live zones of dead
+        controllers on this host; their overdue transitions then fire at once.
+        Returns the adopted zone ids."""
+        adopted: list[str] = []
+        tables: list[str] = []
+        if adopt:
+            with self.store.session() as session:
+                dead = dead_controllers(session)
+                tables = [c.jobs_table for c in dead]
+                orphans = orphaned_zones(session)
+            for zone in orphans:
+                if self._adopt(zone):
+                    adopted.append(zone.id)
+        self.timeline.start(self._phase_due, adopt_tables=tables)
+        if adopt:
+            with self.store.session() as session:
+                for c in dead_controllers(session):
+                    session.delete(c)
+        self._started = True
+        return adopted
+
+    def shutdown(self, *, reason: str = "controller shutting down") -> None:
+        """End every zone still running here, then stop the timeline and deregister."""
+        for run in list(self.zones.values()):
+            if not run.ended.is_set():
+                self.terminate(run.zone_id, reason=reason, by="operator")
+                run.ended.wait(10)
+        self.timeline.shutdown(drop=True)
+        with self.store.session() as session:
+            row = session.get(Controller, self.controller.id)
+            if row is not None:
+                session.delete(row)
+
+    # -- zones ------------------------------------------------------------------------------
+
+    def launch(self, policy: Policy, argv: Sequence[str], *, io: WorkloadIO | None = None,
+               user: str | None = None, scale: float = 1.0,
+               policy_toml: str | None = None) -> ZoneRun:
+        """Make a zone, start `argv` in it and schedule its phases. Raises ZoneError with
+        nothing left behind but the zone's (failed) audit record."""
+        if not argv:
+            raise ZoneError("no command to run", hint="give it after '--'")
+        zone_id = "z" + secrets.token_hex(4)
+        initial = policy.initial()
+        toml = policy_toml if policy_toml is not None else _read_text(policy.source)
+        with self.store.session() as session:
+            row = Zone(id=zone_id, backend=str(self.driver.backend), state=ZoneState.CREATING,
+                       policy_name=policy.name, policy_digest=policy.digest,
+                       policy_source=policy.source, policy_toml=toml, lifespan_scale=scale,
+                       command=json.dumps(list(argv)), user=user,
+                       controller_id=self.controller.id, created_at=time.time())
+            session.add(row)
+            record_event(session, zone_id=zone_id, kind="created",
+                         detail=f"policy {policy.name}, scale {scale:g}, command {list(argv)}")
+            session.flush()
+            assert row.seq is not None
+            seq = row.seq
+        try:
+            handle = self.driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user),
+                                        initial)
+        except HvtsmError as exc:
+            self._fail(zone_id, f"could not create the zone: {exc}")
+            raise
+        try:
+            workload = self.driver.start(handle, argv, io or WorkloadIO())
+        except HvtsmError as exc:
+            self.driver.terminate(handle)
+            self._fail(zone_id, f"could not start {argv[0]!r}: {exc}")
+            raise
+        started = time.time()
+        zero = [p for p in policy.phases if p.at_ms == 0 and not p.terminate]
+        pending = {p.index: started + p.at_ms * scale / 1000 for p in policy.later_phases()}
+        run = ZoneRun(zone_id=zone_id, policy=policy, scale=scale, handle=handle,
+                      workload=workload, started_at=started, pending=pending,
+                      phase_index=zero[-1].index if zero else -1)
+        with self._zones_lock:
+            self.zones[zone_id] = run
+        with self.store.session() as session:
+            record_event(session, zone_id=zone_id, kind="started",
+                         detail=f"pid {workload.pid}", ts=started)
+            for phase in zero:
+                record_phase(session, zone_id=zone_id, phase_index=phase.index,
+                             scheduled_at=started, applied_at=started, late=False,
+                             changes=phase.restrictions.describe(),
+                             note="in force before the workload started")
+            self._save(session, run, state=ZoneState.RUNNING, started_at=started)
+        for phase in zero:
+            self._notify("phase", zone_id, started, self._phase_data(run, phase.index, started,
+                                                                      started,
+                                                                      phase.restrictions
+                                                                      .describe()))
+        for index, due in pending.items():
+            self.timeline.schedule(zone_id, index, due)
+        threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone_id}",
+                         daemon=True).start()
+        return run
+
+    def wait(self, zone_id: str, timeout: float | None = None) -> ZoneRun:
+        run = self.zones[zone_id]
+        run.ended.wait(timeout)
+        return run
+
+    # -- steering: every call is audited ----------------------------------------------------
+
+    def accelerate(self, zone_id: str, factor: float, *, reason: str,
+                   anomaly_id: int | None = None, by: str = "operator") -> dict[int, float]:
+        """Divide the time left before each pending transition by `factor`."""
+        if factor <= 1:
+            raise ZoneError(f"acceleration factor {factor:g} must be above 1", zone_id=zone_id)
+        run = self._run(zone_id)
+        with run.lock:
+            now = time.time()
+            moved = {i: now + max(0.0, due - now) / factor for i, due in run.pending.items()}
+            for index, due in moved.items():
+                self.timeline.move(zone_id, index, due)
+            run.pending.update(moved)
+            with self.store.session() as session:
+                self._audit_steer(session, run, "accelerate", {"factor": factor}, reason, by,
+                                  anomaly_id)
+                self._save(session, run)
+        return moved
+
+    def jump(self, zone_id: str, *, reason: str, by: str = "operator") -> int | None:
+        """Bring the next pending transition forward to now. Returns its phase index."""
+        run = self._run(zone_id)
+        with run.lock:
+            if not run.pending:
+                return None
+            index = min(run.pending)
+            run.pending[index] = time.time()
+            self.timeline.move(zone_id, index, run.pending[index])
+            with self.store.session() as session:
+                self._audit_steer(session, run, "jump", {"phase": index}, reason, by, None)
+                self._save(session, run)
+        return index
+
+    def freeze(self, zone_id: str, *, reason: str, by: str = "operator") -> None:
+        run = self._run(zone_id)
+        with run.lock:
+            self.driver.freeze(run.handle)
+            run.state = ZoneState.FROZEN
+            with self.store.session() as session:
+                self._audit_steer(session, run, "freeze", {}, reason, by, None)
+                self._save(session, run)
+
+    def thaw(self, zone_id: str, *, reason: str, by: str = "operator") -> None:
+        run = self._run(zone_id)
+        with run.lock:
+            self.driver.thaw(run.handle)
+            run.state = ZoneState.RUNNING
+            with self.store.session() as session:
+                self._audit_steer(session, run, "thaw", {}, reason, by, None)
+                self._save(session, run)
+
+    def terminate(self, zone_id: str, *, reason: str, by: str = "operator",
+                  anomaly_id: int | None = None) -> None:
+        run = self._run(zone_id)
+        with run.lock:
+            if run.state is ZoneState.TERMINATED or run.ended.is_set():
+                return
+            with self.store.session() as session:
+                self._audit_steer(session, run, "terminate", {}, reason, by, anomaly_id)
+            self._end(run, reason)
+
+    def report_anomaly(self, zone_id: str, *, kind: str, detail: str, source: str) -> None:
+        """Record an anomaly and react as the zone's policy says."""
+        run = self._run(zone_id)
+        with self.store.session() as session:
+            anomaly_id = record_anomaly(session, zone_id=zone_id, kind=kind, detail=detail,
+                                        source=source)
+        self._notify("anomaly", zone_id, time.time(), {"kind": kind, "detail": detail,
+                                                        "source": source})
+        rules = run.policy.anomaly
+        reason = f"anomaly {kind}: {detail}"
+        if rules.reaction is Reaction.TERMINATE:
+            self.terminate(zone_id, reason=reason, by="reaction", anomaly_id=anomaly_id)
+        else:
+            self.accelerate(zone_id, rules.factor, reason=reason, anomaly_id=anomaly_id,
+                            by="reaction")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _run(self, zone_id: str) -> ZoneRun:
+        with self._zones_lock:
+            run = self.zones.get(zone_id)
+        if run is None:
+            raise ZoneError("not driven by this controller", zone_id=zone_id)
+        return run
+
+    def _phase_due(self, zone_id: str, phase_index: int, due: float) -> None:
+        """Timeline callback (scheduler thread). Applies the phase and everything before it
+        that has not been applied yet, in one step."""
+        with self._zones_lock:
+            run = self.zones.get(zone_id)
+        if run is None:
+            log.warning("phase %d fell due for zone %s, which this controller does not drive",
+                        phase_index, zone_id)
+            return
+        with run.lock:
+            if run.ended.is_set() or run.state is ZoneState.TERMINATED:
+                return
+            if phase_index <= run.phase_index:
+                return  # already in force: applied together with a later phase
+            phase = run.policy.phases[phase_index]
+            previous = run.handle.applied
+            if phase.terminate:
+                self._end(run, f"policy {run.policy.name}: lifespan ended (phase {phase_index})",
+                          due=due, phase_index=phase_index)
+                return
+            try:
+                self.driver.apply(run.handle, phase.restrictions)
+            except HvtsmError as exc:
+                applied = time.time()
+                with self.store.session() as session:
+                    record_event(session, zone_id=zone_id, kind="error",
+                                 detail=f"phase {phase_index} could not be applied: {exc}")
+                # fail closed: a zone whose tightening failed must not keep running looser
+                self._end(run, f"phase {phase_index} could not be applied ({exc}); "
+                          "terminated to fail closed", due=due, phase_index=phase_index,
+                          applied=applied)
+                return
+            applied = time.time()
+            changes = phase.restrictions.changes_from(previous)
+            self._mark_applied(run, phase_index, due, applied, changes)
+        self._notify("phase", zone_id, applied, self._phase_data(run, phase_index, due, applied,
+                                                                 changes))
+
+    def _mark_applied(self, run: ZoneRun, phase_index: int, due: float, applied: float,
+                      changes: dict[str, str]) -> None:
+        skipped = sorted(i for i in run.pending if i < phase_index)
+        self.timeline.cancel(run.zone_id, skipped)
+        run.pending.pop(phase_index, None)
+        with self.store.session() as session:
+            for index in skipped:
+                record_phase(session, zone_id=run.zone_id, phase_index=index,
+                             scheduled_at=run.pending.pop(index), applied_at=applied,
+                             late=True, changes={},
+                             note=f"applied together with phase {phase_index}")
+            record_phase(session, zone_id=run.zone_id, phase_index=phase_index,
+                         scheduled_at=due, applied_at=applied,
+                         late=(applied - due) * 1000 > LATE_AFTER_MS, changes=changes)
+            run.phase_index = phase_index
+            self._save(session, run)
+
+    def _phase_data(self, run: ZoneRun, index: int, due: float, applied: float,
+                    changes: dict[str, str]) -> dict[str, Any]:
+        phase = run.policy.phases[index]
+        return {"phase": index, "at_ms": phase.at_ms * run.scale, "scheduled": due,
+                "lag_ms": round((applied - due) * 1000, 3),
+                "late": (applied - due) * 1000 > LATE_AFTER_MS, "changes": changes}
+
+    def _end(self, run: ZoneRun, reason: str, *, due: float | None = None,
+             phase_index: int | None = None, applied: float | None = None) -> None:
+        """Terminate (caller holds run.lock). The exit waiter records the end."""
+        run.state = ZoneState.TERMINATED
+        run.end_reason = reason
+        self.timeline.cancel(run.zone_id, [i for i in run.pending if i != phase_index])
+        self.driver.terminate(run.handle)
+        done = applied or time.time()
+        if phase_index is not None and due is not None:
+            self._mark_applied(run, phase_index, due, done, {"action": "terminate"})
+            self._notify("phase", run.zone_id, done, self._phase_data(
+                run, phase_index, due, done, {"action": "terminate"}))
+        if run.workload is None:
+            self._finish(run, None)
+
+    def _wait_exit(self, run: ZoneRun) -> None:
+        assert run.workload is not None
+        status = run.workload.wait()
+        with run.lock:
+            if run.state is not ZoneState.TERMINATED:
+                run.state = ZoneState.EXITED
+                self.timeline.cancel(run.zone_id, list(run.pending))
+                # the workload's children die with the zone, as in a container
+                self.driver.terminate(run.handle)
+            self._finish(run, status)
+
+    def _finish(self, run: ZoneRun, status: int | None) -> None:
+        if run.ended.is_set():
+            return
+        now = time.time()
+        run.exit_status = status
+        if run.state is ZoneState.EXITED:
+            run.end_reason = "workload exited" if status is not None else "workload ended"
+        with self.store.session() as session:
+            record_event(session, zone_id=run.zone_id, kind=str(run.state),
+                         detail=f"{run.end_reason}; exit status {status}")
+            self._save(session, run, ended_at=now, exit_status=status, end_reason=run.end_reason)
+        run.ended.set()
+        self._notify("exit", run.zone_id, now, {"status": status, "state": str(run.state),
+                                                "reason": run.end_reason})
+
+    def _fail(self, zone_id: str, detail: str) -> None:
+        with self.store.session() as session:
+            record_event(session, zone_id=zone_id, kind="failed", detail=detail)
+            row = session.exec(select(Zone).where(Zone.id == zone_id)).one()
+            row.state = ZoneState.FAILED
+            row.ended_at = time.time()
+            row.end_reason = detail
+
+    def _adopt(self, zone: Zone) -> bool:
+        """Take over a zone whose controller died. Returns False when nothing runs in it."""
+        policy = parse_policy(zone.policy_toml.encode(), source=zone.policy_source)
+        applied = Restrictions.from_json(json.loads(zone.applied))
+        handle, workload = self.driver.adopt(zone.id, json.loads(zone.driver_state), applied)
+        run = ZoneRun(zone_id=zone.id, policy=policy, scale=zone.lifespan_scale, handle=handle,
+                      workload=workload, started_at=zone.started_at or zone.created_at,
+                      pending={int(k): v for k, v in json.loads(zone.pending).items()},
+                      phase_index=zone.phase_index, state=ZoneState(zone.state))
+        with self._zones_lock:
+            self.zones[zone.id] = run
+        with self.store.session() as session:
+            record_event(session, zone_id=zone.id, kind="adopted",
+                         detail=f"by controller {self.controller.id}; "
+                         f"{len(run.pending)} transition(s) pending")
+            self._save(session, run)
+        if workload is None:
+            with run.lock:
+                run.state = ZoneState.EXITED
+                self.driver.terminate(handle)
+                self._finish(run, None)
+            return False
+        threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone.id}",
+                         daemon=True).start()
+        return True
+
+    def _audit_steer(self, session: Any, run: ZoneRun, action: str, args: dict[str, Any],
+                     reason: str, by: str, anomaly_id: int | None) -> None:
+        if by == "operator":
+            record_operator(session, actor=self.actor, action=action, zone_id=run.zone_id,
+                            args=args, reason=reason)
+        else:
+            record_reaction(session, zone_id=run.zone_id, action=action, reason=reason,
+                            anomaly_id=anomaly_id)
+            self._notify("reaction", run.zone_id, time.time(), {"action": action, **args,
+                                                                  "reason": reason})
+        record_event(session, zone_id=run.zone_id, kind=action, detail=f"{by}: {reason}")
+
+    def _save(self, session: Any, run: ZoneRun, **extra: Any) -> None:
+        row = session.exec(select(Zone).where(Zone.id == run.zone_id)).one()
+        row.state = str(run.state)
+        row.phase_index = run.phase_index
+        row.applied = json.dumps(run.handle.applied.to_json())
+        row.driver_state = json.dumps(run.handle.state)
+        row.pending = json.dumps({str(k): v for k, v in run.pending.items()})
+        row.controller_id = self.controller.id
+        for key, value in extra.items():
+            setattr(row, key, value)
+
+    def _notify(self, kind: str, zone_id: str, ts: float, data: dict[str, Any]) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(Notice(kind, zone_id, ts, data))
+            except Exception:  # a broken watcher must never stop the timeline
+                log.exception("listener failed on %s notice", kind)
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()

@@ -1,0 +1,294 @@
+"""Reading policy TOML files into typed `Policy` objects, refusing anything unclear.
+
+Every error names the file, the phase index and the field, and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hvtsm.errors import PolicyError
+from hvtsm.policy.model import AnomalyRules, Phase, Policy, Reaction, SegmentSelector
+from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode, Restrictions
+from hvtsm.units import parse_cpuset, parse_duration_ms, parse_size
+
+#: below this a zone cannot even start a shell; a typo like '16KiB' is caught here
+MIN_MEMORY = 4 * 1024 * 1024
+
+_TOP_FIELDS = ("name", "description", "phase", "anomaly", "segment")
+_PHASE_FIELDS = (
+    "at", "network", "egress", "cpu_shares", "cpu_quota", "cpus", "memory", "pids",
+    "filesystem", "action",
+)
+_ANOMALY_FIELDS = ("deny_syscalls", "sensitive_paths", "reaction", "factor")
+_SEGMENT_FIELDS = ("match", "lifespan_scale")
+_MATCH_FIELDS = ("role", "capability")
+_SYSCALL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read the file: {exc.strerror}", file=str(path)) from None
+    return parse_policy(raw, source=str(path))
+
+
+def parse_policy(raw: bytes, *, source: str) -> Policy:
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"not valid TOML: {exc}", file=source) from None
+    return _Builder(source).policy(doc, hashlib.sha256(raw).hexdigest())
+
+
+class _Builder:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, message: str, *, phase: int | None = None, field: str | None = None,
+             hint: str | None = None) -> PolicyError:
+        return PolicyError(message, file=self.source, phase=phase, field=field, hint=hint)
+
+    def only_known(self, table: dict[str, Any], known: tuple[str, ...], *,
+                   phase: int | None = None, where: str = "") -> None:
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                suggestion = f"; did you mean '{close[0]}'?" if close else ""
+                raise self.fail(
+                    f"unknown field{where}{suggestion} Valid fields: {', '.join(known)}",
+                    phase=phase, field=key,
+                )
+
+    def policy(self, doc: dict[str, Any], digest: str) -> Policy:
+        self.only_known(doc, _TOP_FIELDS)
+        name = doc.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise self.fail("a policy needs a name of letters, digits, '.', '_' or '-' "
+                            "(e.g. name = \"default\")", field="name")
+        description = doc.get("description", "")
+        if not isinstance(description, str):
+            raise self.fail("must be a string", field="description")
+        raw_phases = doc.get("phase")
+        if not isinstance(raw_phases, list) or not raw_phases:
+            raise self.fail("a policy needs at least one [[phase]] table", field="phase")
+        return Policy(
+            name=name,
+            description=description,
+            source=self.source,
+            digest=digest,
+            phases=self.phases(raw_phases),
+            anomaly=self.anomaly(doc.get("anomaly", {})),
+            segments=tuple(self.segment(i, s) for i, s in enumerate(doc.get("segment", []))),
+        )
+
+    def phases(self, raw_phases: list[Any]) -> tuple[Phase, ...]:
+        phases: list[Phase] = []
+        current = Restrictions()
+        for index, table in enumerate(raw_phases):
+            if not isinstance(table, dict):
+                raise self.fail("each phase must be a [[phase]] table", phase=index)
+            self.only_known(table, _PHASE_FIELDS, phase=index)
+            at_ms = self.at(index, table)
+            if phases and at_ms <= phases[-1].at_ms:
+                raise self.fail(
+                    f"at {table['at']!r} is not after the previous phase's "
+                    f"{raw_phases[index - 1]['at']!r}; phases must be listed in strictly "
+                    "increasing time order", phase=index, field="at")
+            if phases and phases[-1].terminate:
+                raise self.fail("no phase may follow the terminate phase", phase=index,
+                                field="at")
+            sets = self.restriction_fields(index, table)
+            terminate = self.action(index, table)
+            if terminate and sets:
+                raise self.fail(
+                    "a terminate phase ends the zone; it cannot also set "
+                    + ", ".join(sets), phase=index, field=next(iter(sets)))
+            if terminate and at_ms == 0:
+                raise self.fail("a terminate phase at 0 would end the zone before its workload "
+                                "runs; give it a later 'at'", phase=index, field="at")
+            if not terminate and not sets:
+                raise self.fail("the phase changes nothing; set a restriction or "
+                                "action = \"terminate\"", phase=index)
+            following = current.merged(**sets)
+            if "egress" in sets and following.network is not NetworkMode.FULL:
+                raise self.fail("an egress allow-list only applies while network is 'full'",
+                                phase=index, field="egress")
+            if following.network is not NetworkMode.FULL:
+                # without a NIC an allow-list has nothing left to filter
+                following = replace(following, egress=None)
+            for field, why in current.loosenings(following):
+                raise self.fail(
+                    f"{why}; a later phase may only tighten (monotonic policies)",
+                    phase=index, field=field)
+            current = following
+            phases.append(Phase(index=index, at_ms=at_ms, sets=sets, restrictions=current,
+                                terminate=terminate))
+        return tuple(phases)
+
+    def at(self, index: int, table: dict[str, Any]) -> int:
+        if "at" not in table:
+            raise self.fail("every phase needs 'at', e.g. at = \"30s\"", phase=index,
+                            field="at")
+        value = table["at"]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise self.fail(f"{value!r} has no unit; write e.g. \"{value}s\" (units: ms, s, m, h)",
+                            phase=index, field="at")
+        if not isinstance(value, str):
+            raise self.fail("must be a duration string like \"5s\"", phase=index, field="at")
+        if value.strip().startswith("-"):
+            raise self.fail(f"{value!r} is negative; 'at' counts from the workload's start",
+                            phase=index, field="at")
+        try:
+            return parse_duration_ms(value)
+        except ValueError as exc:
+            raise self.fail(str(exc), phase=index, field="at") from None
+
+    def restriction_fields(self, index: int, table: dict[str, Any]) -> dict[str, object]:
+        parsers: dict[str, Callable[[Any], object]] = {
+            "network": _network,
+            "egress": _egress,
+            "cpu_shares": _int_in(2, 262144, "cpu_shares"),
+            "cpu_quota": _quota,
+            "cpus": _cpus,
+            "memory": _memory,
+            "pids": _int_in(1, 4_194_304, "pids"),
+            "filesystem": _filesystem,
+        }
+        sets: dict[str, object] = {}
+        for field, parse in parsers.items():
+            if field in table:
+                try:
+                    sets[field] = parse(table[field])
+                except (ValueError, TypeError) as exc:
+                    raise self.fail(str(exc), phase=index, field=field) from None
+        return sets
+
+    def action(self, index: int, table: dict[str, Any]) -> bool:
+        if "action" not in table:
+            return False
+        if table["action"] != "terminate":
+            raise self.fail(f"{table['action']!r} is not an action; the only action is "
+                            "\"terminate\"", phase=index, field="action")
+        return True
+
+    def anomaly(self, table: Any) -> AnomalyRules:
+        if not isinstance(table, dict):
+            raise self.fail("[anomaly] must be a table", field="anomaly")
+        self.only_known(table, _ANOMALY_FIELDS, where=" in [anomaly]")
+        syscalls = _str_list(table.get("deny_syscalls", []))
+        if syscalls is None or not all(_SYSCALL_RE.match(s) for s in syscalls):
+            raise self.fail("must be a list of system call names like [\"ptrace\", "
+                            "\"init_module\"]", field="anomaly.deny_syscalls")
+        paths = _str_list(table.get("sensitive_paths", []))
+        if paths is None or not all(p.startswith("/") for p in paths):
+            raise self.fail("must be a list of absolute paths (a trailing '/' covers a tree)",
+                            field="anomaly.sensitive_paths")
+        try:
+            reaction = Reaction(table.get("reaction", "accelerate"))
+        except ValueError:
+            raise self.fail(f"{table.get('reaction')!r} is not a reaction; use one of: "
+                            + ", ".join(r.value for r in Reaction),
+                            field="anomaly.reaction") from None
+        factor = table.get("factor", 4.0)
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
+            raise self.fail(f"{factor!r} must be a number above 1 (remaining lifespan is divided "
+                            "by it)", field="anomaly.factor")
+        return AnomalyRules(tuple(syscalls), tuple(paths), reaction, float(factor))
+
+    def segment(self, index: int, table: Any) -> SegmentSelector:
+        field = f"segment[{index}]"
+        if not isinstance(table, dict):
+            raise self.fail("each segment must be a [[segment]] table", field=field)
+        self.only_known(table, _SEGMENT_FIELDS, where=f" in {field}")
+        match = table.get("match")
+        if not isinstance(match, dict) or not match:
+            raise self.fail("needs match = { role = \"...\" } and/or capability",
+                            field=f"{field}.match")
+        self.only_known(match, _MATCH_FIELDS, where=f" in {field}.match")
+        role = match.get("role")
+        if role is not None and not isinstance(role, str):
+            raise self.fail("must be a string", field=f"{field}.match.role")
+        capability = match.get("capability", [])
+        caps = [capability] if isinstance(capability, str) else _str_list(capability)
+        if caps is None:
+            raise self.fail("must be a string or a list of strings",
+                            field=f"{field}.match.capability")
+        scale = table.get("lifespan_scale")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 100:
+            raise self.fail(f"{scale!r} must be a number in (0, 100]; 0.25 gives a quarter of "
+                            "the lifespan", field=f"{field}.lifespan_scale")
+        return SegmentSelector(role, tuple(caps), float(scale))
+
+
+def _str_list(value: Any) -> list[str] | None:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def _network(value: Any) -> NetworkMode:
+    try:
+        return NetworkMode(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network mode; use one of: "
+                         + ", ".join(m.value for m in NetworkMode)) from None
+
+
+def _filesystem(value: Any) -> FilesystemMode:
+    try:
+        return FilesystemMode(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a filesystem mode; use 'rw' or 'ro'") from None
+
+
+def _egress(value: Any) -> tuple[EgressRule, ...]:
+    items = _str_list(value)
+    if items is None:
+        raise ValueError("must be a list of \"address:port\" strings, e.g. [\"192.0.2.10:443\"]")
+    return tuple(sorted({EgressRule.parse(item) for item in items}))
+
+
+def _int_in(low: int, high: int, name: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{value!r} must be a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _quota(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{value!r} must be a percentage of one CPU above 0 "
+                         "(50 = half a CPU, 200 = two CPUs)")
+    if value < 1:
+        raise ValueError(f"{value!r} is below 1% of a CPU; the kernel's minimum quota is 1 ms "
+                         "per 100 ms period, so use at least 1")
+    return float(value)
+
+
+def _cpus(value: Any) -> frozenset[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError("must be a CPU list string like \"0\" or \"0-1\"")
+    return parse_cpuset(value)
+
+
+def _memory(value: Any) -> int:
+    size = parse_size(value)
+    if size < MIN_MEMORY:
+        raise ValueError(f"{value!r} is below the 4MiB a zone needs to run anything; "
+                         "write e.g. \"64MiB\"")
+    return size

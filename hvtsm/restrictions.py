@@ -1,0 +1,204 @@
+"""What a zone is allowed at one moment: the vocabulary shared by policies and zone drivers.
+
+A policy phase names only what it changes; the zone drivers always receive the full,
+accumulated `Restrictions`, so applying one twice is harmless.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+
+from hvtsm.units import format_cpuset, format_size
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class NetworkMode(StrEnum):
+    FULL = "full"
+    LOOPBACK = "loopback"
+    NONE = "none"
+
+    def rank(self) -> int:
+        """Higher is tighter."""
+        return list(NetworkMode).index(self)
+
+    @property
+    def has_nic(self) -> bool:
+        return self is NetworkMode.FULL
+
+
+class FilesystemMode(StrEnum):
+    RW = "rw"
+    RO = "ro"
+
+    def rank(self) -> int:
+        return list(FilesystemMode).index(self)
+
+
+@dataclass(frozen=True, order=True)
+class EgressRule:
+    """One allowed destination: a network and an optional port range (TCP and UDP)."""
+
+    network: IPNetwork
+    port_low: int | None = None
+    port_high: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> EgressRule:
+        """'10.0.0.5:443', '10.0.0.0/24:8000-8100', '[::1]:80', '192.0.2.1' (any port)."""
+        host, port = text, ""
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = rest.removeprefix(":")
+        elif text.count(":") == 1:
+            host, _, port = text.partition(":")
+        try:
+            network = ipaddress.ip_network(host.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: {host!r} is not an IP address or network; write e.g. "
+                "'192.0.2.10:443' (host names are not resolved: DNS may change under a zone)"
+            ) from None
+        if not port:
+            return cls(network)
+        lo_s, sep, hi_s = port.partition("-")
+        if not lo_s.isdigit() or (sep and not hi_s.isdigit()):
+            raise ValueError(
+                f"{text!r}: {port!r} is not a port or port range like '443' or '8000-8100'"
+            )
+        lo, hi = int(lo_s), int(hi_s) if sep else int(lo_s)
+        if not (1 <= lo <= hi <= 65535):
+            raise ValueError(f"{text!r}: ports must lie in 1-65535, low before high")
+        return cls(network, lo, hi)
+
+    def covers(self, other: EgressRule) -> bool:
+        """True when everything `other` allows is allowed by this rule."""
+        if other.network.version != self.network.version:
+            return False
+        if not other.network.subnet_of(self.network):  # type: ignore[arg-type]
+            return False
+        if self.port_low is None:
+            return True
+        if other.port_low is None or other.port_high is None or self.port_high is None:
+            return False
+        return self.port_low <= other.port_low and other.port_high <= self.port_high
+
+    def __str__(self) -> str:
+        host = str(self.network.network_address) if self.network.num_addresses == 1 else str(
+            self.network
+        )
+        if self.network.version == 6:
+            host = f"[{host}]"
+        if self.port_low is None:
+            return host
+        ports = str(self.port_low) if self.port_low == self.port_high else (
+            f"{self.port_low}-{self.port_high}"
+        )
+        return f"{host}:{ports}"
+
+
+@dataclass(frozen=True)
+class Restrictions:
+    """The full set of limits in force in a zone. None means 'not limited'."""
+
+    network: NetworkMode = NetworkMode.FULL
+    #: None: no allow-list (all egress allowed while network is full)
+    egress: tuple[EgressRule, ...] | None = None
+    cpu_shares: int | None = None
+    #: percent of one CPU (150 = one and a half CPUs)
+    cpu_quota: float | None = None
+    cpus: frozenset[int] | None = None
+    memory: int | None = None
+    pids: int | None = None
+    filesystem: FilesystemMode = FilesystemMode.RW
+
+    def merged(self, **changes: object) -> Restrictions:
+        """These restrictions with the given fields replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    def loosenings(self, later: Restrictions) -> list[tuple[str, str]]:
+        """(field, explanation) for every way `later` grants more than `self`."""
+        out: list[tuple[str, str]] = []
+        if later.network.rank() < self.network.rank():
+            out.append(
+                ("network", f"'{later.network}' is looser than the earlier '{self.network}'")
+            )
+        if self.egress is not None and later.network is NetworkMode.FULL:
+            if later.egress is None:
+                out.append(("egress", "drops the earlier egress allow-list"))
+            else:
+                wider = [r for r in later.egress if not any(e.covers(r) for e in self.egress)]
+                if wider:
+                    out.append((
+                        "egress",
+                        "allows " + ", ".join(map(str, wider)) + " which the earlier allow-list "
+                        f"({', '.join(map(str, self.egress))}) does not",
+                    ))
+        for name in ("cpu_shares", "cpu_quota", "memory", "pids"):
+            before, after = getattr(self, name), getattr(later, name)
+            if before is not None and (after is None or after > before):
+                out.append(
+                    (name, f"{_show(name, after)} is more than the earlier {_show(name, before)}")
+                )
+        if self.cpus is not None and (later.cpus is None or not later.cpus <= self.cpus):
+            out.append(("cpus", f"{_show('cpus', later.cpus)} is not within the earlier "
+                                f"{_show('cpus', self.cpus)}"))
+        if later.filesystem.rank() < self.filesystem.rank():
+            out.append(("filesystem", f"'{later.filesystem}' is looser than the earlier "
+                                      f"'{self.filesystem}'"))
+        return out
+
+    def changes_from(self, before: Restrictions) -> dict[str, str]:
+        """Field -> printable new value, for every field that differs from `before`."""
+        return {
+            f.name: _show(f.name, getattr(self, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(before, f.name)
+        }
+
+    def describe(self) -> dict[str, str]:
+        """Every field that limits something, printable."""
+        return self.changes_from(Restrictions())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "network": str(self.network),
+            "egress": None if self.egress is None else [str(r) for r in self.egress],
+            "cpu_shares": self.cpu_shares,
+            "cpu_quota": self.cpu_quota,
+            "cpus": None if self.cpus is None else sorted(self.cpus),
+            "memory": self.memory,
+            "pids": self.pids,
+            "filesystem": str(self.filesystem),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Restrictions:
+        egress = data.get("egress")
+        cpus = data.get("cpus")
+        return cls(
+            network=NetworkMode(str(data.get("network", "full"))),
+            egress=None if egress is None else tuple(EgressRule.parse(str(e)) for e in egress),  # type: ignore[union-attr]
+            cpu_shares=data.get("cpu_shares"),  # type: ignore[arg-type]
+            cpu_quota=data.get("cpu_quota"),  # type: ignore[arg-type]
+            cpus=None if cpus is None else frozenset(int(c) for c in cpus),  # type: ignore[union-attr]
+            memory=data.get("memory"),  # type: ignore[arg-type]
+            pids=data.get("pids"),  # type: ignore[arg-type]
+            filesystem=FilesystemMode(str(data.get("filesystem", "rw"))),
+        )
+
+
+def _show(name: str, value: object) -> str:
+    if value is None:
+        return "unlimited"
+    if name == "memory":
+        return format_size(value)  # type: ignore[arg-type]
+    if name == "cpus":
+        return format_cpuset(value)  # type: ignore[arg-type]
+    if name == "cpu_quota":
+        return f"{value:g}%"
+    if name == "egress":
+        return "allow " + (", ".join(map(str, value)) or "nothing")  # type: ignore[call-overload]
+    return str(value)

@@ -1,0 +1,107 @@
+"""Data functions over the store: keyword-only, each receiving a session."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from hvtsm.store.models import (
+    Anomaly,
+    OperatorAction,
+    PhaseApplied,
+    Reaction,
+    Zone,
+    ZoneEvent,
+)
+
+
+def record_event(session: Session, *, zone_id: str, kind: str, detail: str = "",
+                 ts: float | None = None) -> None:
+    session.add(ZoneEvent(zone_id=zone_id, ts=ts or time.time(), kind=kind, detail=detail))
+
+
+def record_phase(session: Session, *, zone_id: str, phase_index: int, scheduled_at: float,
+                 applied_at: float, late: bool, changes: dict[str, str], note: str = "") -> None:
+    session.add(PhaseApplied(
+        zone_id=zone_id, phase_index=phase_index, scheduled_at=scheduled_at,
+        applied_at=applied_at, lag_ms=(applied_at - scheduled_at) * 1000, late=late,
+        changes=json.dumps(changes), note=note,
+    ))
+
+
+def record_anomaly(session: Session, *, zone_id: str, kind: str, detail: str,
+                   source: str) -> int:
+    row = Anomaly(zone_id=zone_id, ts=time.time(), kind=kind, detail=detail, source=source)
+    session.add(row)
+    session.flush()
+    assert row.id is not None
+    return row.id
+
+
+def record_reaction(session: Session, *, zone_id: str, action: str, reason: str,
+                    anomaly_id: int | None = None) -> None:
+    session.add(Reaction(zone_id=zone_id, ts=time.time(), action=action, reason=reason,
+                         anomaly_id=anomaly_id))
+
+
+def record_operator(session: Session, *, actor: str, action: str, zone_id: str | None = None,
+                    args: dict[str, Any] | None = None, reason: str = "") -> None:
+    session.add(OperatorAction(zone_id=zone_id, ts=time.time(), actor=actor, action=action,
+                               args=json.dumps(args or {}), reason=reason))
+
+
+def find_zone(session: Session, *, zone_id: str) -> Zone | None:
+    """Exact id, or a unique prefix of one (as operators type them)."""
+    zone = session.exec(select(Zone).where(Zone.id == zone_id)).first()
+    if zone is not None:
+        return zone
+    matches = session.exec(select(Zone).where(col(Zone.id).startswith(zone_id))).all()
+    return matches[0] if len(matches) == 1 else None
+
+
+def list_zones(session: Session, *, include_ended: bool) -> list[Zone]:
+    query = select(Zone).order_by(col(Zone.seq).desc())
+    if not include_ended:
+        query = query.where(col(Zone.state).in_(["creating", "running", "frozen"]))
+    return list(session.exec(query).all())
+
+
+@dataclass(frozen=True)
+class TrailEntry:
+    ts: float
+    kind: str
+    summary: str
+    data: dict[str, Any]
+
+
+def zone_trail(session: Session, *, zone_id: str) -> list[TrailEntry]:
+    """Everything recorded about a zone, oldest first."""
+    entries: list[TrailEntry] = []
+    for ev in session.exec(select(ZoneEvent).where(ZoneEvent.zone_id == zone_id)):
+        entries.append(TrailEntry(ev.ts, ev.kind, ev.detail, {"detail": ev.detail}))
+    for ph in session.exec(select(PhaseApplied).where(PhaseApplied.zone_id == zone_id)):
+        changes = json.loads(ph.changes)
+        what = ", ".join(f"{k} {v}" for k, v in changes.items()) or "nothing new"
+        late = " LATE" if ph.late else ""
+        note = f" ({ph.note})" if ph.note else ""
+        entries.append(TrailEntry(ph.applied_at, "phase", f"phase {ph.phase_index}: {what}; "
+                                  f"lag {ph.lag_ms:.1f} ms{late}{note}", {
+                                      "phase": ph.phase_index, "scheduled_at": ph.scheduled_at,
+                                      "applied_at": ph.applied_at, "lag_ms": ph.lag_ms,
+                                      "late": ph.late, "changes": changes, "note": ph.note}))
+    for an in session.exec(select(Anomaly).where(Anomaly.zone_id == zone_id)):
+        entries.append(TrailEntry(an.ts, "anomaly", f"{an.kind}: {an.detail}", {
+            "id": an.id, "kind": an.kind, "detail": an.detail, "source": an.source}))
+    for re_ in session.exec(select(Reaction).where(Reaction.zone_id == zone_id)):
+        entries.append(TrailEntry(re_.ts, "reaction", f"{re_.action}: {re_.reason}", {
+            "action": re_.action, "reason": re_.reason, "anomaly_id": re_.anomaly_id}))
+    for op in session.exec(select(OperatorAction).where(OperatorAction.zone_id == zone_id)):
+        entries.append(TrailEntry(op.ts, "operator", f"{op.actor}: {op.action} {op.reason}"
+                                  .strip(), {"actor": op.actor, "action": op.action,
+                                             "args": json.loads(op.args), "reason": op.reason}))
+    entries.sort(key=lambda e: e.ts)
+    return entries

@@ -1,0 +1,77 @@
+"""Opening the store: one SQLAlchemy engine shared by the audit trail and the timeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, SQLModel, create_engine
+
+from hvtsm.errors import StoreError
+from hvtsm.store import models  # noqa: F401  (registers the tables)
+
+
+def default_db_url() -> str:
+    """$HVTSM_DB, else /var/lib/hvtsm for root, else the user's XDG state directory."""
+    if url := os.environ.get("HVTSM_DB"):
+        return url
+    if os.geteuid() == 0:
+        base = Path("/var/lib/hvtsm")
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        base = Path(state) / "hvtsm"
+    return f"sqlite:///{base / 'hvtsm.db'}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets several controllers and `hvtsm zones` read while one writes; NORMAL keeps
+    # commits off fsync's critical path, which phase lag would otherwise feel.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Store:
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_db_url()
+        try:
+            if self.url.startswith("sqlite:///"):
+                path = Path(self.url.removeprefix("sqlite:///"))
+                if str(path) not in ("", ":memory:"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(self.url)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            SQLModel.metadata.create_all(self.engine)
+        except (SQLAlchemyError, OSError, ImportError) as exc:
+            raise StoreError(
+                f"cannot open the store {self.safe_url}: {exc}",
+                hint="pass a working SQLAlchemy URL with --db (or set HVTSM_DB)",
+            ) from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for messages."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                yield session
+                session.commit()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"store {self.safe_url}: {exc}") from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()

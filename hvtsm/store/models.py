@@ -1,0 +1,122 @@
+"""Table models. Timestamps are UNIX epoch seconds (float) so lags are plain subtractions.
+
+`Zone` and `Controller` rows carry current state; every other table is append-only.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlmodel import Field, SQLModel
+
+
+class ZoneState(StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    FROZEN = "frozen"
+    #: ended by the policy, a reaction or an operator
+    TERMINATED = "terminated"
+    #: the workload ended on its own
+    EXITED = "exited"
+    #: could not be made or started; nothing of it remains
+    FAILED = "failed"
+    #: its controller died and `hvtsm cleanup` removed what was left
+    CLEANED = "cleaned"
+
+    @property
+    def live(self) -> bool:
+        return self in (ZoneState.CREATING, ZoneState.RUNNING, ZoneState.FROZEN)
+
+
+class Controller(SQLModel, table=True):
+    """One controller process; its phase jobs live in their own APScheduler table."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    host: str
+    pid: int
+    #: /proc/<pid>/stat start time, so a reused pid is not mistaken for a live controller
+    pid_start: int
+    started_at: float
+    jobs_table: str
+
+
+class Zone(SQLModel, table=True):
+    #: autoincrement; drivers derive per-zone addresses from it
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(index=True, unique=True, max_length=32)
+    backend: str
+    state: str = Field(index=True)
+    policy_name: str
+    policy_digest: str
+    policy_source: str
+    #: the exact policy text, so an adopting controller follows the same timeline
+    policy_toml: str
+    lifespan_scale: float = 1.0
+    command: str  # JSON list
+    user: str | None = None
+    controller_id: str | None = Field(default=None, index=True)
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_status: int | None = None
+    end_reason: str | None = None
+    #: index of the last phase in force (-1: none yet)
+    phase_index: int = -1
+    applied: str = "{}"  # JSON of Restrictions
+    driver_state: str = "{}"  # JSON of ZoneHandle.state
+    #: JSON {phase_index: due epoch} of transitions not yet applied
+    pending: str = "{}"
+
+
+class ZoneEvent(SQLModel, table=True):
+    """Lifecycle: created, started, frozen, thawed, exited, terminated, error, adopted ..."""
+
+    __tablename__ = "zone_event"
+    id: int | None = Field(default=None, primary_key=True)
+    zone_id: str = Field(index=True)
+    ts: float
+    kind: str
+    detail: str = ""
+
+
+class PhaseApplied(SQLModel, table=True):
+    __tablename__ = "phase_applied"
+    id: int | None = Field(default=None, primary_key=True)
+    zone_id: str = Field(index=True)
+    phase_index: int
+    scheduled_at: float
+    applied_at: float
+    lag_ms: float
+    #: applied after the controller had been away (or otherwise far behind schedule)
+    late: bool = False
+    changes: str = "{}"  # JSON field -> printable value
+    note: str = ""
+
+
+class Anomaly(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    zone_id: str = Field(index=True)
+    ts: float
+    kind: str
+    detail: str = ""
+    source: str = ""
+
+
+class Reaction(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    zone_id: str = Field(index=True)
+    ts: float
+    action: str
+    reason: str = ""
+    anomaly_id: int | None = None
+
+
+class OperatorAction(SQLModel, table=True):
+    __tablename__ = "operator_action"
+    id: int | None = Field(default=None, primary_key=True)
+    zone_id: str | None = Field(default=None, index=True)
+    ts: float
+    actor: str
+    action: str
+    args: str = "{}"
+    reason: str = ""
