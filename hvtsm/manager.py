@@ -64,6 +64,8 @@ class ZoneRun:
     pending: dict[int, float]
     phase_index: int
     state: ZoneState = ZoneState.RUNNING
+    #: transitions that fell due while no controller ran (found on adoption)
+    overdue: set[int] = field(default_factory=set)
     exit_status: int | None = None
     end_reason: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -323,11 +325,14 @@ class Manager:
             for index in skipped:
                 record_phase(session, zone_id=run.zone_id, phase_index=index,
                              scheduled_at=run.pending.pop(index), applied_at=applied,
-                             late=True, changes={},
+                             late=(applied - due) * 1000 > LATE_AFTER_MS
+                             or index in run.overdue, changes={},
                              note=f"applied together with phase {phase_index}")
+            overdue = phase_index in run.overdue
             record_phase(session, zone_id=run.zone_id, phase_index=phase_index,
                          scheduled_at=due, applied_at=applied,
-                         late=(applied - due) * 1000 > LATE_AFTER_MS, changes=changes)
+                         late=overdue or (applied - due) * 1000 > LATE_AFTER_MS, changes=changes,
+                         note="fell due while no controller ran" if overdue else "")
             run.phase_index = phase_index
             self._save(session, run)
 
@@ -336,7 +341,8 @@ class Manager:
         phase = run.policy.phases[index]
         return {"phase": index, "at_ms": phase.at_ms * run.scale, "scheduled": due,
                 "lag_ms": round((applied - due) * 1000, 3),
-                "late": (applied - due) * 1000 > LATE_AFTER_MS, "changes": changes}
+                "late": index in run.overdue or (applied - due) * 1000 > LATE_AFTER_MS,
+                "changes": changes}
 
     def _end(self, run: ZoneRun, reason: str, *, due: float | None = None,
              phase_index: int | None = None, applied: float | None = None) -> None:
@@ -396,6 +402,8 @@ class Manager:
                       workload=workload, started_at=zone.started_at or zone.created_at,
                       pending={int(k): v for k, v in json.loads(zone.pending).items()},
                       phase_index=zone.phase_index, state=ZoneState(zone.state))
+        now = time.time()
+        run.overdue = {i for i, due in run.pending.items() if due <= now}
         with self._zones_lock:
             self.zones[zone.id] = run
         with self.store.session() as session:

@@ -1,0 +1,105 @@
+"""`hvtsm policy validate` and `hvtsm policy show`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
+from hvtsm.cli.output import say, table
+from hvtsm.errors import PolicyError
+from hvtsm.policy import Policy, load_policy
+from hvtsm.units import format_duration_ms
+
+
+def add_parsers(commands: Any) -> None:
+    policy = commands.add_parser("policy", help="check and explain policy files",
+                                 description="Check and explain policy files.")
+    sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    sub.required = True
+    validate = sub.add_parser("validate", help="check policy files (exit 1 if any is invalid)",
+                              description="Check policy files; exit 0 when all are valid, "
+                              "1 otherwise. Each error names file, phase and field.")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--json", action="store_true", help="one JSON object per file")
+    validate.set_defaults(handler=cmd_validate)
+    show = sub.add_parser("show", help="print a policy's timeline",
+                          description="Print when each restriction tightens.")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--role", help="show the timeline as scaled for this segment role")
+    show.add_argument("--capability", action="append", default=[],
+                      help="segment capability (repeatable)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=cmd_show)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            status = EXIT_INVALID
+            if args.json:
+                print(json.dumps({"file": path, "valid": False, "error": exc.detail,
+                                  "phase": exc.phase, "field": exc.field}))
+            else:
+                say(f"invalid: {exc}")
+            continue
+        if args.json:
+            print(json.dumps({"file": path, "valid": True, "name": policy.name,
+                              "phases": len(policy.phases), "lifespan_ms": policy.lifespan_ms}))
+        else:
+            life = ("no lifespan limit" if policy.lifespan_ms is None
+                    else f"lifespan {format_duration_ms(policy.lifespan_ms)}")
+            print(f"ok: {path}: policy {policy.name}, {len(policy.phases)} phases, {life}")
+    return status
+
+
+def timeline_rows(policy: Policy, scale: float) -> list[dict[str, Any]]:
+    rows = []
+    previous = None
+    for phase in policy.phases:
+        if phase.terminate:
+            what = {"action": "terminate"}
+        elif previous is None:
+            what = phase.restrictions.describe() or {"network": "full"}
+        else:
+            what = phase.restrictions.changes_from(previous)
+        rows.append({"phase": phase.index, "at_ms": phase.at_ms * scale, "tightens": what})
+        previous = phase.restrictions
+    return rows
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    policy = load_policy(args.file)
+    scale = policy.lifespan_scale(args.role, frozenset(args.capability))
+    rows = timeline_rows(policy, scale)
+    if args.json:
+        print(json.dumps({
+            "name": policy.name, "description": policy.description, "scale": scale,
+            "timeline": rows,
+            "anomaly": {"deny_syscalls": list(policy.anomaly.deny_syscalls),
+                        "sensitive_paths": list(policy.anomaly.sensitive_paths),
+                        "reaction": str(policy.anomaly.reaction),
+                        "factor": policy.anomaly.factor},
+            "segments": [{"role": s.role, "capabilities": list(s.capabilities),
+                          "lifespan_scale": s.lifespan_scale} for s in policy.segments],
+        }, indent=2))
+        return EXIT_OK
+    print(f"policy {policy.name}: {policy.description}")
+    if scale != 1:
+        print(f"(timeline scaled by {scale:g} for this segment)")
+    print(table(["PHASE", "AT", "TIGHTENS"], [
+        [r["phase"], format_duration_ms(r["at_ms"]),
+         ", ".join(f"{k} {v}" for k, v in r["tightens"].items())] for r in rows]))
+    rules = policy.anomaly
+    print(f"anomalies: deny syscalls {', '.join(rules.deny_syscalls) or '-'}; sensitive paths "
+          f"{', '.join(rules.sensitive_paths) or '-'}; reaction {rules.reaction}"
+          + (f" x{rules.factor:g}" if str(rules.reaction) == "accelerate" else ""))
+    for s in policy.segments:
+        match = ", ".join(filter(None, [f"role {s.role}" if s.role else "",
+                                        *[f"capability {c}" for c in s.capabilities]]))
+        print(f"segment {match}: lifespan x{s.lifespan_scale:g}")
+    return EXIT_OK

@@ -1,0 +1,260 @@
+"""`hvtsm run` (the main job) and `hvtsm resume` (take over zones of a dead controller)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from typing import IO, Any
+
+from hvtsm.cli.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    from_status,
+)
+from hvtsm.cli.output import clock, emit_json, say
+from hvtsm.host import probe_host
+from hvtsm.manager import Manager, Notice, ZoneRun
+from hvtsm.policy import load_policy
+from hvtsm.store import Store
+from hvtsm.store.models import ZoneState
+from hvtsm.units import format_duration_ms
+from hvtsm.zones.base import Backend, WorkloadIO
+from hvtsm.zones.factory import AVAILABLE_BACKENDS, make_driver
+
+DEFAULT_POLICY = "default.toml"
+
+
+def add_parsers(commands: Any) -> None:
+    run = commands.add_parser(
+        "run", help="run a command in a new temporal zone",
+        description="Run COMMAND in a new zone whose restrictions tighten as its policy says. "
+        "Exits with the command's status, 124 when the zone was terminated by policy, 125 on "
+        "an hvtsm error, 127 when the command is not found, 130 on Ctrl-C.")
+    run.add_argument("--policy", metavar="FILE",
+                     help="policy file (default: policies/default.toml of the installation)")
+    run.add_argument("--backend", choices=[str(b) for b in AVAILABLE_BACKENDS], default="cgroup",
+                     help="zone backend (default: cgroup)")
+    run.add_argument("--user", default="nobody",
+                     help="user the command runs as (default: nobody; 'root' only for trusted "
+                     "code)")
+    run.add_argument("--role", help="segment role, selects the policy's lifespan scale")
+    run.add_argument("--capability", action="append", default=[],
+                     help="segment capability (repeatable), selects the lifespan scale")
+    run.add_argument("--net-pool", metavar="CIDR",
+                     help="addresses for zone NICs (default 10.213.0.0/16)")
+    run.add_argument("--json", action="store_true",
+                     help="print JSON lines (phase, anomaly, reaction, output, exit) on stdout")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
+    run.set_defaults(handler=cmd_run)
+
+    resume = commands.add_parser(
+        "resume", help="take over the zones of a controller that died",
+        description="Adopt every live zone whose controller is gone, apply at once each "
+        "tightening that fell due meanwhile (audited as late), and follow them to their end.")
+    resume.add_argument("--json", action="store_true", help="print JSON lines")
+    resume.set_defaults(handler=cmd_resume)
+
+
+def default_policy_path() -> str:
+    """policies/ beside the package (source checkout) or under sys.prefix (installed)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for base in (here, os.path.join(sys.prefix, "share", "hvtsm")):
+        path = os.path.join(base, "policies", DEFAULT_POLICY)
+        if os.path.exists(path):
+            return path
+    return os.path.join("policies", DEFAULT_POLICY)
+
+
+class LivePrinter:
+    """Turns manager notices into live lines (stderr) or JSON lines (stdout)."""
+
+    def __init__(self, *, json_mode: bool) -> None:
+        self.json_mode = json_mode
+        self.started: dict[str, float] = {}
+
+    def __call__(self, notice: Notice) -> None:
+        if notice.kind == "exit":
+            return  # printed by the main thread once the output is drained
+        if self.json_mode:
+            emit_json(notice.kind, notice.ts, zone=notice.zone_id, **notice.data)
+            return
+        since = notice.ts - self.started.get(notice.zone_id, notice.ts)
+        prefix = f"hvtsm {clock(notice.ts)} +{since:.3f}s {notice.zone_id}"
+        data = notice.data
+        if notice.kind == "phase":
+            changes = ", ".join(f"{k} {v}" for k, v in data["changes"].items()) or "no change"
+            late = "  LATE" if data["late"] else ""
+            say(f"{prefix} phase {data['phase']} (at {format_duration_ms(data['at_ms'])}): "
+                f"{changes}  [lag {data['lag_ms']:.1f} ms]{late}")
+        elif notice.kind == "anomaly":
+            say(f"{prefix} anomaly {data['kind']}: {data['detail']}")
+        elif notice.kind == "reaction":
+            say(f"{prefix} reaction {data['action']}: {data['reason']}")
+        else:
+            say(f"{prefix} {notice.kind} {data}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        say("hvtsm run: error: no command given; usage: hvtsm run [OPTIONS] -- COMMAND [ARGS]")
+        return EXIT_USAGE
+    # checked before anything is made, so a typo leaves no zone and no row behind
+    if shutil.which(argv[0]) is None:
+        say(f"hvtsm run: error: command not found: {argv[0]}")
+        return EXIT_NOT_FOUND
+    try:
+        pwd.getpwnam(args.user)
+    except KeyError:
+        say(f"hvtsm run: error: no such user: {args.user}")
+        return EXIT_USAGE
+    policy = load_policy(args.policy or default_policy_path())
+    scale = policy.lifespan_scale(args.role, frozenset(args.capability))
+    caps = probe_host()
+    driver = make_driver(Backend(args.backend), caps, net_pool=args.net_pool)
+    store = Store(args.db)
+    printer = LivePrinter(json_mode=args.json)
+    manager = Manager(store, driver, listener=printer, actor=_actor())
+    io = WorkloadIO(stdout=subprocess.PIPE, stderr=subprocess.PIPE) if args.json else WorkloadIO()
+    with _terminate_on_sigterm():
+        manager.start()
+        try:
+            run = _launch(manager, printer, policy, argv, io, args.user, scale, args.json)
+            relays = _relay_output(run) if args.json else []
+            interrupted = _wait(manager, run)
+            for relay in relays:
+                relay.join(5)
+        finally:
+            manager.shutdown()
+            store.dispose()
+    _print_exit(run, json_mode=args.json)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if run.state is ZoneState.TERMINATED:
+        return EXIT_TERMINATED
+    return from_status(run.exit_status)
+
+
+def _launch(manager: Manager, printer: LivePrinter, policy: Any, argv: list[str],
+            io: WorkloadIO, user: str, scale: float, json_mode: bool) -> ZoneRun:
+    run = manager.launch(policy, argv, io=io, user=user, scale=scale)
+    printer.started[run.zone_id] = run.started_at
+    assert run.workload is not None
+    lifespan = policy.lifespan_ms
+    if json_mode:
+        emit_json("start", run.started_at, zone=run.zone_id, pid=run.workload.pid,
+                  policy=policy.name, backend=str(manager.driver.backend), scale=scale,
+                  lifespan_ms=None if lifespan is None else lifespan * scale)
+    else:
+        life = "no lifespan limit" if lifespan is None else (
+            f"lifespan {format_duration_ms(lifespan * scale)}")
+        say(f"hvtsm {clock(run.started_at)} zone {run.zone_id} started: backend "
+            f"{manager.driver.backend}, policy {policy.name} ({life}), pid {run.workload.pid}")
+    return run
+
+
+def _wait(manager: Manager, run: ZoneRun) -> bool:
+    """Wait for the zone to end; Ctrl-C ends it cleanly. Returns True when interrupted."""
+    try:
+        while not run.ended.wait(0.2):
+            pass
+        return False
+    except KeyboardInterrupt:
+        say(f"hvtsm: interrupted: terminating zone {run.zone_id}")
+        manager.terminate(run.zone_id, reason="interrupted (Ctrl-C)", by="operator")
+        run.ended.wait(15)
+        return True
+
+
+def _relay_output(run: ZoneRun) -> list[threading.Thread]:
+    assert run.workload is not None
+    threads = []
+    for name, pipe in (("stdout", run.workload.stdout), ("stderr", run.workload.stderr)):
+        if pipe is None:
+            continue
+        t = threading.Thread(target=_relay, args=(run.zone_id, name, pipe), daemon=True)
+        t.start()
+        threads.append(t)
+    return threads
+
+
+def _relay(zone_id: str, stream: str, pipe: IO[bytes]) -> None:
+    import time
+
+    for line in iter(pipe.readline, b""):
+        emit_json("output", time.time(), zone=zone_id, stream=stream,
+                  data=line.decode("utf-8", errors="replace"))
+    pipe.close()
+
+
+def _print_exit(run: ZoneRun, *, json_mode: bool) -> None:
+    import time
+
+    now = time.time()
+    if json_mode:
+        emit_json("exit", now, zone=run.zone_id, status=run.exit_status, state=str(run.state),
+                  reason=run.end_reason)
+    else:
+        say(f"hvtsm {clock(now)} zone {run.zone_id} {run.state}: {run.end_reason}; "
+            f"exit status {run.exit_status}")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    caps = probe_host()
+    driver = make_driver(Backend.CGROUP, caps)
+    store = Store(args.db)
+    printer = LivePrinter(json_mode=args.json)
+    manager = Manager(store, driver, listener=printer, actor=_actor())
+    with _terminate_on_sigterm():
+        try:
+            adopted = manager.start(adopt=True)
+            runs = [manager.zones[z] for z in adopted]
+            for run in runs:
+                printer.started[run.zone_id] = run.started_at
+                if args.json:
+                    emit_json("adopt", run.started_at, zone=run.zone_id,
+                              pending=sorted(run.pending))
+                else:
+                    say(f"hvtsm: adopted zone {run.zone_id} ({len(run.pending)} transition(s) "
+                        "pending)")
+            if not runs:
+                say("hvtsm: no orphaned zone to adopt")
+            interrupted = False
+            for run in runs:
+                interrupted = _wait(manager, run) or interrupted
+        finally:
+            manager.shutdown()
+            store.dispose()
+    for run in runs:
+        _print_exit(run, json_mode=args.json)
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+class _terminate_on_sigterm:
+    """SIGTERM behaves like Ctrl-C: the zone is ended cleanly, not abandoned."""
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGTERM, self._raise)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    @staticmethod
+    def _raise(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+
+def _actor() -> str:
+    user = os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
+    return f"{user}@cli"

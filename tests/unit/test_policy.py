@@ -1,0 +1,183 @@
+"""Policy loading: valid files become typed timelines; bad ones name file, phase and field."""
+
+from pathlib import Path
+
+import pytest
+
+from hvtsm.errors import PolicyError
+from hvtsm.policy import Reaction, load_policy, parse_policy
+from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+BASE = """
+name = "t"
+[[phase]]
+at = "0s"
+network = "full"
+memory = "512MiB"
+cpu_shares = 1024
+pids = 100
+cpus = "0-1"
+"""
+
+
+def load(text: str):
+    return parse_policy(text.encode(), source="t.toml")
+
+
+def fails(text: str) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        load(text)
+    return info.value
+
+
+@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_policies_load(path: Path) -> None:
+    policy = load_policy(path)
+    assert policy.phases
+    assert policy.lifespan_ms is not None
+
+
+def test_phases_accumulate() -> None:
+    policy = load(BASE + """
+[[phase]]
+at = "5s"
+network = "loopback"
+memory = "256MiB"
+[[phase]]
+at = "1m"
+filesystem = "ro"
+[[phase]]
+at = "2m"
+action = "terminate"
+""")
+    r = policy.phases[2].restrictions
+    assert r.network is NetworkMode.LOOPBACK
+    assert r.memory == 256 * 1024**2
+    assert r.cpu_shares == 1024
+    assert r.filesystem is FilesystemMode.RO
+    assert policy.phases[3].terminate
+    assert policy.lifespan_ms == 120_000
+    assert policy.initial().memory == 512 * 1024**2
+    assert [p.index for p in policy.later_phases()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ('[[phase]]\nat = "5s"\nnetwork = "full"\nmemory = "1GiB"\n', "memory"),
+    ('[[phase]]\nat = "5s"\ncpu_shares = 2048\n', "cpu_shares"),
+    ('[[phase]]\nat = "5s"\npids = 101\n', "pids"),
+    ('[[phase]]\nat = "5s"\ncpus = "0-2"\n', "cpus"),
+])
+def test_loosening_is_rejected_naming_phase_and_field(extra: str, field: str) -> None:
+    err = fails(BASE + extra)
+    assert err.phase == 1 and err.field == field
+    assert "t.toml: phase 1: field" in str(err)
+    assert "only tighten" in str(err)
+
+
+def test_network_cannot_come_back() -> None:
+    err = fails(BASE + '[[phase]]\nat = "5s"\nnetwork = "none"\n'
+                       '[[phase]]\nat = "6s"\nnetwork = "loopback"\n')
+    assert (err.phase, err.field) == (2, "network")
+
+
+def test_filesystem_cannot_become_writable() -> None:
+    err = fails(BASE + '[[phase]]\nat = "5s"\nfilesystem = "ro"\n'
+                       '[[phase]]\nat = "6s"\nfilesystem = "rw"\n')
+    assert (err.phase, err.field) == (2, "filesystem")
+
+
+def test_egress_list_may_only_shrink() -> None:
+    ok = load(BASE + '[[phase]]\nat = "1s"\negress = ["192.0.2.0/24:443"]\n'
+                     '[[phase]]\nat = "2s"\negress = ["192.0.2.7:443"]\n')
+    assert ok.phases[2].restrictions.egress == (EgressRule.parse("192.0.2.7:443"),)
+    err = fails(BASE + '[[phase]]\nat = "1s"\negress = ["192.0.2.7:443"]\n'
+                       '[[phase]]\nat = "2s"\negress = ["192.0.2.7:443", "192.0.2.8:80"]\n')
+    assert (err.phase, err.field) == (2, "egress")
+    assert "192.0.2.8:80" in str(err)
+    # restating network = "full" later keeps the allow-list: fields accumulate
+    kept = load(BASE + '[[phase]]\nat = "1s"\negress = ["192.0.2.7:443"]\n'
+                       '[[phase]]\nat = "2s"\nnetwork = "full"\ncpu_shares = 10\n')
+    assert kept.phases[2].restrictions.egress == (EgressRule.parse("192.0.2.7:443"),)
+
+
+def test_egress_needs_addresses_not_names() -> None:
+    err = fails(BASE + '[[phase]]\nat = "1s"\negress = ["example.com:443"]\n')
+    assert err.field == "egress" and "host names are not resolved" in str(err)
+
+
+@pytest.mark.parametrize(("body", "phase", "field", "says"), [
+    ('[[phase]]\nat = "-5s"\nmemory = "64MiB"\n', 0, "at", "negative"),
+    ('[[phase]]\nat = 5\nmemory = "64MiB"\n', 0, "at", "no unit"),
+    ('[[phase]]\nat = "5s"\nmemory = "64MiB"\n[[phase]]\nat = "2s"\npids = 4\n', 1, "at",
+     "increasing"),
+    ('[[phase]]\nat = "5s"\nmemroy = "64MiB"\n', 0, "memroy", "did you mean 'memory'"),
+    ('[[phase]]\nat = "5s"\nmemory = "1KiB"\n', 0, "memory", "4MiB"),
+    ('[[phase]]\nat = "5s"\nnetwork = "some"\n', 0, "network", "full, loopback, none"),
+    ('[[phase]]\nat = "5s"\ncpu_quota = 0\n', 0, "cpu_quota", "above 0"),
+    ('[[phase]]\nat = "5s"\naction = "explode"\n', 0, "action", "terminate"),
+    ('[[phase]]\nat = "5s"\n', 0, None, "changes nothing"),
+    ('[[phase]]\nat = "0s"\naction = "terminate"\n', 0, "at", "before its workload"),
+    ('[[phase]]\nat = "5s"\naction = "terminate"\n[[phase]]\nat = "6s"\npids = 1\n', 1, "at",
+     "follow the terminate"),
+    ('[[phase]]\nat = "5s"\nnetwork = "none"\negress = ["192.0.2.1:1"]\n', 0, "egress",
+     "only applies"),
+])
+def test_bad_phases(body: str, phase: int, field: str | None, says: str) -> None:
+    err = fails('name = "t"\n' + body)
+    assert err.file == "t.toml"
+    assert err.phase == phase
+    assert err.field == field
+    assert says in str(err)
+
+
+def test_malformed_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('name = "x"\n[[phase]\n')
+    with pytest.raises(PolicyError, match="broken.toml: not valid TOML"):
+        load_policy(path)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy("/nonexistent/policy.toml")
+
+
+def test_unknown_top_level_field() -> None:
+    err = fails('name = "t"\nphases = []\n')
+    assert err.field == "phases" and "did you mean 'phase'" in str(err)
+
+
+def test_anomaly_and_segments() -> None:
+    policy = load(BASE + """
+[anomaly]
+deny_syscalls = ["ptrace"]
+sensitive_paths = ["/etc/shadow"]
+reaction = "terminate"
+
+[[segment]]
+match = { role = "input-validation" }
+lifespan_scale = 0.25
+
+[[segment]]
+match = { capability = ["network", "exec"] }
+lifespan_scale = 0.5
+""")
+    assert policy.anomaly.reaction is Reaction.TERMINATE
+    assert policy.lifespan_scale("input-validation") == 0.25
+    assert policy.lifespan_scale("parser", frozenset({"network", "exec", "x"})) == 0.5
+    assert policy.lifespan_scale("parser", frozenset({"network"})) == 1.0
+
+
+@pytest.mark.parametrize(("section", "field"), [
+    ('[anomaly]\nreaction = "panic"\n', "anomaly.reaction"),
+    ('[anomaly]\nfactor = 1\n', "anomaly.factor"),
+    ('[anomaly]\ndeny_syscalls = ["Not A Syscall"]\n', "anomaly.deny_syscalls"),
+    ('[anomaly]\nsensitive_paths = ["relative/path"]\n', "anomaly.sensitive_paths"),
+    ('[[segment]]\nmatch = { role = "x" }\nlifespan_scale = 0\n', "segment[0].lifespan_scale"),
+    ('[[segment]]\nlifespan_scale = 0.5\n', "segment[0].match"),
+])
+def test_bad_anomaly_and_segment_sections(section: str, field: str) -> None:
+    err = fails(BASE + section)
+    assert err.field == field
