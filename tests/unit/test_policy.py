@@ -135,7 +135,7 @@ def test_bad_phases(body: str, phase: int, field: str | None, says: str) -> None
 def test_malformed_toml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text('name = "x"\n[[phase]\n')
-    with pytest.raises(PolicyError, match="broken.toml: not valid TOML"):
+    with pytest.raises(PolicyError, match=r"broken\.toml: not valid TOML"):
         load_policy(path)
 
 
