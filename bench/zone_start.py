@@ -1,0 +1,117 @@
+"""Zone start: launch -> the workload's first instruction, against a plain subprocess start.
+
+"First instruction" is the moment exec succeeded: subprocess.Popen returns then (it waits
+for the child's close-on-exec error pipe), for the zone's workload and the baseline alike.
+Three figures, each against a baseline measured in the same run:
+  driver      create + start of a cgroup zone (cgroups, netns with NIC, mount ns)
+  manager     the same plus the audit rows and the scheduled timeline
+  cli         the whole `hvtsm run -- true` command, Python start-up included
+
+Run as root: python3 bench/zone_start.py [--n 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import cgroup_driver, percentile, progress, summary, temp_store
+
+from hvtsm.manager import Manager
+from hvtsm.policy import load_policy
+from hvtsm.zones.base import WorkloadIO, ZoneSpec
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = ["/bin/true"]
+
+
+def baseline(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(COMMAND)
+        out.append((time.perf_counter() - t0) * 1000)
+        proc.wait()
+    return out
+
+
+def driver_starts(n: int) -> tuple[list[float], list[float]]:
+    driver = cgroup_driver()
+    policy = load_policy(REPO / "policies" / "default.toml")
+    starts, ends = [], []
+    for i in range(n):
+        progress(f"driver {i + 1}/{n}")
+        t0 = time.perf_counter()
+        handle = driver.create(ZoneSpec(zone_id=f"zb{i:07x}", net_index=60000 + i, user="root"),
+                               policy.initial())
+        workload = driver.start(handle, COMMAND, WorkloadIO())
+        starts.append((time.perf_counter() - t0) * 1000)
+        workload.wait()
+        t1 = time.perf_counter()
+        driver.terminate(handle)
+        ends.append((time.perf_counter() - t1) * 1000)
+    progress("")
+    return starts, ends
+
+
+def manager_starts(n: int) -> list[float]:
+    manager = Manager(temp_store(), cgroup_driver())
+    manager.start()
+    policy = load_policy(REPO / "policies" / "default.toml")
+    out = []
+    for i in range(n):
+        progress(f"manager {i + 1}/{n}")
+        t0 = time.perf_counter()
+        run = manager.launch(policy, COMMAND, user="root")
+        out.append((time.perf_counter() - t0) * 1000)
+        run.ended.wait(10)
+    progress("")
+    manager.shutdown()
+    return out
+
+
+def cli_runs(n: int) -> tuple[list[float], list[float]]:
+    db = f"sqlite:///{temp_store().url.removeprefix('sqlite:///')}"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    hv, plain = [], []
+    for i in range(n):
+        progress(f"cli {i + 1}/{n}")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "hvtsm.cli.main", "--db", db, "run", "--user",
+                        "root", "--", *COMMAND], env=env, check=True, capture_output=True)
+        hv.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        subprocess.run(COMMAND, check=True)
+        plain.append((time.perf_counter() - t0) * 1000)
+    progress("")
+    return hv, plain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--cli-n", type=int, default=10)
+    args = parser.parse_args()
+    base = baseline(args.n)
+    starts, ends = driver_starts(args.n)
+    managed = manager_starts(args.n)
+    base_after = baseline(args.n)
+    base_all = base + base_after
+    b50 = percentile(base_all, 50)
+    print(summary("baseline subprocess start", base_all))
+    print(summary("zone start, driver (goal p50 < 100 ms)", starts)
+          + f"  ratio p50 {percentile(starts, 50) / b50:.1f}x")
+    print(summary("zone start, manager with audit + timeline", managed)
+          + f"  ratio p50 {percentile(managed, 50) / b50:.1f}x")
+    print(summary("zone terminate + cleanup", ends))
+    hv, plain = cli_runs(args.cli_n)
+    print(summary("whole `hvtsm run -- true` (Python start-up included)", hv)
+          + f"  vs plain `true` p50 {percentile(plain, 50):.2f}ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""`hvtsm run` end to end: a real program in a real cgroup zone, effects seen from inside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cli_helpers import (
+    CONNECT_PROBE,
+    audit,
+    hvtsm,
+    json_lines,
+    spawn,
+    wait_for,
+    write_policy,
+    zones,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="cgroup zones need root"),
+]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'hvtsm.db'}"
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP listener on all host addresses: reachable from a zone only through its NIC."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 0))
+    server.listen(64)
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def no_leftovers(zone_id: str) -> None:
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"hvtsm-{zone_id}" not in netns
+    for root in ("/sys/fs/cgroup/memory/hvtsm", "/sys/fs/cgroup/pids/hvtsm",
+                 "/sys/fs/cgroup/hvtsm"):
+        assert not os.path.exists(os.path.join(root, zone_id))
+
+
+NETCUT = """
+name = "netcut"
+[[phase]]
+at = "0s"
+network = "full"
+memory = "256MiB"
+[[phase]]
+at = "1500ms"
+network = "loopback"
+[[phase]]
+at = "3s"
+action = "terminate"
+"""
+
+
+def test_network_cut_on_schedule_seen_from_inside(db: str, tmp_path: Path,
+                                                 listener: int) -> None:
+    policy = write_policy(tmp_path / "netcut.toml", NETCUT)
+    result = hvtsm(db, "run", "--policy", policy, "--user", "root", "--json", "--",
+                   "python3", "-c", CONNECT_PROBE, str(listener), "100")
+    assert result.returncode == 124, result.stderr
+    events = json_lines(result.stdout)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "exit"
+    zone_id = events[0]["zone"]
+    phases = [e for e in events if e["event"] == "phase"]
+    assert [p["phase"] for p in phases] == [0, 1, 2]
+    assert phases[1]["changes"] == {"network": "loopback"}
+    assert all(p["lag_ms"] < 250 for p in phases)
+    output = [e["data"].split() for e in events if e["event"] == "output"]
+    cut_at = phases[1]["scheduled"] + phases[1]["lag_ms"] / 1000
+    before = [o for o in output if float(o[2]) < cut_at - 0.05]
+    after = [o for o in output if float(o[2]) > cut_at + 0.05]
+    assert before and all(o[1] == "ok" for o in before)
+    assert after and all(o[1] == "failed" for o in after)
+    assert events[-1]["state"] == "terminated"
+    trail = audit(db, zone_id)
+    assert [t["phase"] for t in trail if t["kind"] == "phase"] == [0, 1, 2]
+    assert trail[-1]["kind"] == "terminated"
+    no_leftovers(zone_id)
+
+
+def test_exit_status_and_live_lines(db: str) -> None:
+    result = hvtsm(db, "run", "--", "sh", "-c", "echo hello; exit 7")
+    assert result.returncode == 7
+    assert result.stdout == "hello\n"
+    assert "started" in result.stderr and "phase 0" in result.stderr
+    [zone] = zones(db)
+    assert zone["state"] == "exited" and zone["exit_status"] == 7
+    no_leftovers(zone["zone"])
+
+
+def test_command_not_found_makes_nothing(db: str) -> None:
+    result = hvtsm(db, "run", "--", "no-such-program-hvtsm")
+    assert result.returncode == 127
+    assert "command not found: no-such-program-hvtsm" in result.stderr
+    assert zones(db) == []
+
+
+def test_missing_command_is_a_usage_error(db: str) -> None:
+    result = hvtsm(db, "run")
+    assert result.returncode == 2
+    assert "no command given" in result.stderr
+
+
+def test_bad_policy_names_file_phase_and_field(db: str, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "bad.toml", NETCUT.replace('"1500ms"', '"-1s"'))
+    result = hvtsm(db, "run", "--policy", policy, "--", "true")
+    assert result.returncode == 125
+    assert "bad.toml: phase 1: field 'at'" in result.stderr
+    assert zones(db) == []
+
+
+def test_memory_below_usage_fails_closed(db: str, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "squeeze.toml", """
+name = "squeeze"
+[[phase]]
+at = "0s"
+memory = "512MiB"
+[[phase]]
+at = "1500ms"
+memory = "8MiB"
+[[phase]]
+at = "20s"
+action = "terminate"
+""")
+    hog = "b = bytearray(96 * 1024 * 1024); import time; print('holding', flush=True); " \
+          "time.sleep(30)"
+    result = hvtsm(db, "run", "--policy", policy, "--user", "root", "--json", "--",
+                   "python3", "-c", hog)
+    # whichever the kernel does (refuse the limit, or kill the workload at it), the zone
+    # must not keep running above the limit
+    events = json_lines(result.stdout)
+    exit_event = events[-1]
+    assert exit_event["event"] == "exit"
+    assert result.returncode in (124, 137), result.stderr
+    assert exit_event["state"] in ("terminated", "exited")
+    no_leftovers(events[0]["zone"])
+
+
+def test_ctrl_c_ends_the_zone_cleanly(db: str) -> None:
+    proc = spawn(db, "run", "--json", "--", "sleep", "60")
+    start = json_lines(wait_for(lambda: proc.stdout.readline(), what="start line"))[0]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    [zone] = zones(db)
+    assert zone["state"] == "terminated" and "interrupted" in zone["reason"]
+    assert any(t["kind"] == "operator" for t in audit(db, start["zone"]))
+    no_leftovers(start["zone"])
+
+
+def test_without_root_one_clear_message(db: str, tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o777)
+    result = hvtsm(f"sqlite:///{tmp_path / 'user.db'}", "run", "--", "true", user="nobody")
+    assert result.returncode == 125
+    assert "root" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+RESTART = """
+name = "restart"
+[[phase]]
+at = "0s"
+network = "full"
+[[phase]]
+at = "1s"
+network = "loopback"
+pids = 64
+[[phase]]
+at = "6s"
+action = "terminate"
+"""
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (whoever inherits an orphan may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _has_nic(pid: int) -> bool:
+    with open(f"/proc/{pid}/net/dev") as f:
+        return "eth0" in f.read()
+
+
+def test_controller_killed_then_resumed_applies_overdue_at_once(db: str, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "restart.toml", RESTART)
+    proc = spawn(db, "run", "--policy", policy, "--json", "--", "sleep", "60")
+    start = json_lines(wait_for(lambda: proc.stdout.readline(), what="start line"))[0]
+    zone_id, pid = start["zone"], start["pid"]
+    assert _has_nic(pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    time.sleep(1.6)  # the network phase falls due while no controller runs
+    assert _has_nic(pid), "nothing may change while the controller is down"
+    resume = spawn(db, "resume", "--json")
+    wait_for(lambda: not _has_nic(pid), timeout=10, what="the overdue network cut")
+    out, err = resume.communicate(timeout=30)
+    assert resume.returncode == 0, err
+    events = json_lines(out)
+    assert events[0]["event"] == "adopt" and events[0]["zone"] == zone_id
+    phase1 = next(e for e in events if e["event"] == "phase" and e["phase"] == 1)
+    assert phase1["late"] and phase1["lag_ms"] > 500
+    trail = audit(db, zone_id)
+    applied = [t for t in trail if t["kind"] == "phase" and t["phase"] == 1]
+    assert applied[0]["late"] and "no controller" in applied[0]["note"]
+    assert trail[-1]["kind"] == "terminated"
+    no_leftovers(zone_id)
+
+
+def test_cleanup_removes_what_a_dead_controller_left(db: str) -> None:
+    proc = spawn(db, "run", "--json", "--", "sleep", "60")
+    start = json_lines(wait_for(lambda: proc.stdout.readline(), what="start line"))[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert running(start["pid"])
+    dry = hvtsm(db, "cleanup", "--dry-run", "--json", check=True)
+    assert start["zone"] in dry.stdout
+    assert running(start["pid"])
+    result = hvtsm(db, "cleanup", check=True)
+    assert start["zone"] in result.stdout
+    wait_for(lambda: not running(start["pid"]), what="the workload killed")
+    no_leftovers(start["zone"])
+    [zone] = zones(db)
+    assert zone["state"] == "cleaned"
+    assert "nothing to clean up" in hvtsm(db, "cleanup", check=True).stdout
