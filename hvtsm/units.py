@@ -27,6 +27,8 @@ def parse_duration_ms(text: str) -> int:
 
 def format_duration_ms(ms: float) -> str:
     """Shortest exact-ish rendering: 1500 -> '1.5s', 120000 -> '2m'."""
+    if ms == 0:
+        return "0s"
     if ms < 1000:
         return f"{ms:g}ms"
     for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
