@@ -41,7 +41,7 @@ LATE_AFTER_MS = 1000.0
 class Notice:
     """Something that happened to a zone, for whoever watches (the CLI, later the TUI)."""
 
-    kind: str  # "phase" | "anomaly" | "reaction" | "exit" | "zone"
+    kind: str  # "start" | "phase" | "anomaly" | "reaction" | "exit"
     zone_id: str
     ts: float
     data: dict[str, Any]
@@ -175,6 +175,10 @@ class Manager:
                              changes=phase.restrictions.describe(),
                              note="in force before the workload started")
             self._save(session, run, state=ZoneState.RUNNING, started_at=started)
+        lifespan = policy.lifespan_ms
+        self._notify("start", zone_id, started, {
+            "pid": workload.pid, "policy": policy.name, "backend": str(self.driver.backend),
+            "scale": scale, "lifespan_ms": None if lifespan is None else lifespan * scale})
         for phase in zero:
             self._notify("phase", zone_id, started, self._phase_data(run, phase.index, started,
                                                                       started,

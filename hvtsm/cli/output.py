@@ -23,9 +23,9 @@ def clock(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
 
 
-def emit_json(event: str, ts: float, stream: TextIO | None = None, **fields: Any) -> None:
+def emit_json(event: str, ts: float, *, to: TextIO | None = None, **fields: Any) -> None:
     line = json.dumps({"event": event, "ts": iso(ts), **fields}, default=str)
-    out = stream or sys.stdout
+    out = to or sys.stdout
     with _lock:
         out.write(line + "\n")
         out.flush()

@@ -84,13 +84,20 @@ class LivePrinter:
     def __call__(self, notice: Notice) -> None:
         if notice.kind == "exit":
             return  # printed by the main thread once the output is drained
+        if notice.kind == "start":
+            self.started[notice.zone_id] = notice.ts
         if self.json_mode:
             emit_json(notice.kind, notice.ts, zone=notice.zone_id, **notice.data)
             return
         since = notice.ts - self.started.get(notice.zone_id, notice.ts)
         prefix = f"hvtsm {clock(notice.ts)} +{since:.3f}s {notice.zone_id}"
         data = notice.data
-        if notice.kind == "phase":
+        if notice.kind == "start":
+            life = "no lifespan limit" if data["lifespan_ms"] is None else (
+                f"lifespan {format_duration_ms(data['lifespan_ms'])}")
+            say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} started: backend "
+                f"{data['backend']}, policy {data['policy']} ({life}), pid {data['pid']}")
+        elif notice.kind == "phase":
             changes = ", ".join(f"{k} {v}" for k, v in data["changes"].items()) or "no change"
             late = "  LATE" if data["late"] else ""
             say(f"{prefix} phase {data['phase']} (at {format_duration_ms(data['at_ms'])}): "
@@ -127,12 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     printer = LivePrinter(json_mode=args.json)
     manager = Manager(store, driver, listener=printer, actor=_actor())
     io = WorkloadIO(stdout=subprocess.PIPE, stderr=subprocess.PIPE) if args.json else WorkloadIO()
-    with _terminate_on_sigterm():
+    with _Interrupts() as interrupts:
         manager.start()
         try:
-            run = _launch(manager, printer, policy, argv, io, args.user, scale, args.json)
+            run = manager.launch(policy, argv, io=io, user=args.user, scale=scale)
             relays = _relay_output(run) if args.json else []
-            interrupted = _wait(manager, run)
+            interrupted = _wait(manager, run, interrupts)
             for relay in relays:
                 relay.join(5)
         finally:
@@ -146,35 +153,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return from_status(run.exit_status)
 
 
-def _launch(manager: Manager, printer: LivePrinter, policy: Any, argv: list[str],
-            io: WorkloadIO, user: str, scale: float, json_mode: bool) -> ZoneRun:
-    run = manager.launch(policy, argv, io=io, user=user, scale=scale)
-    printer.started[run.zone_id] = run.started_at
-    assert run.workload is not None
-    lifespan = policy.lifespan_ms
-    if json_mode:
-        emit_json("start", run.started_at, zone=run.zone_id, pid=run.workload.pid,
-                  policy=policy.name, backend=str(manager.driver.backend), scale=scale,
-                  lifespan_ms=None if lifespan is None else lifespan * scale)
-    else:
-        life = "no lifespan limit" if lifespan is None else (
-            f"lifespan {format_duration_ms(lifespan * scale)}")
-        say(f"hvtsm {clock(run.started_at)} zone {run.zone_id} started: backend "
-            f"{manager.driver.backend}, policy {policy.name} ({life}), pid {run.workload.pid}")
-    return run
-
-
-def _wait(manager: Manager, run: ZoneRun) -> bool:
+def _wait(manager: Manager, run: ZoneRun, interrupts: _Interrupts) -> bool:
     """Wait for the zone to end; Ctrl-C ends it cleanly. Returns True when interrupted."""
-    try:
-        while not run.ended.wait(0.2):
-            pass
-        return False
-    except KeyboardInterrupt:
-        say(f"hvtsm: interrupted: terminating zone {run.zone_id}")
-        manager.terminate(run.zone_id, reason="interrupted (Ctrl-C)", by="operator")
-        run.ended.wait(15)
-        return True
+    while not run.ended.wait(0.1):
+        if interrupts.raised.is_set():
+            say(f"hvtsm: interrupted: terminating zone {run.zone_id}")
+            manager.terminate(run.zone_id, reason="interrupted (Ctrl-C or SIGTERM)",
+                              by="operator")
+            run.ended.wait(15)
+            return True
+    return interrupts.raised.is_set()
 
 
 def _relay_output(run: ZoneRun) -> list[threading.Thread]:
@@ -216,7 +204,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store = Store(args.db)
     printer = LivePrinter(json_mode=args.json)
     manager = Manager(store, driver, listener=printer, actor=_actor())
-    with _terminate_on_sigterm():
+    with _Interrupts() as interrupts:
         try:
             adopted = manager.start(adopt=True)
             runs = [manager.zones[z] for z in adopted]
@@ -232,7 +220,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                 say("hvtsm: no orphaned zone to adopt")
             interrupted = False
             for run in runs:
-                interrupted = _wait(manager, run) or interrupted
+                interrupted = _wait(manager, run, interrupts) or interrupted
         finally:
             manager.shutdown()
             store.dispose()
@@ -241,18 +229,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
-class _terminate_on_sigterm:
-    """SIGTERM behaves like Ctrl-C: the zone is ended cleanly, not abandoned."""
+class _Interrupts:
+    """Ctrl-C and SIGTERM only raise a flag; the wait loop then ends the zone cleanly.
+    An exception could land mid-launch and leave a zone half-recorded."""
 
-    def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGTERM, self._raise)
+    def __init__(self) -> None:
+        self.raised = threading.Event()
+
+    def __enter__(self) -> _Interrupts:
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
-    @staticmethod
-    def _raise(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+    def _handle(self, _signum: int, _frame: object) -> None:
+        self.raised.set()
 
 
 def _actor() -> str:

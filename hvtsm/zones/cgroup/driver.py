@@ -1,0 +1,343 @@
+"""The cgroup zone driver: a zone is a cgroup, a network namespace with a veth NIC and a
+private mount namespace on this host.
+
+Every resource name derives from the zone id (cgroup `hvtsm/<id>`, netns `hvtsm-<id>`,
+veth `hz...`, namespace reference `/run/hvtsm/ns/<id>`), so a zone can be found and
+removed from its id alone, even when the controller that made it is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from hvtsm.errors import HvtsmError, ZoneError
+from hvtsm.host import HostCapabilities
+from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
+from hvtsm.zones.base import (
+    ApplyReport,
+    Backend,
+    Workload,
+    WorkloadIO,
+    ZoneHandle,
+    ZoneSpec,
+    ZoneStats,
+)
+from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, nft
+from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
+
+log = logging.getLogger(__name__)
+
+#: ids become path components and interface aliases
+_ZONE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: version of the layout of handle.state
+STATE_VERSION = 1
+
+
+def _check_id(zone_id: str) -> str:
+    if not _ZONE_ID.match(zone_id):
+        raise ZoneError(f"{zone_id!r} is not a usable zone id (letters, digits, '_.-', "
+                        "at most 64)")
+    return zone_id
+
+
+class CgroupDriver:
+    backend = Backend.CGROUP
+
+    def __init__(self, caps: HostCapabilities, *, net_pool: str = "10.213.0.0/16") -> None:
+        try:
+            pool = ipaddress.IPv4Network(net_pool)
+        except ValueError as exc:
+            raise ZoneError(f"net pool {net_pool!r} is not an IPv4 network: {exc}") from None
+        if pool.prefixlen > 30:
+            raise ZoneError(f"net pool {net_pool!r} is too small: zones need a /30 each")
+        self.caps = caps
+        self.pool = pool
+        self._ip = caps.ip or "ip"
+        self._setup_lock = threading.Lock()
+        self._nat_ready = False
+        self._ref_dir_ready = False
+        #: environments for zones not started yet: kept out of handle.state, which the
+        #: store persists, because environments carry secrets
+        self._envs: dict[str, dict[str, str]] = {}
+
+    # -- naming -------------------------------------------------------------------------
+
+    def cgroup(self, zone_id: str) -> ZoneCgroup:
+        return cgroupfs.zone_cgroup(self.caps, zone_id)
+
+    def zone_net(self, zone_id: str, net_index: int) -> netns.ZoneNet:
+        return netns.ZoneNet.for_zone(zone_id, net_index, self.pool)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
+        zone_id = _check_id(spec.zone_id)
+        cgroup = self.cgroup(zone_id)
+        net = self.zone_net(zone_id, spec.net_index)
+        handle = ZoneHandle(zone_id, self.backend, self._initial_state(spec, cgroup, net),
+                            initial)
+        try:
+            cgroup.create()
+            self._set_limits(cgroup, initial, Restrictions(), lambda _name, _value: None)
+            nic = initial.network.has_nic
+            netns.create(net, nic=nic, lo_up=initial.network is not NetworkMode.NONE,
+                         ip=self._ip)
+            if nic and initial.egress is not None:
+                nft.set_egress(zone_id, initial.egress, nft=self.caps.nft)
+            if nic:
+                self._ensure_nat()
+        except BaseException as exc:
+            with contextlib.suppress(HvtsmError, OSError):
+                self._teardown(zone_id)
+            if isinstance(exc, OSError):
+                raise ZoneError(f"cannot create the zone: {exc}", zone_id=zone_id) from exc
+            raise
+        handle.state.update(nic=initial.network.has_nic,
+                            lo_up=initial.network is not NetworkMode.NONE)
+        if spec.env is not None:
+            self._envs[zone_id] = dict(spec.env)
+        return handle
+
+    def _initial_state(self, spec: ZoneSpec, cgroup: ZoneCgroup,
+                       net: netns.ZoneNet) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "cgroup_version": cgroup.version,
+            "cgroups": [str(d) for d in cgroup.dirs()],
+            "netns": net.netns,
+            "host_if": net.host_if,
+            "host_addr": str(net.host_addr),
+            "zone_addr": str(net.zone_addr),
+            "net_index": spec.net_index,
+            "nic": False,
+            "lo_up": False,
+            "user": spec.user,
+            "cwd": spec.cwd,
+            "pid": None,
+            "ns_ref": None,
+            "frozen": False,
+        }
+
+    def start(self, handle: ZoneHandle, argv: Sequence[str], io: WorkloadIO) -> Workload:
+        zone_id = handle.zone_id
+        if not argv:
+            raise ZoneError("no command to run", zone_id=zone_id)
+        if handle.state.get("pid") is not None:
+            raise ZoneError("the zone already runs a workload", zone_id=zone_id)
+        user = handle.state.get("user")
+        entry = launcher.Entry(
+            zone_id=zone_id,
+            procs_files=tuple(str(p) for p in self.cgroup(zone_id).procs_files()),
+            netns_path=str(netns.netns_path(zone_id)),
+            readonly=handle.applied.filesystem is FilesystemMode.RO,
+            user=None if user is None else launcher.UserInfo.lookup(user, zone_id),
+        )
+        workload = launcher.spawn(entry, argv, io, env=self._envs.pop(zone_id, None),
+                                  cwd=handle.state.get("cwd"))
+        handle.state["pid"] = workload.pid
+        handle.state["ns_ref"] = self._pin_mount_ns(zone_id, workload.pid)
+        return workload
+
+    def _pin_mount_ns(self, zone_id: str, pid: int) -> str | None:
+        """Keep the zone's mount namespace reachable for a later read-only switch even
+        after its first process exits. Without the pin, that switch still finds the
+        namespace through any live zone process, so a failure here only gets logged."""
+        try:
+            self._ensure_ref_dir()
+            ref = mounts.bind_ns_ref(pid, zone_id)
+        except (ZoneError, OSError) as exc:
+            log.warning("zone %s: cannot pin its mount namespace: %s", zone_id, exc)
+            return None
+        return None if ref is None else str(ref)
+
+    def terminate(self, handle: ZoneHandle) -> None:
+        self._envs.pop(handle.zone_id, None)
+        self._teardown(handle.zone_id)
+        handle.state.update(frozen=False, nic=False, lo_up=False, ns_ref=None)
+
+    def _teardown(self, zone_id: str) -> list[str]:
+        """Kill and remove whatever of the zone exists; every step runs even when an
+        earlier one failed, and only real failures (not absence) raise."""
+        removed: list[str] = []
+        errors: list[str] = []
+        cgroup = self.cgroup(zone_id)
+
+        def step(action: Callable[[], list[str]]) -> None:
+            try:
+                removed.extend(action())
+            except (HvtsmError, OSError) as exc:
+                errors.append(str(exc).removeprefix(f"zone {zone_id}: "))
+
+        if cgroup.exists():
+            def kill() -> list[str]:
+                count = len(cgroup.pids())
+                cgroup.kill()
+                return [f"{count} process(es) killed"] if count else []
+            step(kill)
+            step(cgroup.remove)
+        step(lambda: netns.destroy(zone_id, ip=self._ip))
+        step(lambda: mounts.drop_ns_ref(zone_id))
+        if errors:
+            raise ZoneError("; ".join(errors), zone_id=zone_id)
+        return removed
+
+    # -- tightening -----------------------------------------------------------------------
+
+    def apply(self, handle: ZoneHandle, restrictions: Restrictions) -> ApplyReport:
+        old = handle.applied
+        changed = restrictions.changes_from(old)
+        notes: list[str] = []
+
+        def done(name: str, value: object) -> None:
+            handle.applied = replace(handle.applied, **{name: value})
+
+        # the network first: cutting it is what a tightening most often exists for
+        if (restrictions.network, restrictions.egress) != (old.network, old.egress):
+            notes += self._apply_network(handle, old, restrictions)
+            done("network", restrictions.network)
+            done("egress", restrictions.egress)
+        if restrictions.filesystem is not old.filesystem:
+            notes += self._apply_filesystem(handle, restrictions.filesystem)
+            done("filesystem", restrictions.filesystem)
+        self._set_limits(self.cgroup(handle.zone_id), restrictions, old, done)
+        return ApplyReport(changed, tuple(notes))
+
+    def _set_limits(self, cgroup: ZoneCgroup, new: Restrictions, old: Restrictions,
+                    done: Callable[[str, object], None]) -> None:
+        # memory last: lowering it is the one change that may fail (and end the zone)
+        setters: list[tuple[str, Callable[[Any], None]]] = [
+            ("cpus", cgroup.set_cpus),
+            ("cpu_shares", cgroup.set_cpu_shares),
+            ("cpu_quota", cgroup.set_cpu_quota),
+            ("pids", cgroup.set_pids),
+            ("memory", cgroup.set_memory),
+        ]
+        for name, setter in setters:
+            value = getattr(new, name)
+            if value != getattr(old, name):
+                setter(value)
+                done(name, value)
+
+    def _apply_network(self, handle: ZoneHandle, old: Restrictions,
+                       new: Restrictions) -> list[str]:
+        zone_id, state = handle.zone_id, handle.state
+        if new.network.rank() < old.network.rank():
+            raise ZoneError(f"cannot loosen the network from '{old.network}' to "
+                            f"'{new.network}'", zone_id=zone_id)
+        if new.network is NetworkMode.FULL:
+            if new.egress is None:
+                nft.run_in_netns(zone_id, [self.caps.nft or "nft", "delete", "table", "inet",
+                                           nft.EGRESS_TABLE])
+                return ["egress allow-list removed"]
+            nft.set_egress(zone_id, new.egress, nft=self.caps.nft)
+            return [f"egress allow-list in force: {len(new.egress)} destination(s)"]
+        remove_nic = bool(state.get("nic"))
+        lo_down = new.network is NetworkMode.NONE and bool(state.get("lo_up"))
+        netns.tighten(zone_id, remove_nic=remove_nic, lo_down=lo_down, ip=self._ip)
+        notes = []
+        if remove_nic:
+            state["nic"] = False
+            notes.append(f"NIC unplugged (veth {state.get('host_if')} deleted)")
+        if lo_down:
+            state["lo_up"] = False
+            notes.append("loopback down")
+        return notes
+
+    def _apply_filesystem(self, handle: ZoneHandle, mode: FilesystemMode) -> list[str]:
+        if mode is FilesystemMode.RW:
+            raise ZoneError("cannot make a read-only zone writable again",
+                            zone_id=handle.zone_id)
+        if handle.state.get("pid") is None:
+            return ["read-only from the workload's start"]
+        namespaces = self._mount_namespaces(handle)
+        if not namespaces:
+            return ["no process left in the zone to remount for"]
+        total = sum(launcher.remount_readonly_live(path, handle.zone_id)
+                    for path in namespaces)
+        return [f"{total} mount(s) remounted read-only in {len(namespaces)} mount "
+                "namespace(s)"]
+
+    def _mount_namespaces(self, handle: ZoneHandle) -> list[str]:
+        """One path per distinct mount namespace of the zone: the reference taken at start,
+        plus any namespace a zone process made for itself since."""
+        host = os.stat("/proc/self/ns/mnt").st_ino
+        seen: dict[int, str] = {}
+        candidates = [handle.state.get("ns_ref")] + [
+            f"/proc/{pid}/ns/mnt" for pid in sorted(self.cgroup(handle.zone_id).pids())]
+        for path in candidates:
+            if not path:
+                continue
+            try:
+                inode = os.stat(path).st_ino
+            except OSError:
+                continue
+            if inode != host:
+                seen.setdefault(inode, path)
+        return list(seen.values())
+
+    # -- freezing and statistics ----------------------------------------------------------
+
+    def freeze(self, handle: ZoneHandle) -> None:
+        self.cgroup(handle.zone_id).freeze()
+        handle.state["frozen"] = True
+
+    def thaw(self, handle: ZoneHandle) -> None:
+        self.cgroup(handle.zone_id).thaw()
+        handle.state["frozen"] = False
+
+    def stats(self, handle: ZoneHandle) -> ZoneStats:
+        cgroup = self.cgroup(handle.zone_id)
+        return ZoneStats(procs=len(cgroup.pids()), memory_bytes=cgroup.memory_usage(),
+                         cpu_usage_ns=cgroup.cpu_usage_ns(), frozen=cgroup.frozen())
+
+    # -- after a controller restart -------------------------------------------------------
+
+    def adopt(self, zone_id: str, state: dict[str, Any], applied: Restrictions) -> tuple[
+        ZoneHandle, Workload | None
+    ]:
+        _check_id(zone_id)
+        handle = ZoneHandle(zone_id, self.backend, dict(state), applied)
+        cgroup = self.cgroup(zone_id)
+        pids = cgroup.pids()
+        if not pids:
+            return handle, None
+        pid = state.get("pid")
+        if not isinstance(pid, int) or pid not in pids:
+            pid = min(pids)
+        handle.state["frozen"] = cgroup.frozen()
+        return handle, launcher.AdoptedWorkload(cgroup, pid)
+
+    def leftovers(self) -> set[str]:
+        return cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids()
+
+    def remove(self, zone_id: str) -> list[str]:
+        return self._teardown(_check_id(zone_id))
+
+    # -- shared host setup ----------------------------------------------------------------
+
+    def _ensure_nat(self) -> None:
+        if self._nat_ready or not (self.caps.ip_forward and self.caps.nft):
+            return
+        with self._setup_lock:
+            if not self._nat_ready:
+                nft.ensure_nat(self.pool, nft=self.caps.nft)
+                self._nat_ready = True
+
+    def _ensure_ref_dir(self) -> None:
+        if self._ref_dir_ready:
+            return
+        with self._setup_lock:
+            if not self._ref_dir_ready:
+                try:
+                    mounts.prepare_ref_dir()
+                except OSError as exc:
+                    raise ZoneError(f"cannot prepare {mounts.NS_REF_DIR}: {exc}") from exc
+                self._ref_dir_ready = True

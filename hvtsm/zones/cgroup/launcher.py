@@ -1,0 +1,246 @@
+"""Starting a program inside a zone, and reaching into a running zone's mount namespace.
+
+Both fork a child that changes itself in a subprocess `preexec_fn` (cgroups, namespaces,
+mounts, user) before exec: setns(CLONE_NEWNS) and unshare(CLONE_NEWNS) refuse to work in
+the multithreaded controller, and a forked child is single-threaded. The child reports
+which step failed through a pipe, since subprocess only says "Exception occurred in
+preexec_fn".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from hvtsm.errors import ZoneError
+from hvtsm.zones.base import WorkloadIO
+from hvtsm.zones.cgroup import libc, mounts
+from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
+from hvtsm.zones.cgroup.command import run
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str, zone_id: str) -> UserInfo:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ZoneError(f"no such user: {name}", zone_id=zone_id) from None
+        return cls(name, entry.pw_uid, entry.pw_gid,
+                   tuple(os.getgrouplist(name, entry.pw_gid)), entry.pw_dir)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Everything a child needs to enter a zone, worked out before the fork."""
+
+    zone_id: str
+    procs_files: tuple[str, ...]
+    netns_path: str
+    readonly: bool
+    user: UserInfo | None
+
+
+class _ChildReport:
+    """A non-blocking pipe a forked child writes its failure (or result) into."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def say(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, text.encode(errors="replace")[:4000])
+
+    def text(self) -> str:
+        """What the child said; it exec'd or exited by now, so there is no waiting."""
+        with contextlib.suppress(OSError):
+            os.close(self.write_fd)
+        self.write_fd = -1
+        try:
+            return os.read(self.read_fd, 4096).decode(errors="replace")
+        except BlockingIOError:
+            return ""
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _enter_zone(entry: Entry, netns_fd: int, report: _ChildReport) -> Callable[[], None]:
+    def enter() -> None:
+        step = "joining the zone's cgroups"
+        try:
+            for path in entry.procs_files:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")  # 0: the writing process itself
+                finally:
+                    os.close(fd)
+            step = "entering the zone's network namespace"
+            libc.setns(netns_fd, libc.CLONE_NEWNET)
+            step = "making the zone's private mount namespace"
+            mounts.enter_private_mount_ns()
+            if entry.readonly:
+                step = "making the zone's filesystem read-only"
+                mounts.make_view_readonly()
+            step = "setting no_new_privs"
+            libc.set_no_new_privs()
+            if entry.user is not None:
+                step = f"switching to user {entry.user.name}"
+                os.setgroups(list(entry.user.groups))
+                os.setgid(entry.user.gid)
+                os.setuid(entry.user.uid)
+        except Exception as exc:
+            report.say(f"{step}: {getattr(exc, 'strerror', None) or exc}")
+            raise
+    return enter
+
+
+class ZoneWorkload:
+    """A workload this controller started (wraps its Popen)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    @property
+    def stdin(self) -> IO[bytes] | None:
+        return self.popen.stdin
+
+    @property
+    def stdout(self) -> IO[bytes] | None:
+        return self.popen.stdout
+
+    @property
+    def stderr(self) -> IO[bytes] | None:
+        return self.popen.stderr
+
+
+class AdoptedWorkload:
+    """A workload a previous controller started: not our child, so its exit status is
+    unknown; it counts as ended (status 0) once its zone holds no process."""
+
+    POLL_INTERVAL = 0.05
+
+    def __init__(self, cgroup: ZoneCgroup, pid: int) -> None:
+        self.cgroup = cgroup
+        self._pid = pid
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def poll(self) -> int | None:
+        return None if self.cgroup.pids() else 0
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (status := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(self.POLL_INTERVAL)
+        return status
+
+    @property
+    def stdout(self) -> Any:
+        return None
+
+    @property
+    def stderr(self) -> Any:
+        return None
+
+
+def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
+          env: Mapping[str, str] | None, cwd: str | None) -> ZoneWorkload:
+    """Start `argv` in the zone; returns once exec succeeded."""
+    try:
+        netns_fd = os.open(entry.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ZoneError(f"the zone's network namespace is gone: {exc.strerror}",
+                        zone_id=entry.zone_id) from exc
+    report = _ChildReport()
+    child_env = dict(os.environ if env is None else env)
+    if entry.user is not None:
+        child_env.update(HOME=entry.user.home, USER=entry.user.name, LOGNAME=entry.user.name)
+    try:
+        popen = subprocess.Popen(
+            list(argv), stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, env=child_env,
+            cwd=cwd, preexec_fn=_enter_zone(entry, netns_fd, report),
+            # its own session: the controller's terminal signals and hangups stay with the
+            # controller, which ends the zone itself (and a zone outlives a dead controller)
+            start_new_session=True,
+        )
+    except subprocess.SubprocessError as exc:
+        raise ZoneError(f"cannot start {argv[0]!r} in the zone: "
+                        f"{report.text() or exc}", zone_id=entry.zone_id) from exc
+    except OSError as exc:
+        raise ZoneError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}",
+                        zone_id=entry.zone_id) from exc
+    finally:
+        os.close(netns_fd)
+        report.close()
+    return ZoneWorkload(popen)
+
+
+def _remount_in(ns_fd: int, report: _ChildReport) -> Callable[[], None]:
+    def enter() -> None:
+        step = "entering the zone's mount namespace"
+        try:
+            libc.setns(ns_fd, libc.CLONE_NEWNS)
+            step = "remounting read-only"
+            report.say(f"ok {mounts.make_view_readonly()}")
+        except Exception as exc:
+            report.say(f"{step}: {getattr(exc, 'strerror', None) or exc}")
+            raise
+    return enter
+
+
+def remount_readonly_live(ns_file: str, zone_id: str) -> int:
+    """Make every mount of the mount namespace at `ns_file` (a /proc/<pid>/ns/mnt or a
+    reference bind mount) read-only, from a child that joins it; returns the mounts
+    remounted."""
+    try:
+        ns_fd = os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ZoneError(f"cannot open the zone's mount namespace {ns_file}: {exc.strerror}",
+                        zone_id=zone_id) from exc
+    report = _ChildReport()
+    try:
+        run([shutil.which("true") or "/bin/true"], zone_id=zone_id,
+            preexec_fn=_remount_in(ns_fd, report))
+        said = report.text()
+    except subprocess.SubprocessError as exc:
+        raise ZoneError(f"cannot make the filesystem read-only: {report.text() or exc}",
+                        zone_id=zone_id) from exc
+    finally:
+        os.close(ns_fd)
+        report.close()
+    return int(said.split()[1]) if said.startswith("ok ") else 0

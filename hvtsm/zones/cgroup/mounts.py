@@ -1,0 +1,170 @@
+"""The zone's mount namespace: private, without other namespaces' handles, read-only on
+demand; and the reference that keeps it reachable for a later read-only switch.
+
+The functions that run in a forked child (`enter_private_mount_ns`, `make_view_readonly`)
+only parse /proc/self/mountinfo and call mount(2): no imports, no locks, no threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvtsm.zones.cgroup import libc
+
+#: bind mounts of zones' mount namespaces, one file per zone, named by zone id
+NS_REF_DIR = Path("/run/hvtsm/ns")
+
+#: per-mount options to keep when remounting read-only (changing them needs more privilege
+#: than a remount and would loosen or alter what the mount's owner chose)
+_KEPT_FLAGS = {
+    "nosuid": libc.MS_NOSUID,
+    "nodev": libc.MS_NODEV,
+    "noexec": libc.MS_NOEXEC,
+    "noatime": libc.MS_NOATIME,
+    "nodiratime": libc.MS_NODIRATIME,
+    "relatime": libc.MS_RELATIME,
+}
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    point: bytes
+    options: frozenset[str]
+    fstype: str
+
+    def readonly_flags(self) -> int:
+        flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+        for option in self.options:
+            flags |= _KEPT_FLAGS.get(option, 0)
+        if not self.options & {"noatime", "relatime"}:
+            # no atime word in mountinfo means strictatime; without the flag the kernel
+            # would pick its default (relatime) and refuse the change on locked mounts
+            flags |= libc.MS_STRICTATIME
+        return flags
+
+
+def _unescape(raw: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    if b"\\" not in raw:
+        return raw
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out)
+
+
+def parse_mountinfo(text: bytes) -> list[MountEntry]:
+    entries: list[MountEntry] = []
+    for line in text.splitlines():
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        entries.append(MountEntry(
+            point=_unescape(fields[4]),
+            options=frozenset(fields[5].decode().split(",")),
+            fstype=fields[sep + 1].decode(),
+        ))
+    return entries
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    # plain os calls: this runs in forked children of a multithreaded controller
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return parse_mountinfo(b"".join(chunks))
+
+
+def enter_private_mount_ns() -> None:
+    """Give the calling (single-threaded) process its own mount namespace, cut off from
+    the host's: nothing mounted here propagates back, nothing the host mounts arrives."""
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount(None, b"/", None, libc.MS_REC | libc.MS_PRIVATE)
+    # the copies of `ip netns` handles and other zones' mount references would keep those
+    # namespaces alive (and their veths on the host) as long as this zone lives
+    for entry in read_mountinfo():
+        if entry.fstype == "nsfs":
+            with contextlib.suppress(OSError):
+                libc.umount2(entry.point, libc.MNT_DETACH)
+
+
+def make_view_readonly() -> int:
+    """Remount every mount of the caller's mount namespace read-only; returns how many.
+    A mount point that no longer resolves (shadowed or gone) is skipped; any other
+    failure raises, so a zone is never believed read-only while a mount stays writable."""
+    count = 0
+    for entry in read_mountinfo():
+        if entry.fstype == "nsfs":
+            continue
+        try:
+            libc.mount(None, entry.point, None, entry.readonly_flags())
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+                continue
+            raise
+        count += 1
+    return count
+
+
+def _is_mount_point(path: Path) -> bool:
+    target = os.fsencode(path)
+    return any(e.point == target for e in read_mountinfo())
+
+
+def prepare_ref_dir() -> None:
+    """Make NS_REF_DIR a private mount: a namespace handle mounted on a shared mount
+    would propagate into peer namespaces."""
+    NS_REF_DIR.mkdir(parents=True, exist_ok=True)
+    if not _is_mount_point(NS_REF_DIR):
+        raw = os.fsencode(NS_REF_DIR)
+        libc.mount(raw, raw, None, libc.MS_BIND)
+    libc.mount(None, os.fsencode(NS_REF_DIR), None, libc.MS_PRIVATE)
+
+
+def ref_path(zone_id: str) -> Path:
+    return NS_REF_DIR / zone_id
+
+
+def bind_ns_ref(pid: int, zone_id: str) -> Path | None:
+    """Pin the mount namespace of `pid` at ref_path(zone_id); None when `pid` is gone."""
+    path = ref_path(zone_id)
+    path.touch()
+    try:
+        libc.mount(os.fsencode(f"/proc/{pid}/ns/mnt"), os.fsencode(path), None, libc.MS_BIND)
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+    return path
+
+
+def drop_ns_ref(zone_id: str) -> list[str]:
+    path = ref_path(zone_id)
+    if not path.exists():
+        return []
+    with contextlib.suppress(OSError):
+        libc.umount2(os.fsencode(path), libc.MNT_DETACH)
+    path.unlink(missing_ok=True)
+    return [f"mount namespace reference {path}"]
+
+
+def ref_zone_ids() -> set[str]:
+    try:
+        return {e.name for e in os.scandir(NS_REF_DIR) if e.is_file()}
+    except FileNotFoundError:
+        return set()

@@ -1,0 +1,150 @@
+"""A zone's network namespace and its NIC, a veth pair, driven through `ip -batch`.
+
+Each zone gets `hvtsm-<zone_id>` (listed by `ip netns`), a host-side veth `hz...` whose
+ifalias names the zone, and the peer renamed `eth0` inside. Addresses: the /30 number
+`net_index` of the pool, host side .1, zone side .2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvtsm.errors import ZoneError
+from hvtsm.zones.cgroup.command import run
+
+NETNS_PREFIX = "hvtsm-"
+HOST_IF_PREFIX = "hz"
+#: the ifalias of a host-side veth: maps an interface back to its zone in `leftovers`
+ALIAS_PREFIX = "hvtsm:"
+NETNS_DIR = Path("/run/netns")
+SYS_NET = Path("/sys/class/net")
+#: IFNAMSIZ - 1
+_IFNAME_MAX = 15
+_IFNAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def netns_name(zone_id: str) -> str:
+    return NETNS_PREFIX + zone_id
+
+
+def netns_path(zone_id: str) -> Path:
+    return NETNS_DIR / netns_name(zone_id)
+
+
+def host_if_name(zone_id: str) -> str:
+    """'hz' + the zone id without its leading 'z' when that fits an interface name,
+    else a digest of the id (the ifalias still names the zone)."""
+    name = HOST_IF_PREFIX + zone_id.removeprefix("z")
+    if len(name) <= _IFNAME_MAX and _IFNAME_OK.match(name):
+        return name
+    return HOST_IF_PREFIX + hashlib.sha256(zone_id.encode()).hexdigest()[:_IFNAME_MAX - 2]
+
+
+def slot_count(pool: ipaddress.IPv4Network) -> int:
+    return pool.num_addresses // 4
+
+
+@dataclass(frozen=True)
+class ZoneNet:
+    zone_id: str
+    host_addr: ipaddress.IPv4Interface
+    zone_addr: ipaddress.IPv4Interface
+
+    @classmethod
+    def for_zone(cls, zone_id: str, net_index: int, pool: ipaddress.IPv4Network) -> ZoneNet:
+        # net_index grows with every zone ever made; live zones are far fewer than the
+        # pool's /30s, so wrapping around cannot reach a live zone's slot in practice
+        base = pool.network_address + 4 * (net_index % slot_count(pool))
+        return cls(zone_id, ipaddress.IPv4Interface(f"{base + 1}/30"),
+                   ipaddress.IPv4Interface(f"{base + 2}/30"))
+
+    @property
+    def netns(self) -> str:
+        return netns_name(self.zone_id)
+
+    @property
+    def host_if(self) -> str:
+        return host_if_name(self.zone_id)
+
+
+def create(net: ZoneNet, *, nic: bool, lo_up: bool, ip: str = "ip") -> None:
+    """Make the namespace, with the veth pair when `nic`; one `ip` run per namespace."""
+    host = [f"netns add {net.netns}"]
+    inside = ["link set lo up"] if lo_up else []
+    if nic:
+        host += [
+            # made in the zone's namespace at once: no clash with the host's own eth0
+            f"link add {net.host_if} type veth peer name eth0 netns {net.netns}",
+            f"link set {net.host_if} alias {ALIAS_PREFIX}{net.zone_id}",
+            f"addr add {net.host_addr} dev {net.host_if}",
+            f"link set {net.host_if} up",
+        ]
+        inside += [
+            f"addr add {net.zone_addr} dev eth0",
+            "link set eth0 up",
+            f"route add default via {net.host_addr.ip}",
+        ]
+    run([ip, "-batch", "-"], input="\n".join(host) + "\n", zone_id=net.zone_id)
+    if inside:
+        run([ip, "-n", net.netns, "-batch", "-"], input="\n".join(inside) + "\n",
+            zone_id=net.zone_id)
+
+
+def tighten(zone_id: str, *, remove_nic: bool, lo_down: bool, ip: str = "ip") -> None:
+    """Unplug the NIC (deleting eth0 inside removes the host side too) and/or take
+    loopback down, in one `ip` run inside the namespace."""
+    lines = ["link del eth0"] if remove_nic else []
+    if lo_down:
+        # without its addresses a down lo fails connects at once (ENETUNREACH) instead of
+        # swallowing them until they time out
+        lines += ["link set lo down", "addr flush dev lo"]
+    if lines:
+        run([ip, "-n", netns_name(zone_id), "-batch", "-"], input="\n".join(lines) + "\n",
+            zone_id=zone_id)
+
+
+def destroy(zone_id: str, *, ip: str = "ip") -> list[str]:
+    """Remove the host veth and the namespace, whichever exist; returns what was removed.
+    The veth goes explicitly: a deleted namespace frees its devices asynchronously."""
+    host_if = host_if_name(zone_id)
+    lines, removed = [], []
+    if (SYS_NET / host_if).exists():
+        lines.append(f"link del {host_if}")
+        removed.append(f"veth {host_if}")
+    if netns_path(zone_id).exists():
+        lines.append(f"netns del {netns_name(zone_id)}")
+        removed.append(f"netns {netns_name(zone_id)}")
+    if not lines:
+        return []
+    result = run([ip, "-force", "-batch", "-"], input="\n".join(lines) + "\n", check=False,
+                 zone_id=zone_id)
+    if (SYS_NET / host_if).exists() or netns_path(zone_id).exists():
+        raise ZoneError(f"cannot remove the zone's network: {result.stderr.strip()}",
+                        zone_id=zone_id)
+    return removed
+
+
+def zone_ids() -> set[str]:
+    """Zones with a namespace or a host-side veth of ours on this host."""
+    out: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        out.update(n.removeprefix(NETNS_PREFIX) for n in os.listdir(NETNS_DIR)
+                   if n.startswith(NETNS_PREFIX))
+    try:
+        links = [n for n in os.listdir(SYS_NET) if n.startswith(HOST_IF_PREFIX)]
+    except FileNotFoundError:
+        links = []
+    for link in links:
+        try:
+            alias = (SYS_NET / link / "ifalias").read_text().strip()
+        except OSError:
+            continue
+        if alias.startswith(ALIAS_PREFIX):
+            out.add(alias.removeprefix(ALIAS_PREFIX))
+    return out
