@@ -28,7 +28,7 @@ from hvtsm.store.audit import (
     record_reaction,
 )
 from hvtsm.store.models import Controller, Zone, ZoneState
-from hvtsm.timeline import Timeline
+from hvtsm.timeline import Timeline, job_id
 from hvtsm.zones.base import Workload, WorkloadIO, ZoneDriver, ZoneHandle, ZoneSpec
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,15 @@ class Manager:
                 if self._adopt(zone):
                     adopted.append(zone.id)
         self.timeline.start(self._phase_due, adopt_tables=tables)
+        scheduled = self.timeline.pending()
+        for zone_id in adopted:
+            run = self.zones[zone_id]
+            with run.lock:
+                for index, due in run.pending.items():
+                    # the zone row is written with its schedule; a job lost in a crash
+                    # between the two writes is made again
+                    if job_id(zone_id, index) not in scheduled:
+                        self.timeline.schedule(zone_id, index, due)
         if adopt:
             with self.store.session() as session:
                 for c in dead_controllers(session):
@@ -166,6 +175,9 @@ class Manager:
                       phase_index=zero[-1].index if zero else -1)
         with self._zones_lock:
             self.zones[zone_id] = run
+        # jobs first: a controller killed from here on leaves a schedule to adopt
+        for index, due in pending.items():
+            self.timeline.schedule(zone_id, index, due)
         with self.store.session() as session:
             record_event(session, zone_id=zone_id, kind="started",
                          detail=f"pid {workload.pid}", ts=started)
@@ -184,8 +196,6 @@ class Manager:
                                                                       started,
                                                                       phase.restrictions
                                                                       .describe()))
-        for index, due in pending.items():
-            self.timeline.schedule(zone_id, index, due)
         threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone_id}",
                          daemon=True).start()
         return run

@@ -136,12 +136,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         dead = dead_controllers(session)
         if not args.dry_run:
             for controller in dead:
-                drop_table(store.engine, controller.jobs_table)
                 session.delete(controller)
             if actions:
                 record_operator(session, actor="cleanup", action="cleanup",
                                 args={"zones": [a["zone"] for a in actions]},
                                 reason="orphans of dead controllers")
+    if not args.dry_run:
+        # after the session's commit: SQLite would refuse DDL beside its open write
+        for controller in dead:
+            drop_table(store.engine, controller.jobs_table)
     verb = "would remove" if args.dry_run else "removed"
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "zones": actions,

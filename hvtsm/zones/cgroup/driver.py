@@ -30,7 +30,7 @@ from hvtsm.zones.base import (
     ZoneSpec,
     ZoneStats,
 )
-from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, nft
+from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, netslots, nft
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,11 @@ class CgroupDriver:
     def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
         zone_id = _check_id(spec.zone_id)
         cgroup = self.cgroup(zone_id)
-        net = self.zone_net(zone_id, spec.net_index)
-        handle = ZoneHandle(zone_id, self.backend, self._initial_state(spec, cgroup, net),
+        index = spec.net_index
+        if initial.network.has_nic:
+            index = netslots.reserve(zone_id, spec.net_index, self.pool)
+        net = self.zone_net(zone_id, index)
+        handle = ZoneHandle(zone_id, self.backend, self._initial_state(spec, cgroup, net, index),
                             initial)
         try:
             cgroup.create()
@@ -106,8 +109,8 @@ class CgroupDriver:
             self._envs[zone_id] = dict(spec.env)
         return handle
 
-    def _initial_state(self, spec: ZoneSpec, cgroup: ZoneCgroup,
-                       net: netns.ZoneNet) -> dict[str, Any]:
+    def _initial_state(self, spec: ZoneSpec, cgroup: ZoneCgroup, net: netns.ZoneNet,
+                       net_index: int) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "cgroup_version": cgroup.version,
@@ -116,7 +119,7 @@ class CgroupDriver:
             "host_if": net.host_if,
             "host_addr": str(net.host_addr),
             "zone_addr": str(net.zone_addr),
-            "net_index": spec.net_index,
+            "net_index": net_index,
             "nic": False,
             "lo_up": False,
             "user": spec.user,
@@ -184,6 +187,7 @@ class CgroupDriver:
             step(kill)
             step(cgroup.remove)
         step(lambda: netns.destroy(zone_id, ip=self._ip))
+        step(lambda: netslots.release(zone_id))
         step(lambda: mounts.drop_ns_ref(zone_id))
         if errors:
             raise ZoneError("; ".join(errors), zone_id=zone_id)

@@ -58,8 +58,8 @@ class ZoneNet:
 
     @classmethod
     def for_zone(cls, zone_id: str, net_index: int, pool: ipaddress.IPv4Network) -> ZoneNet:
-        # net_index grows with every zone ever made; live zones are far fewer than the
-        # pool's /30s, so wrapping around cannot reach a live zone's slot in practice
+        # the driver reserves the slot host-wide first (netslots.py), so no live zone of
+        # any controller holds the same /30
         base = pool.network_address + 4 * (net_index % slot_count(pool))
         return cls(zone_id, ipaddress.IPv4Interface(f"{base + 1}/30"),
                    ipaddress.IPv4Interface(f"{base + 2}/30"))
