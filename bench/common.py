@@ -12,7 +12,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvtsm.host import probe_host
-
 from hvtsm.store import Store
 from hvtsm.zones.base import Backend, ZoneDriver
 from hvtsm.zones.factory import make_driver
