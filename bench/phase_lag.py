@@ -138,8 +138,11 @@ def many_zones(count: int, sampled: int) -> tuple[list[float], list[float], floa
     rss_end = rss_mib()
     manager.shutdown()
     with store.session() as session:
-        applied = [p.lag_ms for p in session.exec(select(PhaseApplied).where(
-            PhaseApplied.phase_index > 0)).all()]
+        rows = session.exec(select(PhaseApplied).where(PhaseApplied.phase_index > 0)).all()
+    applied = [p.lag_ms for p in rows]
+    for index in sorted({p.phase_index for p in rows}):
+        print(summary(f"  controller-side, phase {index}",
+                      [p.lag_ms for p in rows if p.phase_index == index]))
     observed: list[float] = []
     by_id = {r.zone_id: r for r in runs}
     for zone_id, lines in probes.items():

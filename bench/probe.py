@@ -1,6 +1,6 @@
 """Runs inside a zone: polls what the zone itself sees and prints each change with its time.
 
-Lines: "<epoch> <field> <value>" for net (NIC present), memory, pids and quota.
+Lines: "<epoch> <field> <value>" for net (any route), memory, pids and quota.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def read(path: str) -> str:
         return f"error:{exc.errno}"
 
 
-def has_nic() -> str:
-    # /proc/self/net follows the reading process's network namespace, /sys/class/net does not
-    with open("/proc/self/net/dev") as f:
-        return "yes" if "eth0:" in f.read() else "no"
+def has_route() -> str:
+    """Whether the zone can still route anywhere but loopback: what a connect needs.
+    /proc/self/net follows the reader's network namespace (/sys/class/net does not)."""
+    with open("/proc/self/net/route") as f:
+        return "yes" if len(f.read().splitlines()) > 1 else "no"
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     while time.time() < end:
         now = time.time()
         current = {name: read(path) for name, path in watched.items()}
-        current["net"] = has_nic()
+        current["net"] = has_route()
         for name, value in current.items():
             if last.get(name) != value:
                 print(f"{now:.6f} {name} {value}", flush=True)
