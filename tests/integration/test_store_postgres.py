@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from hvtsm.policy import parse_policy
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.store.models import Controller, PhaseApplied, ZoneState
+from tests.integration.cli_helpers import audit, hvtsm, zones
 from tests.unit.fake_driver import FakeDriver
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -77,3 +79,13 @@ def test_adoption_on_postgres(pg_empty_url: str) -> None:
     assert {p.phase_index for p in late} == {1, 2}
     assert not inspect(store.engine).has_table(first.timeline.table)
     store.dispose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cgroup zones need root")
+def test_hvtsm_run_with_a_postgres_store(pg_empty_url: str) -> None:
+    result = hvtsm(pg_empty_url, "run", "--json", "--", "sh", "-c", "exit 3")
+    assert result.returncode == 3, result.stderr
+    [zone] = zones(pg_empty_url)
+    assert zone["state"] == "exited" and zone["exit_status"] == 3
+    kinds = [t["kind"] for t in audit(pg_empty_url, zone["zone"])]
+    assert kinds[:2] == ["created", "started"] and "phase" in kinds

@@ -38,6 +38,9 @@ reaction = "accelerate"
 factor = 10
 """
 
+#: the same timeline stretched so nothing falls due during a test
+SLOW = POLICY.replace('"300ms"', '"20s"').replace('"600ms"', '"40s"').replace('"900ms"', '"60s"')
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
@@ -88,8 +91,7 @@ def test_accelerate_divides_time_left(store: Store) -> None:
     driver = FakeDriver()
     manager = Manager(store, driver)
     manager.start()
-    text = POLICY.replace('"300ms"', '"20s"').replace('"600ms"', '"40s"').replace(
-        '"900ms"', '"60s"')
+    text = SLOW
     run = manager.launch(policy(text), ["true"], policy_toml=text)
     before = dict(run.pending)
     moved = manager.accelerate(run.zone_id, 4, reason="test")
@@ -109,8 +111,7 @@ def test_anomaly_reaction_is_audited(store: Store) -> None:
     driver = FakeDriver()
     manager = Manager(store, driver)
     manager.start()
-    text = POLICY.replace('"300ms"', '"20s"').replace('"600ms"', '"40s"').replace(
-        '"900ms"', '"60s"')
+    text = SLOW
     run = manager.launch(policy(text), ["true"], policy_toml=text)
     manager.report_anomaly(run.zone_id, kind="syscall", detail="ptrace", source="test")
     assert max(run.pending.values()) - time.time() < 6.5
