@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import socket
 import time
+from pathlib import Path
 
 from sqlmodel import Session, select
 
 from hvtsm.store.models import Controller, Zone, ZoneState
 from hvtsm.timeline import jobs_table_name
+
+log = logging.getLogger(__name__)
 
 
 def process_start_time(pid: int, *, proc_root: str = "/proc") -> int | None:
@@ -58,3 +63,39 @@ def orphaned_zones(session: Session) -> list[Zone]:
         if owner is None or not is_alive(owner):
             out.append(zone)
     return out
+
+
+#: host-wide marks of which controller process drives which zone; they let `hvtsm cleanup`
+#: with one store tell a live zone of a controller using another store from an orphan
+RUN_DIR = Path(os.environ.get("HVTSM_RUN_DIR", "/run/hvtsm"))
+
+
+def _owner_file(zone_id: str, root: Path | None) -> Path:
+    return (root or RUN_DIR / "owners") / zone_id
+
+
+def claim_zone(zone_id: str, *, root: Path | None = None) -> None:
+    """Mark this process as the zone's controller (atomically replacing an older mark)."""
+    path = _owner_file(zone_id, root)
+    pid = os.getpid()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{zone_id}.{pid}")
+        tmp.write_text(f"{pid} {process_start_time(pid) or 0}\n")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("cannot mark zone %s as ours in %s: %s", zone_id, path.parent, exc)
+
+
+def release_zone(zone_id: str, *, root: Path | None = None) -> None:
+    with contextlib.suppress(OSError):
+        _owner_file(zone_id, root).unlink()
+
+
+def zone_owner_alive(zone_id: str, *, root: Path | None = None) -> bool:
+    """True when the process that claimed the zone still runs."""
+    try:
+        pid_s, start_s = _owner_file(zone_id, root).read_text().split()
+        return process_start_time(int(pid_s)) == int(start_s)
+    except (OSError, ValueError):
+        return False

@@ -15,7 +15,13 @@ from typing import Any
 
 from sqlmodel import select
 
-from hvtsm.controllers import dead_controllers, orphaned_zones, register_controller
+from hvtsm.controllers import (
+    claim_zone,
+    dead_controllers,
+    orphaned_zones,
+    register_controller,
+    release_zone,
+)
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.policy import Policy, Reaction, parse_policy
 from hvtsm.restrictions import Restrictions
@@ -155,6 +161,7 @@ class Manager:
             session.flush()
             assert row.seq is not None
             seq = row.seq
+        claim_zone(zone_id)
         try:
             handle = self.driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user),
                                         initial)
@@ -395,11 +402,13 @@ class Manager:
             record_event(session, zone_id=run.zone_id, kind=str(run.state),
                          detail=f"{run.end_reason}; exit status {status}")
             self._save(session, run, ended_at=now, exit_status=status, end_reason=run.end_reason)
+        release_zone(run.zone_id)
         run.ended.set()
         self._notify("exit", run.zone_id, now, {"status": status, "state": str(run.state),
                                                 "reason": run.end_reason})
 
     def _fail(self, zone_id: str, detail: str) -> None:
+        release_zone(zone_id)
         with self.store.session() as session:
             record_event(session, zone_id=zone_id, kind="failed", detail=detail)
             row = session.exec(select(Zone).where(Zone.id == zone_id)).one()
@@ -420,6 +429,7 @@ class Manager:
         run.overdue = {i for i, due in run.pending.items() if due <= now}
         with self._zones_lock:
             self.zones[zone.id] = run
+        claim_zone(zone.id)
         with self.store.session() as session:
             record_event(session, zone_id=zone.id, kind="adopted",
                          detail=f"by controller {self.controller.id}; "

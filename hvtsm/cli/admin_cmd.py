@@ -11,7 +11,7 @@ from sqlmodel import select
 
 from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
 from hvtsm.cli.output import iso, say, table
-from hvtsm.controllers import dead_controllers, is_alive
+from hvtsm.controllers import dead_controllers, is_alive, release_zone, zone_owner_alive
 from hvtsm.errors import HvtsmError, StoreError
 from hvtsm.host import probe_host
 from hvtsm.store import Store
@@ -106,6 +106,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         rows = {z.id: z for z in session.exec(select(Zone)).all()}
 
         def owned_by_live_controller(zone_id: str) -> bool:
+            if zone_owner_alive(zone_id):
+                return True  # possibly a controller working with another store
             zone = rows.get(zone_id)
             if zone is None or not ZoneState(zone.state).live:
                 return False
@@ -119,6 +121,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             if not args.dry_run:
                 try:
                     entry["removed"] = driver.remove(zone_id)
+                    release_zone(zone_id)
                 except HvtsmError as exc:
                     entry["error"] = str(exc)
                     failed = True

@@ -267,3 +267,18 @@ def test_cleanup_removes_what_a_dead_controller_left(db: str) -> None:
     [zone] = zones(db)
     assert zone["state"] == "cleaned"
     assert "nothing to clean up" in hvtsm(db, "cleanup", check=True).stdout
+
+
+def test_cleanup_spares_a_live_controller_of_another_store(db: str, tmp_path: Path) -> None:
+    proc = spawn(db, "run", "--json", "--", "sleep", "60")
+    try:
+        start = json_lines(wait_for(lambda: proc.stdout.readline(), what="start line"))[0]
+        other = f"sqlite:///{tmp_path / 'other.db'}"
+        result = hvtsm(other, "cleanup", "--json", check=True)
+        assert start["zone"] not in result.stdout
+        assert running(start["pid"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    no_leftovers(start["zone"])
