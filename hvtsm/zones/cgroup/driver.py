@@ -21,6 +21,7 @@ from typing import Any
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
+from hvtsm.zones import netslots
 from hvtsm.zones.base import (
     ApplyReport,
     Backend,
@@ -30,7 +31,7 @@ from hvtsm.zones.base import (
     ZoneSpec,
     ZoneStats,
 )
-from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, netslots, nft
+from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, nft
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class CgroupDriver:
         cgroup = self.cgroup(zone_id)
         index = spec.net_index
         if initial.network.has_nic:
-            index = netslots.reserve(zone_id, spec.net_index, self.pool)
+            index = netslots.reserve(zone_id, spec.net_index, self.pool,
+                                      alive=lambda z: netns.netns_path(z).exists())
         net = self.zone_net(zone_id, index)
         handle = ZoneHandle(zone_id, self.backend, self._initial_state(spec, cgroup, net, index),
                             initial)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvtsm.errors import ZoneError
+from hvtsm.zones import netslots
 from hvtsm.zones.cgroup.command import run
 
 NETNS_PREFIX = "hvtsm-"
@@ -46,10 +47,6 @@ def host_if_name(zone_id: str) -> str:
     return HOST_IF_PREFIX + hashlib.sha256(zone_id.encode()).hexdigest()[:_IFNAME_MAX - 2]
 
 
-def slot_count(pool: ipaddress.IPv4Network) -> int:
-    return pool.num_addresses // 4
-
-
 @dataclass(frozen=True)
 class ZoneNet:
     zone_id: str
@@ -60,7 +57,7 @@ class ZoneNet:
     def for_zone(cls, zone_id: str, net_index: int, pool: ipaddress.IPv4Network) -> ZoneNet:
         # the driver reserves the slot host-wide first (netslots.py), so no live zone of
         # any controller holds the same /30
-        base = pool.network_address + 4 * (net_index % slot_count(pool))
+        base = pool.network_address + 4 * (net_index % netslots.slot_count(pool))
         return cls(zone_id, ipaddress.IPv4Interface(f"{base + 1}/30"),
                    ipaddress.IPv4Interface(f"{base + 2}/30"))
 

@@ -3,8 +3,8 @@
 Controllers with different stores share one host, so the store's row numbers cannot keep
 two live zones off the same addresses (two veths with one address break routing for
 both). Each reservation is a file `/run/hvtsm/net-slots/<pool>/<index>` made with O_EXCL,
-holding the zone id; it goes when the zone is torn down, and one whose zone has no
-namespace any more (a crash) is taken over once it is older than a zone's creation.
+holding the zone id; it goes when the zone is torn down, and one whose zone the backend
+says is gone (a crash) is taken over once it is older than a zone's creation.
 """
 
 from __future__ import annotations
@@ -13,14 +13,19 @@ import contextlib
 import ipaddress
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hvtsm.errors import ZoneError
-from hvtsm.zones.cgroup.netns import netns_path, slot_count
 
 SLOTS_ROOT = Path("/run/hvtsm/net-slots")
 #: a reservation this young may belong to a zone whose namespace is still being made
 _GRACE_S = 30.0
+
+
+def slot_count(pool: ipaddress.IPv4Network) -> int:
+    """How many /30s the pool holds."""
+    return pool.num_addresses // 4
 
 
 def _dir(pool: ipaddress.IPv4Network, root: Path) -> Path:
@@ -28,8 +33,9 @@ def _dir(pool: ipaddress.IPv4Network, root: Path) -> Path:
 
 
 def reserve(zone_id: str, hint: int, pool: ipaddress.IPv4Network, *,
-            root: Path = SLOTS_ROOT) -> int:
-    """The first free slot index at or after `hint` (wrapping around)."""
+            alive: Callable[[str], bool], root: Path = SLOTS_ROOT) -> int:
+    """The first free slot index at or after `hint` (wrapping around). `alive(zone_id)`
+    tells whether a reservation's zone still has its network."""
     slots = _dir(pool, root)
     slots.mkdir(parents=True, exist_ok=True)
     count = slot_count(pool)
@@ -40,7 +46,7 @@ def reserve(zone_id: str, hint: int, pool: ipaddress.IPv4Network, *,
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                if not _stale(path):
+                if not _stale(path, alive):
                     break
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -66,10 +72,10 @@ def release(zone_id: str, *, root: Path = SLOTS_ROOT) -> list[str]:
     return released
 
 
-def _stale(path: Path) -> bool:
+def _stale(path: Path, alive: Callable[[str], bool]) -> bool:
     try:
         owner = path.read_text().strip()
         age = time.time() - path.stat().st_mtime
     except OSError:
         return False
-    return age > _GRACE_S and not netns_path(owner).exists()
+    return age > _GRACE_S and not alive(owner)
