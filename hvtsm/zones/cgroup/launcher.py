@@ -23,7 +23,7 @@ from hvtsm.errors import ZoneError
 from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup import libc, mounts
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
-from hvtsm.zones.cgroup.command import run
+from hvtsm.zones.command import run
 
 
 @dataclass(frozen=True)

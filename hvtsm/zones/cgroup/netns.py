@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hvtsm.errors import ZoneError
 from hvtsm.zones import netslots
-from hvtsm.zones.cgroup.command import run
+from hvtsm.zones.command import run
 
 NETNS_PREFIX = "hvtsm-"
 HOST_IF_PREFIX = "hz"

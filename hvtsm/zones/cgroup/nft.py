@@ -11,16 +11,15 @@ from collections.abc import Callable, Sequence
 from hvtsm.errors import ZoneError
 from hvtsm.restrictions import EgressRule
 from hvtsm.zones.cgroup import libc
-from hvtsm.zones.cgroup.command import run
 from hvtsm.zones.cgroup.netns import HOST_IF_PREFIX, netns_path
+from hvtsm.zones.command import run
 
 EGRESS_TABLE = "hvtsm_egress"
 NAT_TABLE = "hvtsm_nat"
 
 
-def egress_ruleset(rules: Sequence[EgressRule]) -> str:
-    """One nft transaction replacing the zone's allow-list as a whole: there is no moment
-    with the old list gone and the new one not yet in force."""
+def allow_lines(rules: Sequence[EgressRule]) -> list[str]:
+    """nft statements accepting the allowed destinations, then rejecting the rest."""
     allow = []
     for rule in rules:
         family = "ip" if rule.network.version == 4 else "ip6"
@@ -35,7 +34,13 @@ def egress_ruleset(rules: Sequence[EgressRule]) -> str:
     # caller's timeout (TCP retransmits a dropped SYN); the policy drop is the backstop
     allow += ["meta l4proto tcp reject with tcp reset",
               "reject with icmpx type admin-prohibited"]
-    body = "\n".join(f"    {line}" for line in allow)
+    return allow
+
+
+def egress_ruleset(rules: Sequence[EgressRule]) -> str:
+    """One nft transaction replacing the zone's allow-list as a whole: there is no moment
+    with the old list gone and the new one not yet in force."""
+    body = "\n".join(f"    {line}" for line in allow_lines(rules))
     return (
         f"table inet {EGRESS_TABLE} {{}}\n"
         f"delete table inet {EGRESS_TABLE}\n"

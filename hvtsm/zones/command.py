@@ -1,4 +1,4 @@
-"""The one way the cgroup backend runs a program (ip, nft, helper children)."""
+"""The one way zone backends run a program (ip, nft, helper children)."""
 
 from __future__ import annotations
 
