@@ -66,3 +66,12 @@ class StoreError(HvtsmError):
 
 class TimelineError(HvtsmError):
     """The phase scheduler refused an operation."""
+
+
+class TemplateError(HvtsmError):
+    """A domain template (or the values to fill it) that cannot be used, named by file."""
+
+    def __init__(self, message: str, *, file: str | None = None, hint: str | None = None):
+        self.file = file
+        self.detail = message
+        super().__init__(f"{file}: {message}" if file else message, hint=hint)

@@ -35,7 +35,7 @@ from hvtsm.store.audit import (
 )
 from hvtsm.store.models import Controller, Zone, ZoneState
 from hvtsm.timeline import Timeline, job_id
-from hvtsm.zones.base import Workload, WorkloadIO, ZoneDriver, ZoneHandle, ZoneSpec
+from hvtsm.zones.base import Backend, Workload, WorkloadIO, ZoneDriver, ZoneHandle, ZoneSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ LATE_AFTER_MS = 1000.0
 class Notice:
     """Something that happened to a zone, for whoever watches (the CLI, later the TUI)."""
 
-    kind: str  # "start" | "phase" | "anomaly" | "reaction" | "exit"
+    kind: str  # "start" | "phase" | "note" | "anomaly" | "reaction" | "exit"
     zone_id: str
     ts: float
     data: dict[str, Any]
@@ -79,10 +79,17 @@ class ZoneRun:
 
 
 class Manager:
-    def __init__(self, store: Store, driver: ZoneDriver, *, listener: Listener | None = None,
-                 actor: str = "operator") -> None:
+    def __init__(self, store: Store, drivers: ZoneDriver | Sequence[ZoneDriver], *,
+                 listener: Listener | None = None, actor: str = "operator") -> None:
+        """`drivers`: one per backend this controller may drive; the first is the default
+        for `launch`."""
         self.store = store
-        self.driver = driver
+        listed = [drivers] if not isinstance(drivers, Sequence) else list(drivers)
+        self.drivers: dict[Backend, ZoneDriver] = {d.backend: d for d in listed}
+        self.driver = listed[0]
+        for driver in listed:
+            if hasattr(driver, "report"):
+                driver.report = self._driver_report
         self.listener = listener
         self.actor = actor
         self.zones: dict[str, ZoneRun] = {}
@@ -102,9 +109,14 @@ class Manager:
         tables: list[str] = []
         if adopt:
             with self.store.session() as session:
-                dead = dead_controllers(session)
-                tables = [c.jobs_table for c in dead]
                 orphans = orphaned_zones(session)
+                # a dead controller's schedule moves as a whole, so only controllers
+                # whose zones this one can all drive are taken over
+                blocked = {z.controller_id for z in orphans
+                           if z.backend not in {str(b) for b in self.drivers}}
+                dead = [c for c in dead_controllers(session) if c.id not in blocked]
+                tables = [c.jobs_table for c in dead]
+                orphans = [z for z in orphans if z.controller_id not in blocked]
             for zone in orphans:
                 if self._adopt(zone):
                     adopted.append(zone.id)
@@ -120,8 +132,10 @@ class Manager:
                         self.timeline.schedule(zone_id, index, due)
         if adopt:
             with self.store.session() as session:
-                for c in dead_controllers(session):
-                    session.delete(c)
+                for c in dead:
+                    row = session.get(Controller, c.id)
+                    if row is not None:
+                        session.delete(row)
         self._started = True
         return adopted
 
@@ -141,16 +155,17 @@ class Manager:
 
     def launch(self, policy: Policy, argv: Sequence[str], *, io: WorkloadIO | None = None,
                user: str | None = None, scale: float = 1.0,
-               policy_toml: str | None = None) -> ZoneRun:
+               policy_toml: str | None = None, backend: Backend | None = None) -> ZoneRun:
         """Make a zone, start `argv` in it and schedule its phases. Raises ZoneError with
         nothing left behind but the zone's (failed) audit record."""
         if not argv:
             raise ZoneError("no command to run", hint="give it after '--'")
+        driver = self._driver_for(backend or self.driver.backend)
         zone_id = "z" + secrets.token_hex(4)
         initial = policy.initial()
         toml = policy_toml if policy_toml is not None else _read_text(policy.source)
         with self.store.session() as session:
-            row = Zone(id=zone_id, backend=str(self.driver.backend), state=ZoneState.CREATING,
+            row = Zone(id=zone_id, backend=str(driver.backend), state=ZoneState.CREATING,
                        policy_name=policy.name, policy_digest=policy.digest,
                        policy_source=policy.source, policy_toml=toml, lifespan_scale=scale,
                        command=json.dumps(list(argv)), user=user,
@@ -163,15 +178,15 @@ class Manager:
             seq = row.seq
         claim_zone(zone_id)
         try:
-            handle = self.driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user),
+            handle = driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user),
                                         initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
             raise
         try:
-            workload = self.driver.start(handle, argv, io or WorkloadIO())
+            workload = driver.start(handle, argv, io or WorkloadIO())
         except HvtsmError as exc:
-            self.driver.terminate(handle)
+            driver.terminate(handle)
             self._fail(zone_id, f"could not start {argv[0]!r}: {exc}")
             raise
         started = time.time()
@@ -196,8 +211,9 @@ class Manager:
             self._save(session, run, state=ZoneState.RUNNING, started_at=started)
         lifespan = policy.lifespan_ms
         self._notify("start", zone_id, started, {
-            "pid": workload.pid, "policy": policy.name, "backend": str(self.driver.backend),
-            "scale": scale, "lifespan_ms": None if lifespan is None else lifespan * scale})
+            "pid": workload.pid, "policy": policy.name, "backend": str(driver.backend),
+            "scale": scale, "lifespan_ms": None if lifespan is None else lifespan * scale,
+            **{k: handle.state[k] for k in ("accel", "boot_ms") if k in handle.state}})
         for phase in zero:
             self._notify("phase", zone_id, started, self._phase_data(run, phase.index, started,
                                                                       started,
@@ -249,7 +265,7 @@ class Manager:
     def freeze(self, zone_id: str, *, reason: str, by: str = "operator") -> None:
         run = self._run(zone_id)
         with run.lock:
-            self.driver.freeze(run.handle)
+            self._driver_for(run.handle.backend).freeze(run.handle)
             run.state = ZoneState.FROZEN
             with self.store.session() as session:
                 self._audit_steer(session, run, "freeze", {}, reason, by, None)
@@ -258,7 +274,7 @@ class Manager:
     def thaw(self, zone_id: str, *, reason: str, by: str = "operator") -> None:
         run = self._run(zone_id)
         with run.lock:
-            self.driver.thaw(run.handle)
+            self._driver_for(run.handle.backend).thaw(run.handle)
             run.state = ZoneState.RUNNING
             with self.store.session() as session:
                 self._audit_steer(session, run, "thaw", {}, reason, by, None)
@@ -292,6 +308,13 @@ class Manager:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _driver_for(self, backend: Backend) -> ZoneDriver:
+        driver = self.drivers.get(backend)
+        if driver is None:
+            raise ZoneError(f"this controller has no {backend} driver",
+                            hint=f"start it with the {backend} backend available")
+        return driver
+
     def _run(self, zone_id: str) -> ZoneRun:
         with self._zones_lock:
             run = self.zones.get(zone_id)
@@ -320,7 +343,8 @@ class Manager:
                           due=due, phase_index=phase_index)
                 return
             try:
-                self.driver.apply(run.handle, phase.restrictions)
+                report = self._driver_for(run.handle.backend).apply(run.handle,
+                                                                    phase.restrictions)
             except HvtsmError as exc:
                 applied = time.time()
                 with self.store.session() as session:
@@ -333,12 +357,12 @@ class Manager:
                 return
             applied = time.time()
             changes = phase.restrictions.changes_from(previous)
-            self._mark_applied(run, phase_index, due, applied, changes)
+            self._mark_applied(run, phase_index, due, applied, changes, "; ".join(report.notes))
         self._notify("phase", zone_id, applied, self._phase_data(run, phase_index, due, applied,
                                                                  changes))
 
     def _mark_applied(self, run: ZoneRun, phase_index: int, due: float, applied: float,
-                      changes: dict[str, str]) -> None:
+                      changes: dict[str, str], note: str = "") -> None:
         skipped = sorted(i for i in run.pending if i < phase_index)
         self.timeline.cancel(run.zone_id, skipped)
         run.pending.pop(phase_index, None)
@@ -350,10 +374,11 @@ class Manager:
                              or index in run.overdue, changes={},
                              note=f"applied together with phase {phase_index}")
             overdue = phase_index in run.overdue
+            notes = ["fell due while no controller ran"] if overdue else []
             record_phase(session, zone_id=run.zone_id, phase_index=phase_index,
                          scheduled_at=due, applied_at=applied,
                          late=overdue or (applied - due) * 1000 > LATE_AFTER_MS, changes=changes,
-                         note="fell due while no controller ran" if overdue else "")
+                         note="; ".join([*notes, note] if note else notes))
             run.phase_index = phase_index
             self._save(session, run)
 
@@ -371,7 +396,7 @@ class Manager:
         run.state = ZoneState.TERMINATED
         run.end_reason = reason
         self.timeline.cancel(run.zone_id, [i for i in run.pending if i != phase_index])
-        self.driver.terminate(run.handle)
+        self._driver_for(run.handle.backend).terminate(run.handle)
         done = applied or time.time()
         if phase_index is not None and due is not None:
             self._mark_applied(run, phase_index, due, done, {"action": "terminate"})
@@ -388,7 +413,7 @@ class Manager:
                 run.state = ZoneState.EXITED
                 self.timeline.cancel(run.zone_id, list(run.pending))
                 # the workload's children die with the zone, as in a container
-                self.driver.terminate(run.handle)
+                self._driver_for(run.handle.backend).terminate(run.handle)
             self._finish(run, status)
 
     def _finish(self, run: ZoneRun, status: int | None) -> None:
@@ -420,7 +445,8 @@ class Manager:
         """Take over a zone whose controller died. Returns False when nothing runs in it."""
         policy = parse_policy(zone.policy_toml.encode(), source=zone.policy_source)
         applied = Restrictions.from_json(json.loads(zone.applied))
-        handle, workload = self.driver.adopt(zone.id, json.loads(zone.driver_state), applied)
+        driver = self._driver_for(Backend(zone.backend))
+        handle, workload = driver.adopt(zone.id, json.loads(zone.driver_state), applied)
         run = ZoneRun(zone_id=zone.id, policy=policy, scale=zone.lifespan_scale, handle=handle,
                       workload=workload, started_at=zone.started_at or zone.created_at,
                       pending={int(k): v for k, v in json.loads(zone.pending).items()},
@@ -438,7 +464,7 @@ class Manager:
         if workload is None:
             with run.lock:
                 run.state = ZoneState.EXITED
-                self.driver.terminate(handle)
+                driver.terminate(handle)
                 self._finish(run, None)
             return False
         threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone.id}",
@@ -467,6 +493,14 @@ class Manager:
         row.controller_id = self.controller.id
         for key, value in extra.items():
             setattr(row, key, value)
+
+    def _driver_report(self, zone_id: str, kind: str, detail: str) -> None:
+        """A fact a driver learned after `apply` returned (an unplug completing, what the
+        guest sees): audited and announced like everything else."""
+        now = time.time()
+        with self.store.session() as session:
+            record_event(session, zone_id=zone_id, kind=kind, detail=detail, ts=now)
+        self._notify("note", zone_id, now, {"kind": kind, "detail": detail})
 
     def _notify(self, kind: str, zone_id: str, ts: float, data: dict[str, Any]) -> None:
         if self.listener is not None:

@@ -69,7 +69,7 @@ fi
 PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
     libvirt-dev pkg-config gcc python3-dev python3-venv
-    linux-image-amd64 busybox-static iproute2 nftables
+    linux-image-amd64 busybox-static iproute2 nftables genisoimage
 )
 
 have_initdb() {

@@ -11,6 +11,7 @@ from sqlmodel import select
 
 from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
 from hvtsm.cli.output import iso, say, table
+from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
 from hvtsm.controllers import dead_controllers, is_alive, release_zone, zone_owner_alive
 from hvtsm.errors import HvtsmError, StoreError
 from hvtsm.host import probe_host
@@ -19,7 +20,7 @@ from hvtsm.store.audit import find_zone, list_zones, record_event, record_operat
 from hvtsm.store.models import Controller, Zone, ZoneState
 from hvtsm.timeline import drop_table
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import drivers_for
 
 
 def add_parsers(commands: Any) -> None:
@@ -42,6 +43,7 @@ def add_parsers(commands: Any) -> None:
         "gone, kill their processes and remove them; close their store records.")
     cleanup.add_argument("--dry-run", action="store_true", help="only list what would go")
     cleanup.add_argument("--json", action="store_true", help="print JSON")
+    add_libvirt_options(cleanup)
     cleanup.set_defaults(handler=cmd_cleanup)
 
 
@@ -98,7 +100,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     store = Store(args.db)
-    driver = make_driver(Backend.CGROUP, probe_host())
+    drivers = drivers_for([Backend.CGROUP, Backend.LIBVIRT], probe_host(),
+                          libvirt=libvirt_options(args), optional=True)
     actions: list[dict[str, Any]] = []
     failed = False
     with store.session() as session:
@@ -114,18 +117,20 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             owner = controllers.get(zone.controller_id or "")
             return owner is not None and is_alive(owner)
 
-        for zone_id in sorted(driver.leftovers()):
-            if owned_by_live_controller(zone_id):
-                continue
-            entry: dict[str, Any] = {"zone": zone_id, "known": zone_id in rows}
-            if not args.dry_run:
-                try:
-                    entry["removed"] = driver.remove(zone_id)
-                    release_zone(zone_id)
-                except HvtsmError as exc:
-                    entry["error"] = str(exc)
-                    failed = True
-            actions.append(entry)
+        for driver in drivers:
+            for zone_id in sorted(driver.leftovers()):
+                if owned_by_live_controller(zone_id):
+                    continue
+                entry: dict[str, Any] = {"zone": zone_id, "known": zone_id in rows,
+                                         "backend": str(driver.backend)}
+                if not args.dry_run:
+                    try:
+                        entry["removed"] = driver.remove(zone_id)
+                        release_zone(zone_id)
+                    except HvtsmError as exc:
+                        entry["error"] = str(exc)
+                        failed = True
+                actions.append(entry)
         for zone in rows.values():
             if ZoneState(zone.state).live and not owned_by_live_controller(zone.id):
                 if not any(a["zone"] == zone.id for a in actions):

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from hvtsm import __version__
-from hvtsm.cli import admin_cmd, policy_cmd, run_cmd
+from hvtsm.cli import admin_cmd, image_cmd, policy_cmd, run_cmd, template_cmd
 from hvtsm.cli.exits import EXIT_HVTSM_ERROR, EXIT_USAGE
 from hvtsm.errors import HvtsmError
 
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parsers(commands)
     policy_cmd.add_parsers(commands)
     admin_cmd.add_parsers(commands)
+    template_cmd.add_parsers(commands)
+    image_cmd.add_parsers(commands)
     return parser
 
 

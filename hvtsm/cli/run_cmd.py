@@ -21,6 +21,7 @@ from hvtsm.cli.exits import (
     from_status,
 )
 from hvtsm.cli.output import clock, emit_json, say
+from hvtsm.controllers import orphaned_zones
 from hvtsm.host import probe_host
 from hvtsm.manager import Manager, Notice, ZoneRun
 from hvtsm.policy import load_policy
@@ -28,7 +29,7 @@ from hvtsm.store import Store
 from hvtsm.store.models import ZoneState
 from hvtsm.units import format_duration_ms
 from hvtsm.zones.base import Backend, WorkloadIO
-from hvtsm.zones.factory import AVAILABLE_BACKENDS, make_driver
+from hvtsm.zones.factory import AVAILABLE_BACKENDS, drivers_for, make_driver
 
 DEFAULT_POLICY = "default.toml"
 
@@ -50,7 +51,9 @@ def add_parsers(commands: Any) -> None:
     run.add_argument("--capability", action="append", default=[],
                      help="segment capability (repeatable), selects the lifespan scale")
     run.add_argument("--net-pool", metavar="CIDR",
-                     help="addresses for zone NICs (default 10.213.0.0/16)")
+                     help="addresses for zone NICs (default 10.213.0.0/16 for cgroup zones, "
+                     "10.214.0.0/16 for libvirt zones)")
+    add_libvirt_options(run)
     run.add_argument("--json", action="store_true",
                      help="print JSON lines (phase, anomaly, reaction, output, exit) on stdout")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
@@ -61,7 +64,25 @@ def add_parsers(commands: Any) -> None:
         description="Adopt every live zone whose controller is gone, apply at once each "
         "tightening that fell due meanwhile (audited as late), and follow them to their end.")
     resume.add_argument("--json", action="store_true", help="print JSON lines")
+    add_libvirt_options(resume)
     resume.set_defaults(handler=cmd_resume)
+
+
+def add_libvirt_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("libvirt zones")
+    group.add_argument("--libvirt-uri", default="qemu:///system",
+                       help="libvirt connection (default qemu:///system)")
+    group.add_argument("--template", default="lab",
+                       help="domain template in domain_templates/ (default lab)")
+    group.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+                       help="accelerator: KVM when it really runs a guest here, else TCG "
+                       "(default auto)")
+
+
+def libvirt_options(args: argparse.Namespace) -> Any:
+    from hvtsm.zones.libvirt.driver import LibvirtOptions
+
+    return LibvirtOptions(uri=args.libvirt_uri, template=args.template, accel=args.accel)
 
 
 def default_policy_path() -> str:
@@ -95,13 +116,17 @@ class LivePrinter:
         if notice.kind == "start":
             life = "no lifespan limit" if data["lifespan_ms"] is None else (
                 f"lifespan {format_duration_ms(data['lifespan_ms'])}")
+            extra = "".join(f", {k} {data[k]}" for k in ("accel", "boot_ms") if k in data)
             say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} started: backend "
-                f"{data['backend']}, policy {data['policy']} ({life}), pid {data['pid']}")
+                f"{data['backend']}{extra}, policy {data['policy']} ({life}), "
+                f"pid {data['pid']}")
         elif notice.kind == "phase":
             changes = ", ".join(f"{k} {v}" for k, v in data["changes"].items()) or "no change"
             late = "  LATE" if data["late"] else ""
             say(f"{prefix} phase {data['phase']} (at {format_duration_ms(data['at_ms'])}): "
                 f"{changes}  [lag {data['lag_ms']:.1f} ms]{late}")
+        elif notice.kind == "note":
+            say(f"{prefix} {data['kind']}: {data['detail']}")
         elif notice.kind == "anomaly":
             say(f"{prefix} anomaly {data['kind']}: {data['detail']}")
         elif notice.kind == "reaction":
@@ -129,7 +154,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy or default_policy_path())
     scale = policy.lifespan_scale(args.role, frozenset(args.capability))
     caps = probe_host()
-    driver = make_driver(Backend(args.backend), caps, net_pool=args.net_pool)
+    backend = Backend(args.backend)
+    driver = make_driver(backend, caps, net_pool=args.net_pool,
+                         libvirt=libvirt_options(args) if backend is Backend.LIBVIRT else None)
     store = Store(args.db)
     printer = LivePrinter(json_mode=args.json)
     manager = Manager(store, driver, listener=printer, actor=_actor())
@@ -200,10 +227,12 @@ def _print_exit(run: ZoneRun, *, json_mode: bool) -> None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     caps = probe_host()
-    driver = make_driver(Backend.CGROUP, caps)
     store = Store(args.db)
+    with store.session() as session:
+        backends = [Backend(z.backend) for z in orphaned_zones(session)] or [Backend.CGROUP]
+    drivers = drivers_for(backends, caps, libvirt=libvirt_options(args))
     printer = LivePrinter(json_mode=args.json)
-    manager = Manager(store, driver, listener=printer, actor=_actor())
+    manager = Manager(store, drivers, listener=printer, actor=_actor())
     with _Interrupts() as interrupts:
         try:
             adopted = manager.start(adopt=True)

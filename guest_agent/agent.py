@@ -1,0 +1,432 @@
+"""The guest agent: serves the host's requests over one port (see port.py) and keeps it
+informed (hello, heartbeats, workload output and exits, probe results).
+
+Threads: the main thread reads the port and dispatches requests (never blocking on one);
+a writer thread owns the port's write side and numbers messages (``seq``) as it sends
+them; a heartbeat thread; three per workload (two output pumps, one waiter); one per
+running probe (at most MAX_PROBES).
+
+Outgoing messages wait in an Outbox with two lanes: *urgent* (hello answers, heartbeats,
+started, probe results, errors) always goes first; *normal* (output, exit) keeps its
+order, so a workload's ``exit`` follows its last ``output``. While the host is absent (a
+virtio port whose host end nobody holds) nothing is written: heartbeats are not made,
+control messages queue (at most MAX_QUEUED, beyond that they are discarded and their seq
+numbers skipped so the host sees the gap), and workload output queues up to OUTPUT_QUEUE
+bytes, after which the output pumps stop reading and the workload blocks on its full pipe
+(output is never discarded). When the host (re)connects the writer first sends a fresh
+hello (listing still-running workloads), then the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from guest_agent import __version__
+from guest_agent.port import Disconnected, Port, PortUnavailable, Stopped, make_port
+from guest_agent.probes import PROBES
+from guest_agent.protocol import (
+    HOST_TYPES,
+    PORT_NAME,
+    PROTOCOL_VERSION,
+    Decoder,
+    Message,
+    ProtocolError,
+    encode,
+)
+from guest_agent.workload import StartError, Workload, spawn
+
+log = logging.getLogger("guest_agent")
+
+CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)]
+MAX_PROBES = 8
+MAX_QUEUED = 10000
+OUTPUT_QUEUE = 1 << 20
+
+URGENT = 0
+NORMAL = 1
+Lane = collections.deque[tuple[Message, int]]
+
+
+def uptime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Outbox:
+    """Messages waiting for the writer; see the module docstring."""
+
+    def __init__(self, output_limit: int = OUTPUT_QUEUE, max_items: int = MAX_QUEUED) -> None:
+        self.output_limit = output_limit
+        self.max_items = max_items
+        self._cond = threading.Condition()
+        #: (urgent, normal) lanes of (message, output bytes it accounts for)
+        self._lanes: tuple[Lane, Lane] = (collections.deque(), collections.deque())
+        self.output_bytes = 0
+        #: messages discarded since the agent started
+        self.dropped = 0
+        #: of those, how many no seq number has been skipped for yet
+        self.gap = 0
+        self.heartbeat_waiting = False
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._lanes[URGENT]) + len(self._lanes[NORMAL])
+
+    def put(self, msg: Message, lane: int = URGENT) -> bool:
+        """Queue a control message; False (and counted) if the queue is full."""
+        with self._cond:
+            if len(self) >= self.max_items:
+                self.dropped += 1
+                self.gap += 1
+                log.warning("outbox full: discarded a %s message", msg.get("type"))
+                return False
+            if msg.get("type") == "heartbeat" and "id" not in msg:
+                if self.heartbeat_waiting:
+                    return True  # one unsent heartbeat is as good as two
+                self.heartbeat_waiting = True
+            self._lanes[lane].append((msg, 0))
+            self._cond.notify_all()
+            return True
+
+    def put_output(self, msg: Message, size: int, stop: threading.Event) -> bool:
+        """Queue workload output, waiting while OUTPUT_QUEUE bytes are already queued."""
+        with self._cond:
+            while self.output_bytes >= self.output_limit and not (self.closed or stop.is_set()):
+                self._cond.wait(0.5)
+            if self.closed or stop.is_set():
+                return False
+            self._lanes[NORMAL].append((msg, size))
+            self.output_bytes += size
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float) -> tuple[int, Message, int] | None:
+        with self._cond:
+            if not len(self):
+                self._cond.wait(timeout)
+            for lane in (URGENT, NORMAL):
+                if self._lanes[lane]:
+                    msg, size = self._lanes[lane].popleft()
+                    if msg.get("type") == "heartbeat" and "id" not in msg:
+                        self.heartbeat_waiting = False
+                    if size:
+                        self.output_bytes -= size
+                        self._cond.notify_all()
+                    return lane, msg, size
+            return None
+
+    def put_back(self, lane: int, msg: Message, size: int) -> None:
+        """A message the writer could not send goes back to the head of its lane."""
+        with self._cond:
+            self._lanes[lane].appendleft((msg, size))
+            self.output_bytes += size
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class Agent:
+    def __init__(self, port: Port, *, heartbeat: float = 1.0) -> None:
+        self.port = port
+        self.heartbeat = heartbeat
+        self.stop = threading.Event()
+        self.outbox = Outbox()
+        self.workloads: dict[str, Workload] = {}
+        self._wl_lock = threading.Lock()
+        self._probes = threading.BoundedSemaphore(MAX_PROBES)
+        self._seq = 0
+        self.threads: list[threading.Thread] = []
+
+    # --- outgoing ---------------------------------------------------------------------
+
+    def hello(self, reply_to: str | None = None) -> Message:
+        uname = os.uname()
+        with self._wl_lock:
+            running = [{"id": w.id, "pid": w.pid} for w in self.workloads.values()]
+        msg: Message = {
+            "type": "hello", "protocol": PROTOCOL_VERSION, "agent_version": __version__,
+            "capabilities": list(CAPABILITIES), "pid": os.getpid(), "kernel": uname.release,
+            "python": "{}.{}.{}".format(*sys.version_info[:3]),
+            "boot_ms": int(uptime() * 1000), "heartbeat": self.heartbeat,
+            "hostname": uname.nodename, "port": self.port.describe, "workloads": running,
+            "dropped": self.outbox.dropped,
+        }
+        if reply_to is not None:
+            msg["id"] = reply_to
+        return msg
+
+    def _heartbeat_msg(self, reply_to: str | None = None) -> Message:
+        msg: Message = {"type": "heartbeat", "uptime": round(uptime(), 3),
+                        "dropped": self.outbox.dropped, "queued": self.outbox.output_bytes}
+        if reply_to is not None:
+            msg["id"] = reply_to
+        return msg
+
+    def send(self, msg: Message, lane: int = URGENT) -> None:
+        self.outbox.put(msg, lane)
+
+    def _encode(self, msg: Message) -> bytes:
+        try:
+            return encode(msg)
+        except ProtocolError as e:  # a result too large, or a bug: say so instead
+            log.warning("cannot send %s: %s", msg.get("type"), e)
+            repl: Message = {"type": "error", "seq": msg["seq"], "kind": e.kind,
+                             "message": "agent could not send its {} message: {}".format(
+                                 msg.get("type"), e.detail)}
+            if isinstance(msg.get("id"), str):
+                if msg.get("type") == "probe_result":
+                    repl = {"type": "probe_result", "seq": msg["seq"], "id": msg["id"],
+                            "ok": False, "error": repl["message"]}
+                else:
+                    repl["id"] = msg["id"]
+            return encode(repl)
+
+    def _write(self, msg: Message, generation: int, prefix: bytes = b"") -> bool:
+        """Number `msg` and send it. Discarded messages skip their numbers here, though
+        never in a hello: the host takes a hello's seq as its base and would miss the gap."""
+        with self.outbox._cond:
+            gap = self.outbox.gap if msg["type"] != "hello" else 0
+        seq = self._seq + gap
+        data = prefix + self._encode(dict(msg, seq=seq))
+        try:
+            self.port.write(data, generation, self.stop)
+        except (Disconnected, Stopped):
+            return False
+        self._seq = seq + 1
+        with self.outbox._cond:
+            self.outbox.gap -= gap
+        if msg["type"] == "exit":
+            self._forget_workload(msg["id"])
+        return True
+
+    def _writer(self) -> None:
+        greeted = 0
+        while not self.stop.is_set():
+            generation = self.port.wait_generation(self.stop, 0.5)
+            if generation is None:
+                continue
+            if generation != greeted:
+                # the blank line ends whatever a torn write left on the host's side
+                if self._write(self.hello(), generation, prefix=b"\n"):
+                    greeted = generation
+                continue
+            item = self.outbox.get(0.2)
+            if item is None:
+                continue
+            lane, msg, size = item
+            if not self._write(msg, generation):
+                self.outbox.put_back(lane, msg, size)
+
+    def _heartbeats(self) -> None:
+        while not self.stop.wait(self.heartbeat):
+            if self.port.connected:
+                self.send(self._heartbeat_msg())
+
+    # --- incoming ---------------------------------------------------------------------
+
+    def dispatch(self, item: Any) -> None:
+        """One decoder item; never raises."""
+        try:
+            if isinstance(item, ProtocolError):
+                log.warning("bad message from the host: %s", item.describe())
+                reply: Message = {"type": "error", "kind": item.kind,
+                                  "message": "rejected a host message: " + item.describe()}
+                if item.msg_id is not None:
+                    reply["id"] = item.msg_id
+                self.send(reply)
+                return
+            handler = getattr(self, "_on_" + item["type"])
+            handler(item)
+        except Exception as e:  # never let one request end the agent
+            log.exception("handling %r", item)
+            mtype = item.get("type") if isinstance(item, dict) else None
+            mid = item.get("id") if isinstance(item, dict) else None
+            self._error(mid if isinstance(mid, str) else None,
+                        f"agent failed on a {mtype} request: {e}")
+
+    def _error(self, mid: str | None, text: str) -> None:
+        msg: Message = {"type": "error", "message": text}
+        if mid is not None:
+            msg["id"] = mid
+        self.send(msg)
+
+    def _on_ping(self, msg: Message) -> None:
+        if msg.get("hello"):
+            self.send(self.hello(reply_to=msg.get("id")))
+        else:
+            self.send(self._heartbeat_msg(reply_to=msg.get("id")))
+
+    def _on_start(self, msg: Message) -> None:
+        wid = msg["id"]
+        with self._wl_lock:
+            if wid in self.workloads:
+                self._error(wid, f"workload id {wid} is already in use")
+                return
+        try:
+            popen = spawn(msg["argv"], msg.get("env"), msg.get("cwd"), msg.get("user"),
+                          stdout=msg.get("stdout", "stream"), stderr=msg.get("stderr", "stream"))
+        except StartError as e:
+            self._error(wid, str(e))
+            return
+        work = Workload(wid, popen, lambda m: self.outbox.put(m, NORMAL),
+                        lambda m, size: self.outbox.put_output(m, size, self.stop),
+                        self._ended)
+        with self._wl_lock:
+            self.workloads[wid] = work
+        self.send({"type": "started", "id": wid, "pid": popen.pid})
+        log.info("started %s (pid %d): %s", wid, popen.pid, " ".join(msg["argv"])[:200])
+        work.begin()
+
+    def _ended(self, work: Workload, queued: bool) -> None:
+        """The workload ended and its exit is queued (it stays listed in hellos until the
+        exit is written: a host that connects now will still hear of it)."""
+        log.info("workload %s exited with %s", work.id, work.status)
+        if not queued:
+            self._forget_workload(work.id)
+
+    def _forget_workload(self, wid: str) -> None:
+        with self._wl_lock:
+            work = self.workloads.get(wid)
+            if work is not None and work.status is not None:
+                del self.workloads[wid]
+
+    def _on_signal(self, msg: Message) -> None:
+        with self._wl_lock:
+            work = self.workloads.get(msg["id"])
+        if work is None:
+            self._error(msg["id"], "no running workload {}".format(msg["id"]))
+            return
+        try:
+            work.signal(msg["signal"])
+        except OSError as e:
+            self._error(msg["id"], "cannot signal workload {}: {}".format(msg["id"], e))
+
+    def _on_probe(self, msg: Message) -> None:
+        kind = msg["kind"]
+        if kind not in PROBES:
+            self.send({"type": "probe_result", "id": msg["id"], "ok": False,
+                       "error": "unknown probe kind {!r} (this agent knows {})".format(
+                           kind[:40], ", ".join(sorted(PROBES)))})
+            return
+        if not self._probes.acquire(blocking=False):
+            self.send({"type": "probe_result", "id": msg["id"], "ok": False,
+                       "error": f"{MAX_PROBES} probes already running"})
+            return
+        threading.Thread(target=self._run_probe, args=(msg,), name="probe-" + msg["id"],
+                         daemon=True).start()
+
+    def _run_probe(self, msg: Message) -> None:
+        try:
+            result = PROBES[msg["kind"]](msg.get("args") or {})
+            reply: Message = {"type": "probe_result", "id": msg["id"], "ok": True,
+                              "result": result}
+        except Exception as e:
+            reply = {"type": "probe_result", "id": msg["id"], "ok": False,
+                     "error": f"{type(e).__name__}: {e}"}
+        finally:
+            self._probes.release()
+        self.send(reply)
+
+    # --- life -------------------------------------------------------------------------
+
+    def _spawn_thread(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def run(self, wait_port: float) -> int:
+        try:
+            self.port.open(wait_port)
+        except PortUnavailable as e:
+            log.error("%s", e)
+            return 2
+        self._spawn_thread(self._writer, "writer")
+        self._spawn_thread(self._heartbeats, "heartbeat")
+        code = 0
+        try:
+            while not self.stop.is_set():
+                generation = self.port.wait_connected(self.stop)
+                decoder = Decoder(HOST_TYPES)
+                while not self.stop.is_set():
+                    try:
+                        data = self.port.read(generation, 0.5)
+                    except Disconnected:
+                        break
+                    if data:
+                        for item in decoder.feed(data):
+                            self.dispatch(item)
+        except Stopped:
+            pass
+        except PortUnavailable as e:
+            log.error("%s", e)
+            code = 1
+        finally:
+            self.shutdown()
+        return code
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.outbox.close()
+        with self._wl_lock:
+            running = list(self.workloads.values())
+        for work in running:
+            work.kill()
+        for t in self.threads:
+            t.join(2)
+        self.port.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="guest_agent", description="hvtsm guest agent (see guest_agent/README.md)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", metavar="PATH",
+                       help="a character device to use instead of the named virtio port")
+    where.add_argument("--connect", metavar="unix:PATH",
+                       help="connect to a unix socket instead (tests on the host)")
+    parser.add_argument("--name", default=PORT_NAME,
+                        help="virtio port name to look for (default %(default)s)")
+    parser.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                        help="heartbeat period (default %(default)s)")
+    parser.add_argument("--wait-port", type=float, default=30.0, metavar="SECONDS",
+                        help="how long the port may take to appear (and, with --connect, to "
+                             "accept again after the host went away; default %(default)s)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if args.heartbeat <= 0:
+        parser.error("--heartbeat must be > 0")
+    if args.connect is not None and not args.connect.startswith("unix:"):
+        parser.error("--connect takes unix:PATH")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="guest_agent[%(process)d] %(levelname)s %(message)s")
+    agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat)
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        agent.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    log.info("hvtsm guest agent %s (protocol %d, python %s, pid %d) on %s",
+             __version__, PROTOCOL_VERSION, sys.version.split()[0], os.getpid(),
+             args.connect or args.port or "virtio port " + args.name)
+    return agent.run(args.wait_port)
+
+
+__all__ = ["Agent", "Outbox", "main"]

@@ -1,0 +1,422 @@
+"""The wire protocol between the guest agent and the host: the one definition.
+
+The agent (python >= 3.9, stdlib only) and the host controller (``hvtsm``) both import this
+module, so it uses nothing newer than Python 3.9 at run time.
+
+Framing: JSON lines. Each message is one JSON object encoded as UTF-8 and ended by a single
+``\\n``; blank lines are ignored (the agent writes one before each ``hello`` so a line torn
+by a reconnect is cut off and reported as malformed instead of corrupting the next one).
+An encoded line, newline included, is at most ``MAX_MESSAGE_BYTES`` bytes: ``encode`` refuses
+longer messages, and ``Decoder`` discards a longer line up to its newline (reported once, as
+an ``oversized`` ProtocolError) without ever buffering more than ``MAX_MESSAGE_BYTES``.
+
+Every message has ``type``. Every message from the agent has ``seq``: 0, 1, 2, ... for the
+life of the agent process (it goes on across host reconnects, and a message the agent had to
+discard still uses up its number), so a gap tells the host how many messages it lost.
+Unknown fields are ignored (room to grow); unknown types are errors.
+
+agent -> host
+    hello         protocol, agent_version, capabilities[str], pid, kernel, python, boot_ms;
+                  optional heartbeat (period, s), hostname, port, workloads[{id, pid}] (those
+                  whose exit is not sent yet), dropped (as in heartbeat), id (when it
+                  answers a ``ping`` with ``hello: true``)
+    heartbeat     uptime (s since boot); optional id (answer to a ``ping``), dropped (messages
+                  the agent discarded so far), queued (bytes waiting to be sent)
+    started       id, pid                  the workload ``id`` exec'd (pid in the guest)
+    output        id, stream (stdout|stderr), data (text; bytes decoded as UTF-8 with
+                  replacement, cut into messages that fit MAX_MESSAGE_BYTES)
+    exit          id, status               status < 0: killed by signal -status
+    probe_result  id, ok; result{} when ok, error (text) when not
+    error         message; optional id (the request it answers), kind (a ProtocolError kind
+                  when the agent rejects a host message)
+    event         kind; optional id (workload), time, data{}   reserved for monitoring
+                  (issue 4): an agent announces ``events:<kind>`` in its capabilities first
+
+host -> agent
+    start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
+                  stdout (stream|discard), stderr (stream|discard|stdout: joined to stdout)
+    signal        id (workload), signal (number)
+    probe         id, kind; optional args{}
+    ping          optional id, hello (true: answer with a hello instead of a heartbeat)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
+
+PROTOCOL_VERSION = 1
+#: the longest encoded message, trailing newline included
+MAX_MESSAGE_BYTES = 64 * 1024
+#: the virtio-serial port name (libvirt channel target name) the agent looks for
+PORT_NAME = "org.hvtsm.agent.0"
+#: the longest id the host may give a request or workload
+MAX_ID_CHARS = 128
+#: bytes of workload output read at once by the agent: even at the worst JSON expansion
+#: (a control byte becomes 6 characters) one read fits in one message
+OUTPUT_CHUNK_BYTES = 8192
+
+AGENT_TYPES = frozenset(
+    ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event"]
+)
+HOST_TYPES = frozenset(["start", "signal", "probe", "ping"])
+STREAMS = ("stdout", "stderr")
+
+#: ProtocolError kinds
+OVERSIZED = "oversized"
+MALFORMED = "malformed"  # not UTF-8, not JSON, not an object, no usable type
+UNKNOWN_TYPE = "unknown_type"
+INVALID = "invalid"  # a field is missing or of the wrong type
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be used. ``decode`` and ``Decoder`` return these (they do not
+    raise them) so a reader can report and go on; ``encode`` raises them."""
+
+    def __init__(self, kind: str, detail: str, *, msg_type: str | None = None,
+                 msg_id: str | None = None, excerpt: str = "", size: int = 0) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.msg_type = msg_type
+        self.msg_id = msg_id
+        self.excerpt = excerpt
+        self.size = size
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        text = f"{self.kind}: {self.detail}"
+        if self.excerpt:
+            text += f" (line starts {self.excerpt!r})"
+        return text
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProtocolError):
+            return NotImplemented
+        return (self.kind, self.detail, self.msg_type, self.msg_id) == (
+            other.kind, other.detail, other.msg_type, other.msg_id)
+
+    __hash__ = ValueError.__hash__
+
+
+Message = dict[str, Any]
+Item = Union[Message, ProtocolError]
+
+# --- field checks: each returns an error text, or None when the value is fine ------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> str | None:
+    return None if _is_int(v) else "must be an integer"
+
+
+def _seq(v: Any) -> str | None:
+    return None if _is_int(v) and v >= 0 else "must be an integer >= 0"
+
+
+def _num(v: Any) -> str | None:
+    ok = (_is_int(v) or isinstance(v, float)) and v == v  # NaN never arrives (allow_nan=False)
+    return None if ok else "must be a number"
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _str(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _ident(v: Any) -> str | None:
+    if not isinstance(v, str) or not v:
+        return "must be a non-empty string"
+    if len(v) > MAX_ID_CHARS:
+        return f"must be at most {MAX_ID_CHARS} characters"
+    return None
+
+
+def _dict(v: Any) -> str | None:
+    return None if isinstance(v, dict) else "must be an object"
+
+
+def _str_list(v: Any) -> str | None:
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return None
+    return "must be a list of strings"
+
+
+def _argv(v: Any) -> str | None:
+    if _str_list(v) is None and v:
+        return None
+    return "must be a non-empty list of strings"
+
+
+def _env(v: Any) -> str | None:
+    if isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                   for k, x in v.items()):
+        return None
+    return "must be an object of string values"
+
+
+def _user(v: Any) -> str | None:
+    if (isinstance(v, str) and v) or (_is_int(v) and v >= 0):
+        return None
+    return "must be a user name or a uid"
+
+
+def _stream(v: Any) -> str | None:
+    return None if v in STREAMS else "must be one of {}".format(", ".join(STREAMS))
+
+
+def _signal(v: Any) -> str | None:
+    return None if _is_int(v) and 0 < v < 128 else "must be a signal number (1-127)"
+
+
+def _choice(*allowed: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else "must be one of {}".format(", ".join(allowed))
+    return check
+
+
+def _workloads(v: Any) -> str | None:
+    if isinstance(v, list) and all(
+            isinstance(w, dict) and _ident(w.get("id")) is None and _is_int(w.get("pid"))
+            for w in v):
+        return None
+    return "must be a list of {id, pid} objects"
+
+
+Check = Callable[[Any], Optional[str]]
+#: type -> (required fields, optional fields)
+SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
+    # agent -> host
+    "hello": ({"seq": _seq, "protocol": _int, "agent_version": _str,
+               "capabilities": _str_list, "pid": _int, "kernel": _str, "python": _str,
+               "boot_ms": _int},
+              {"heartbeat": _num, "hostname": _str, "port": _str, "workloads": _workloads,
+               "id": _ident, "dropped": _int}),
+    "heartbeat": ({"seq": _seq, "uptime": _num},
+                  {"id": _ident, "dropped": _int, "queued": _int}),
+    "started": ({"seq": _seq, "id": _ident, "pid": _int}, {}),
+    "output": ({"seq": _seq, "id": _ident, "stream": _stream, "data": _str}, {}),
+    "exit": ({"seq": _seq, "id": _ident, "status": _int}, {}),
+    "probe_result": ({"seq": _seq, "id": _ident, "ok": _bool},
+                     {"result": _dict, "error": _str}),
+    "error": ({"seq": _seq, "message": _str}, {"id": _ident, "kind": _str}),
+    "event": ({"seq": _seq, "kind": _str}, {"id": _ident, "time": _num, "data": _dict}),
+    # host -> agent
+    "start": ({"id": _ident, "argv": _argv},
+              {"env": _env, "cwd": _str, "user": _user, "stdout": _choice("stream", "discard"),
+               "stderr": _choice("stream", "discard", "stdout")}),
+    "signal": ({"id": _ident, "signal": _signal}, {}),
+    "probe": ({"id": _ident, "kind": _str}, {"args": _dict}),
+    "ping": ({}, {"id": _ident, "hello": _bool}),
+}
+
+
+def validate(msg: Any, accept: Iterable[str] = AGENT_TYPES | HOST_TYPES) -> ProtocolError | None:
+    """The first thing wrong with `msg` as a message of one of the `accept` types, or None."""
+    if not isinstance(msg, dict):
+        return ProtocolError(MALFORMED,
+                             f"a message must be a JSON object, not {type(msg).__name__}")
+    mtype = msg.get("type")
+    mid = msg.get("id") if isinstance(msg.get("id"), str) else None
+    if not isinstance(mtype, str):
+        return ProtocolError(MALFORMED, "the message has no string 'type'", msg_id=mid)
+    if mtype not in accept or mtype not in SCHEMAS:
+        return ProtocolError(UNKNOWN_TYPE, f"unknown message type {mtype[:40]!r}",
+                             msg_type=mtype[:40], msg_id=mid)
+    required, optional = SCHEMAS[mtype]
+    for name, check in required.items():
+        if name not in msg:
+            return ProtocolError(INVALID, f"{mtype} message lacks field '{name}'",
+                                 msg_type=mtype, msg_id=mid)
+        problem = check(msg[name])
+        if problem:
+            return ProtocolError(INVALID, f"{mtype} field '{name}' {problem}",
+                                 msg_type=mtype, msg_id=mid)
+    for name, check in optional.items():
+        if name in msg and msg[name] is not None:
+            problem = check(msg[name])
+            if problem:
+                return ProtocolError(INVALID, f"{mtype} field '{name}' {problem}",
+                                     msg_type=mtype, msg_id=mid)
+    if mtype == "probe_result":
+        if msg["ok"] and not isinstance(msg.get("result"), dict):
+            return ProtocolError(INVALID, "probe_result with ok=true lacks 'result'",
+                                 msg_type=mtype, msg_id=mid)
+        if not msg["ok"] and not isinstance(msg.get("error"), str):
+            return ProtocolError(INVALID, "probe_result with ok=false lacks 'error'",
+                                 msg_type=mtype, msg_id=mid)
+    return None
+
+
+def encode(msg: Message, *, check: bool = True) -> bytes:
+    """One message as a line of bytes. Raises ProtocolError if it is invalid (`check`) or
+    its line would be longer than MAX_MESSAGE_BYTES."""
+    if check:
+        problem = validate(msg)
+        if problem is not None:
+            raise problem
+    try:
+        line = (json.dumps(msg, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+                + "\n").encode("utf-8")
+    except (TypeError, ValueError) as e:  # not JSON-serialisable, NaN, lone surrogate
+        raise ProtocolError(MALFORMED, "cannot encode {} message: {}".format(
+            msg.get("type"), e), msg_type=msg.get("type")) from None
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(OVERSIZED, "{} message is {} bytes encoded, the limit is {}".format(
+            msg.get("type"), len(line), MAX_MESSAGE_BYTES), msg_type=msg.get("type"),
+            size=len(line))
+    return line
+
+
+def _excerpt(raw: bytes) -> str:
+    return raw[:60].decode("utf-8", errors="replace")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode(line: bytes, accept: Iterable[str] = AGENT_TYPES | HOST_TYPES) -> Item:
+    """One line (without or with its newline) -> the message, or the ProtocolError."""
+    if len(line) > MAX_MESSAGE_BYTES:
+        return ProtocolError(OVERSIZED,
+                             f"line of {len(line)} bytes, the limit is {MAX_MESSAGE_BYTES}",
+                             excerpt=_excerpt(line), size=len(line))
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return ProtocolError(MALFORMED, f"not UTF-8: {e}", excerpt=_excerpt(line))
+    try:
+        msg = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:  # json.JSONDecodeError, RecursionError is not a ValueError
+        return ProtocolError(MALFORMED, f"not JSON: {e}", excerpt=_excerpt(line))
+    except RecursionError:
+        return ProtocolError(MALFORMED, "JSON nested too deeply", excerpt=_excerpt(line))
+    problem = validate(msg, accept)
+    if problem is not None:
+        problem.excerpt = _excerpt(line)
+        return problem
+    return msg
+
+
+class Decoder:
+    """Splits a byte stream into messages. ``feed`` returns, in order, the messages and the
+    ProtocolErrors for lines that could not be used; it never raises on bad input and
+    never holds more than ``max_bytes`` of an unfinished line."""
+
+    def __init__(self, accept: Iterable[str] = AGENT_TYPES | HOST_TYPES,
+                 max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.accept = frozenset(accept)
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        #: bytes of an oversized line dropped so far (the line is being skipped)
+        self._skipping: int | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Item]:
+        out: list[Item] = []
+        start = 0
+        while start < len(data):
+            nl = data.find(b"\n", start)
+            end = len(data) if nl < 0 else nl
+            piece = data[start:end]
+            start = end + 1 if nl >= 0 else len(data)
+            if self._skipping is not None:
+                self._skipping += len(piece)
+                if nl >= 0:
+                    self._skipping = None
+                continue
+            if len(self._buf) + len(piece) + 1 > self.max_bytes:
+                size = len(self._buf) + len(piece) + (1 if nl >= 0 else 0)
+                what = f"line of {size} bytes" if nl >= 0 else \
+                    f"unfinished line of more than {size} bytes"
+                out.append(ProtocolError(
+                    OVERSIZED, f"{what} discarded (the limit is {self.max_bytes})",
+                    excerpt=_excerpt(bytes(self._buf[:60]) + piece[:60]), size=size))
+                self._buf.clear()
+                if nl < 0:
+                    self._skipping = size
+                continue
+            if nl < 0:
+                self._buf += piece
+                continue
+            if self._buf:
+                self._buf += piece
+                line = bytes(self._buf)
+                self._buf.clear()
+            else:
+                line = piece
+            if line.strip():
+                out.append(decode(line, self.accept))
+        return out
+
+    def close(self) -> list[Item]:
+        """At end of stream: an error for an unfinished line, if any."""
+        left = bytes(self._buf)
+        self._buf.clear()
+        skipping, self._skipping = self._skipping, None
+        if skipping is not None:
+            return []  # already reported as oversized
+        if left.strip():
+            return [ProtocolError(MALFORMED, f"stream ended inside a line of {len(left)} bytes",
+                                  excerpt=_excerpt(left))]
+        return []
+
+
+class SeqTracker:
+    """Counts messages lost between the agent and the host from their ``seq`` numbers."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        #: messages missing so far
+        self.missing = 0
+        #: messages whose seq was not above the one before (out of order, repeated)
+        self.regressions = 0
+
+    def observe(self, seq: int, *, restart: bool = False) -> int:
+        """Record one message: returns how many went missing just before it (> 0), 0, or
+        -1 if it went backwards. `restart` (a hello from a restarted agent) takes `seq` as
+        the new base."""
+        last, self.last = self.last, seq
+        if restart or last is None:
+            return 0
+        if seq > last + 1:
+            self.missing += seq - last - 1
+            return seq - last - 1
+        if seq <= last:
+            self.regressions += 1
+            self.last = last
+            return -1
+        return 0
+
+
+def output_messages(workload_id: str, stream: str, text: str) -> list[Message]:
+    """``output`` messages (without ``seq``) carrying `text`, each small enough to encode
+    (a seq of up to 20 digits included)."""
+    room = MAX_MESSAGE_BYTES - 120 - len(workload_id.encode("utf-8", "replace")) * 6
+
+    def size(part: str) -> int:
+        return len(json.dumps(part, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+    out: list[Message] = []
+    pending = [text]
+    while pending:
+        part = pending.pop(0)
+        if size(part) <= room or len(part) <= 1:
+            out.append({"type": "output", "id": workload_id, "stream": stream, "data": part})
+        else:
+            half = len(part) // 2
+            pending[:0] = [part[:half], part[half:]]
+    return out

@@ -1,0 +1,149 @@
+"""Workloads the agent starts: each in its own session and process group, stdin from
+/dev/null, stdout and stderr streamed to the host as ``output`` messages, its exit reported
+once the output has been drained."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import pwd
+import subprocess
+import threading
+import time
+from typing import Any, Callable
+
+from guest_agent.protocol import OUTPUT_CHUNK_BYTES, Message, output_messages
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: after the process ended, how long its output pipes may stay quiet before ``exit`` is
+#: sent anyway (a background child can hold them open for ever)
+DRAIN_QUIET = 2.0
+
+
+class StartError(Exception):
+    """The workload could not be started; the text says why."""
+
+
+def build_env(env: dict[str, str] | None, user: pwd.struct_passwd | None) -> dict[
+        str, str]:
+    """A small clean environment, then the host's `env` on top (the agent's own
+    environment, init's, is not passed on)."""
+    out = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/", "TERM": "dumb"}
+    if user is not None:
+        out.update(HOME=user.pw_dir or "/", USER=user.pw_name, LOGNAME=user.pw_name)
+    out.update(env or {})
+    return out
+
+
+def lookup_user(user: Any) -> pwd.struct_passwd:
+    try:
+        if isinstance(user, int):
+            return pwd.getpwuid(user)
+        return pwd.getpwnam(str(user))
+    except KeyError:
+        raise StartError(f"no such user in the guest: {user}") from None
+
+
+#: start message's stdout/stderr value -> subprocess target
+_TARGETS = {"stream": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}
+
+
+def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
+          user: Any = None, stdout: str = "stream", stderr: str = "stream",
+          ) -> subprocess.Popen[bytes]:
+    entry = lookup_user(user) if user is not None else None
+    kwargs: dict[str, Any] = {}
+    if entry is not None:
+        kwargs.update(user=entry.pw_uid, group=entry.pw_gid,
+                      extra_groups=os.getgrouplist(entry.pw_name, entry.pw_gid))
+    try:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=_TARGETS[stdout], stderr=_TARGETS[stderr],
+            cwd=cwd or (entry.pw_dir if entry is not None and entry.pw_dir
+                        and os.path.isdir(entry.pw_dir) else "/"),
+            env=build_env(env, entry), start_new_session=True, close_fds=True, **kwargs)
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        raise StartError(f"cannot start {argv[0]}: {e}") from None
+
+
+class Workload:
+    """One started program; its three threads report to `send` (never blocking the
+    agent's reader): output through `send_output`, which may block (backpressure)."""
+
+    def __init__(self, workload_id: str, popen: subprocess.Popen[bytes],
+                 send: Callable[[Message], bool],
+                 send_output: Callable[[Message, int], bool],
+                 on_end: Callable[[Workload, bool], None]) -> None:
+        self.id = workload_id
+        self.popen = popen
+        self.pid = popen.pid
+        self._send = send
+        self._send_output = send_output
+        self._on_end = on_end
+        self._progress = time.monotonic()
+        self._busy = 0
+        self._lock = threading.Lock()
+        self.status: int | None = None
+        self._readers: list[threading.Thread] = []
+
+    def begin(self) -> None:
+        for stream, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
+            if pipe is None:  # discarded, or joined to stdout
+                continue
+            t = threading.Thread(target=self._pump, args=(stream, pipe),
+                                 name=f"out-{self.id}-{stream}", daemon=True)
+            t.start()
+            self._readers.append(t)
+        threading.Thread(target=self._wait, name="wait-" + self.id, daemon=True).start()
+
+    def _pump(self, stream: str, pipe: Any) -> None:
+        try:
+            self._pump_fd(stream, pipe.fileno())
+        finally:
+            pipe.close()
+
+    def _pump_fd(self, stream: str, fd: int) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            try:
+                data = os.read(fd, OUTPUT_CHUNK_BYTES)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            text = decoder.decode(data, final=not data)
+            if text:
+                with self._lock:
+                    self._busy += 1
+                try:
+                    for msg in output_messages(self.id, stream, text):
+                        self._send_output(msg, len(data))
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+                        self._progress = time.monotonic()
+            if not data:
+                break
+
+    def _wait(self) -> None:
+        status = self.popen.wait()
+        while any(t.is_alive() for t in self._readers):
+            for t in self._readers:
+                t.join(0.05)
+            with self._lock:
+                quiet = not self._busy and time.monotonic() - self._progress > DRAIN_QUIET
+            if quiet:
+                break
+        self.status = status
+        self._on_end(self, self._send({"type": "exit", "id": self.id, "status": status}))
+
+    def signal(self, sig: int) -> None:
+        """`sig` to the whole process group; ProcessLookupError when nothing is left."""
+        if self.status is not None:
+            raise ProcessLookupError(f"workload {self.id} has exited")
+        os.killpg(self.pid, sig)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self.pid, 9)

@@ -1,0 +1,1 @@
+"""The libvirt zone backend: QEMU domains from domain_templates/, tightened live."""

@@ -1,0 +1,183 @@
+"""Libvirt zones on real TCG guests under the real libvirtd: effects seen from inside.
+
+One guest boot drives a whole policy through the manager; one more checks `hvtsm run
+--backend libvirt` end to end. Everything is torn down even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hvtsm.host import probe_host
+from hvtsm.manager import Manager
+from hvtsm.policy import parse_policy
+from hvtsm.store import Store
+from hvtsm.zones.base import Backend
+from tests.integration.cli_helpers import audit, hvtsm, json_lines
+
+pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
+
+POLICY = """
+name = "guest"
+[[phase]]
+at = "0s"
+network = "full"
+memory = "512MiB"
+[[phase]]
+at = "4s"
+cpu_shares = 512
+cpu_quota = 50
+cpus = "0"
+memory = "256MiB"
+[[phase]]
+at = "9s"
+network = "loopback"
+[[phase]]
+at = "40s"
+action = "terminate"
+"""
+
+
+def _libvirt_ready() -> str | None:
+    if os.geteuid() != 0:
+        return "libvirt zones need root"
+    try:
+        import libvirt
+
+        libvirt.open("qemu:///system").close()
+    except Exception as exc:  # any failure to reach libvirtd means: cannot run here
+        return f"libvirtd not reachable: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ready() -> None:
+    reason = _libvirt_ready()
+    if reason and not os.environ.get("CI"):
+        pytest.skip(reason)
+    assert reason is None, reason
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def wait_phase(run: object, index: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while run.phase_index < index:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"phase {index} never applied"
+        time.sleep(0.05)
+
+
+def test_guest_zone_tightens_live(ready: None, tmp_path: Path, listener: int) -> None:
+    from hvtsm.zones.factory import make_driver
+    from hvtsm.zones.libvirt.driver import LibvirtOptions, domain_name
+
+    driver = make_driver(Backend.LIBVIRT, probe_host(),
+                         libvirt=LibvirtOptions(accel="auto"))
+    store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
+    manager = Manager(store, driver)
+    manager.start()
+    policy = parse_policy(POLICY.encode(), source="guest.toml")
+    run = None
+    try:
+        run = manager.launch(policy, ["sleep", "60"], policy_toml=POLICY, user="root")
+        state = run.handle.state
+        link = driver.agent_link(run.zone_id)
+        assert link is not None
+        gateway = state["host_addr"].split("/")[0]
+        assert state["accel"] in ("kvm", "qemu")
+        before = link.probe("tcp_connect", host=gateway, port=listener, timeout=3)
+        assert before["ok"], before
+        mem_before = int(link.probe("meminfo")["MemTotal"])
+        assert mem_before > 400 * 1024
+
+        wait_phase(run, 1)
+        dom = driver.connection.get().lookupByName(domain_name(run.zone_id))
+        import libvirt
+
+        sched = dom.schedulerParametersFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        assert sched["cpu_shares"] == 512
+        assert sched["vcpu_quota"] == 50_000
+        pins = dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        assert all(cpus[0] and not any(cpus[1:]) for cpus in pins)
+        deadline = time.monotonic() + 10
+        while int(link.probe("meminfo")["MemTotal"]) > 300 * 1024:
+            assert time.monotonic() < deadline, "the guest never saw the balloon"
+            time.sleep(0.2)
+
+        wait_phase(run, 2)
+        after = link.probe("tcp_connect", host=gateway, port=listener, timeout=2)
+        assert not after["ok"], after
+        # the link went down with the phase; the hot-unplug completes a little later
+        deadline = time.monotonic() + 20
+        while "eth0" in {i["name"] for i in link.probe("interfaces")["interfaces"]}:
+            assert time.monotonic() < deadline, "the NIC was never unplugged"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while not any("unplug complete" in e for e in zone_trail_summaries(store, run.zone_id)):
+            assert time.monotonic() < deadline, "the unplug's completion was not audited"
+            time.sleep(0.1)
+
+        manager.terminate(run.zone_id, reason="test done")
+        assert run.ended.wait(30)
+        with pytest.raises(libvirt.libvirtError):
+            driver.connection.get().lookupByName(domain_name(run.zone_id))
+        assert not Path(state["dir"]).exists()
+        assert not Path(f"/sys/class/net/{state['tap']}").exists()
+        events = [e for e in zone_trail_summaries(store, run.zone_id)]
+        assert any("phase 2: network loopback" in e for e in events)
+    finally:
+        manager.shutdown()
+        if run is not None:
+            driver.remove(run.zone_id)
+        assert run is None or run.zone_id not in driver.leftovers()
+
+
+def zone_trail_summaries(store: Store, zone_id: str) -> list[str]:
+    from hvtsm.store.audit import zone_trail
+
+    with store.session() as session:
+        return [e.summary for e in zone_trail(session, zone_id=zone_id)]
+
+
+def test_hvtsm_run_backend_libvirt(ready: None, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
+    result = hvtsm(db, "run", "--backend", "libvirt", "--user", "root", "--json", "--",
+                   "sh", "-c", "echo hello from $(uname -r); exit 5", timeout=240)
+    assert result.returncode == 5, result.stderr
+    events = json_lines(result.stdout)
+    assert events[0]["event"] == "start" and events[0]["backend"] == "libvirt"
+    output = "".join(e["data"] for e in events if e["event"] == "output")
+    assert "hello from" in output
+    assert events[-1]["event"] == "exit" and events[-1]["status"] == 5
+    trail = audit(db, events[0]["zone"])
+    assert trail[-1]["kind"] == "exited"
