@@ -69,12 +69,16 @@ def plain_qemu_cold_start(drv: LibvirtDriver) -> float:
             "-m", str(MEMORY // (1024 * 1024)), "-smp", "1", "-display", "none",
             "-nodefaults", "-no-user-config", "-kernel", str(image.kernel), "-initrd",
             str(image.initrd), "-append", cmdline, "-serial", f"file:{tmp / 'console.log'}",
-            "-fsdev", "local,id=root,path=/,security_model=passthrough,readonly=on",
+            "-fsdev", "local,id=root,path=/,security_model=passthrough,readonly=on,"
+            "multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=root,mount_tag=hostroot",
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
-            "-device", "virtserialport,chardev=agent,name=org.hvtsm.agent.0",
-            "-device", "virtio-balloon-pci"]
+            # port 0 of a virtio-serial bus is the console's: libvirt uses 1 as well
+            "-device", "virtserialport,chardev=agent,nr=1,name=org.hvtsm.agent.0",
+            "-device", "virtio-balloon-pci",
+            "-object", "rng-random,id=rng0,filename=/dev/urandom",
+            "-device", "virtio-rng-pci,rng=rng0"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

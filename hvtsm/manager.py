@@ -178,8 +178,8 @@ class Manager:
             seq = row.seq
         claim_zone(zone_id)
         try:
-            handle = driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user),
-                                        initial)
+            handle = driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user,
+                                            memory_dump=policy.memory_dump), initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
             raise

@@ -22,7 +22,8 @@ from hvtsm.units import parse_cpuset, parse_duration_ms, parse_size
 #: below this a zone cannot even start a shell; a typo like '16KiB' is caught here
 MIN_MEMORY = 4 * 1024 * 1024
 
-_TOP_FIELDS = ("name", "description", "phase", "anomaly", "segment")
+_TOP_FIELDS = ("name", "description", "phase", "anomaly", "segment", "forensics")
+_FORENSICS_FIELDS = ("memory_dump",)
 _PHASE_FIELDS = (
     "at", "network", "egress", "cpu_shares", "cpu_quota", "cpus", "memory", "pids",
     "filesystem", "action",
@@ -90,7 +91,17 @@ class _Builder:
             phases=self.phases(raw_phases),
             anomaly=self.anomaly(doc.get("anomaly", {})),
             segments=tuple(self.segment(i, s) for i, s in enumerate(doc.get("segment", []))),
+            memory_dump=self.forensics(doc.get("forensics", {})),
         )
+
+    def forensics(self, table: Any) -> bool:
+        if not isinstance(table, dict):
+            raise self.fail("[forensics] must be a table", field="forensics")
+        self.only_known(table, _FORENSICS_FIELDS, where=" in [forensics]")
+        dump = table.get("memory_dump", False)
+        if not isinstance(dump, bool):
+            raise self.fail("must be true or false", field="forensics.memory_dump")
+        return dump
 
     def phases(self, raw_phases: list[Any]) -> tuple[Phase, ...]:
         phases: list[Phase] = []

@@ -56,6 +56,9 @@ class Policy:
     phases: tuple[Phase, ...]
     anomaly: AnomalyRules = field(default_factory=AnomalyRules)
     segments: tuple[SegmentSelector, ...] = ()
+    #: keep the guest's memory for forensics when the zone is ended while its workload runs
+    #: (libvirt zones; a cgroup zone has no memory image of its own)
+    memory_dump: bool = False
 
     def initial(self) -> Restrictions:
         """Restrictions in force when the workload starts (phases at 0 included)."""

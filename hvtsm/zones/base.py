@@ -30,6 +30,9 @@ class ZoneSpec:
     user: str | None = None
     cwd: str | None = None
     env: Mapping[str, str] | None = None
+    #: keep a memory image when the zone is ended while its workload runs (if the
+    #: backend has one: a guest does)
+    memory_dump: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ One guest boot drives a whole policy through the manager; one more checks `hvtsm
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +44,9 @@ network = "loopback"
 [[phase]]
 at = "40s"
 action = "terminate"
+
+[forensics]
+memory_dump = true
 """
 
 
@@ -101,8 +106,9 @@ def test_guest_zone_tightens_live(ready: None, tmp_path: Path, listener: int) ->
     from hvtsm.zones.factory import make_driver
     from hvtsm.zones.libvirt.driver import LibvirtOptions, domain_name
 
+    dumps = Path(tempfile.mkdtemp(prefix="hvtsm-dumps-", dir="/var/tmp"))
     driver = make_driver(Backend.LIBVIRT, probe_host(),
-                         libvirt=LibvirtOptions(accel="auto"))
+                         libvirt=LibvirtOptions(accel="auto", dump_dir=dumps))
     store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
     manager = Manager(store, driver)
     manager.start()
@@ -152,11 +158,14 @@ def test_guest_zone_tightens_live(ready: None, tmp_path: Path, listener: int) ->
         with pytest.raises(libvirt.libvirtError):
             driver.connection.get().lookupByName(domain_name(run.zone_id))
         assert not Path(state["dir"]).exists()
+        dump = Path(state["dump"])
+        assert dump.parent == dumps and dump.stat().st_size > 100 * 1024 * 1024
         assert not Path(f"/sys/class/net/{state['tap']}").exists()
         events = [e for e in zone_trail_summaries(store, run.zone_id)]
         assert any("phase 2: network loopback" in e for e in events)
     finally:
         manager.shutdown()
+        shutil.rmtree(dumps, ignore_errors=True)
         if run is not None:
             driver.remove(run.zone_id)
         assert run is None or run.zone_id not in driver.leftovers()
@@ -181,3 +190,63 @@ def test_hvtsm_run_backend_libvirt(ready: None, tmp_path: Path) -> None:
     assert events[-1]["event"] == "exit" and events[-1]["status"] == 5
     trail = audit(db, events[0]["zone"])
     assert trail[-1]["kind"] == "exited"
+
+
+RESTART = """
+name = "libvirtd-restart"
+[[phase]]
+at = "0s"
+network = "full"
+[[phase]]
+at = "8s"
+network = "loopback"
+[[phase]]
+at = "60s"
+action = "terminate"
+"""
+
+
+def _restart_libvirtd() -> None:
+    """As `.ci/run` and scripts/install-host.sh start it: no systemd on these machines."""
+    import subprocess
+
+    if Path("/run/systemd/system").exists():
+        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
+        return
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "libvirtd did not stop"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True)
+
+
+def test_zone_survives_a_libvirtd_restart(ready: None, tmp_path: Path, listener: int) -> None:
+    from hvtsm.zones.factory import make_driver
+    from hvtsm.zones.libvirt.driver import LibvirtOptions, domain_name
+
+    driver = make_driver(Backend.LIBVIRT, probe_host(), libvirt=LibvirtOptions())
+    store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
+    manager = Manager(store, driver)
+    manager.start()
+    policy = parse_policy(RESTART.encode(), source="restart.toml")
+    run = None
+    try:
+        run = manager.launch(policy, ["sleep", "60"], policy_toml=RESTART, user="root")
+        link = driver.agent_link(run.zone_id)
+        assert link is not None
+        gateway = run.handle.state["host_addr"].split("/")[0]
+        assert link.probe("tcp_connect", host=gateway, port=listener, timeout=3)["ok"]
+        _restart_libvirtd()
+        wait_phase(run, 1, timeout=40)
+        assert not link.probe("tcp_connect", host=gateway, port=listener, timeout=2)["ok"]
+        assert driver.connection.reconnects >= 1
+        assert driver.connection.get().lookupByName(domain_name(run.zone_id)).isActive()
+    finally:
+        if run is not None:
+            manager.terminate(run.zone_id, reason="test done")
+            run.ended.wait(30)
+        manager.shutdown()
+        if run is not None:
+            driver.remove(run.zone_id)
+            assert run.zone_id not in driver.leftovers()

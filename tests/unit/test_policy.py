@@ -181,3 +181,10 @@ lifespan_scale = 0.5
 def test_bad_anomaly_and_segment_sections(section: str, field: str) -> None:
     err = fails(BASE + section)
     assert err.field == field
+
+
+def test_forensics_section() -> None:
+    assert load(BASE).memory_dump is False
+    assert load(BASE + "[forensics]\nmemory_dump = true\n").memory_dump is True
+    err = fails(BASE + '[forensics]\nmemory_dump = "yes"\n')
+    assert err.field == "forensics.memory_dump"

@@ -73,8 +73,8 @@ class LibvirtOptions:
     guest_python: str | None = None
     boot_timeout: float = 120.0
     unplug_timeout: float = 10.0
-    #: write a memory dump of the guest here before destroying it (forensics)
-    dump_dir: Path | None = None
+    #: where memory dumps go when a zone's policy asks for them (forensics)
+    dump_dir: Path = Path("/var/lib/hvtsm/dumps")
 
 
 def domain_name(zone_id: str) -> str:
@@ -137,7 +137,8 @@ class LibvirtDriver:
         zone_id = spec.zone_id
         name = domain_name(zone_id)
         zone_dir = self.options.state_root / zone_id
-        state: dict[str, Any] = {"domain": name, "dir": str(zone_dir), "accel":
+        state: dict[str, Any] = {"domain": name, "dir": str(zone_dir),
+                                 "memory_dump": spec.memory_dump, "accel":
                                  self.accel.accel.domain_type, "user": spec.user, "nic": False}
         handle = ZoneHandle(zone_id, self.backend, state, Restrictions())
         try:
@@ -216,7 +217,16 @@ class LibvirtDriver:
         return GuestWorkload(remote, self._gone[handle.state["domain"]])
 
     def terminate(self, handle: ZoneHandle) -> None:
-        self._teardown(handle.zone_id, dump=True)
+        remote = self._workloads.get(handle.zone_id)
+        # a dump only when the zone is ended under a running workload (policy, reaction,
+        # operator), not when cleaning up after the workload finished
+        running = remote is not None and remote.poll() is None
+        dumped = self._teardown(handle.zone_id,
+                                dump=bool(handle.state.get("memory_dump")) and running)
+        for item in dumped:
+            if item.startswith("memory dump"):
+                handle.state["dump"] = item.removeprefix("memory dump ")
+                self._report(handle.zone_id, "memory-dump", f"guest memory kept in {item}")
         handle.state.update(nic=False)
 
     def freeze(self, handle: ZoneHandle) -> None:
@@ -432,12 +442,18 @@ class LibvirtDriver:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _on_lifecycle(self, name: str, event: int, _detail: int) -> None:
+    def _on_lifecycle(self, name: str, event: int, detail: int) -> None:
         if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED,
                      libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
             gone = self._gone.get(name)
-            if gone is not None:
+            if gone is not None and not gone.is_set():
                 gone.set()
+                # a stop we did not ask for (a crash, a shutdown from inside) must reach
+                # the audit trail, not only end the workload
+                kind = {libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+                        libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined"}.get(event, "stopped")
+                self._report(name.removeprefix(DOMAIN_PREFIX), "guest-" + kind,
+                             f"domain {name} {kind} (libvirt event {event}, detail {detail})")
 
     def _on_device_removed(self, name: str, alias: str) -> None:
         removed = self._removed.get(name)
@@ -457,11 +473,14 @@ class LibvirtDriver:
             dom = self.connection.get().lookupByName(name)
         except libvirt.libvirtError:
             dom = None
+        gone = self._gone.get(name)
+        if gone is not None:
+            gone.set()  # our own destroy below is no news for the audit trail
         if dom is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 if dom.isActive():
                     dom.suspend()  # frozen at once; destroy takes a while
-                    if dump and self.options.dump_dir is not None:
+                    if dump:
                         self.options.dump_dir.mkdir(parents=True, exist_ok=True)
                         path = self.options.dump_dir / f"{zone_id}.core"
                         dom.coreDumpWithFormat(str(path),
@@ -472,9 +491,6 @@ class LibvirtDriver:
                     removed.append(f"domain {name}")
             with contextlib.suppress(libvirt.libvirtError):
                 dom.undefine()
-        gone = self._gone.get(name)
-        if gone is not None:
-            gone.set()
         if egress.remove_egress(zone_id, nft=self.caps.nft or "nft") if self.caps.nft else False:
             removed.append(f"nft table {egress.table_name(zone_id)}")
         removed += netslots.release(zone_id)
