@@ -14,6 +14,7 @@ rather than waited on.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import glob
@@ -60,7 +61,7 @@ def find_vport(name: str = PORT_NAME, sys_root: str = "/sys/class/virtio-ports",
     return None
 
 
-class Port:
+class Port(abc.ABC):
     """What the reader and writer threads use; see the module docstring."""
 
     #: seconds between looks at a port whose host end is absent
@@ -73,12 +74,13 @@ class Port:
         self.generation = 0
         self.connected = False
 
+    @abc.abstractmethod
     def open(self, wait: float) -> None:
         """Make the port usable (bounded by `wait` seconds) or raise PortUnavailable."""
 
+    @abc.abstractmethod
     def wait_connected(self, stop: threading.Event) -> int:
         """Block until the host end is there; returns the connection generation."""
-        raise NotImplementedError
 
     def wait_generation(self, stop: threading.Event, timeout: float) -> int | None:
         """For the writer: the generation once connected (None after `timeout`)."""
@@ -91,13 +93,13 @@ class Port:
                 self._changed.wait(min(left, 0.2))
             return self.generation
 
+    @abc.abstractmethod
     def read(self, generation: int, timeout: float) -> bytes:
         """Bytes from the host (b"" if none within `timeout`); Disconnected at end."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, data: bytes, generation: int, stop: threading.Event) -> None:
         """All of `data` to the host of this generation, or Disconnected."""
-        raise NotImplementedError
 
     def _set_connected(self) -> int:
         with self._changed:
@@ -115,10 +117,10 @@ class Port:
                 self._changed.notify_all()
                 log.info("host disconnected from %s", self.describe)
 
-    def _drop(self) -> None:
+    def _drop(self) -> None:  # noqa: B027  (a hook: ports holding nothing keep it empty)
         """Release what a lost connection held (called with the lock held)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (a hook: ports holding nothing keep it empty)
         """Release everything."""
 
 

@@ -90,6 +90,19 @@ class FakePort(Port):
         else:
             self.lost(self.generation)
 
+    def open(self, wait: float) -> None:
+        """Always there: the test plays the host with `host()`."""
+
+    def wait_connected(self, stop: threading.Event) -> int:
+        generation = None
+        while generation is None and not stop.is_set():
+            generation = self.wait_generation(stop, 0.1)
+        return generation or 0
+
+    def read(self, generation: int, timeout: float) -> bytes:
+        time.sleep(timeout)  # the host side of these tests never speaks
+        return b""
+
     def write(self, data: bytes, generation: int, stop: threading.Event) -> None:
         with self._lock:
             if not self.connected or generation != self.generation:
