@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,14 @@ def ready() -> None:
     assert reason is None, reason
 
 
+def controller(driver: object, tmp_path: Path, policy_text: str) -> tuple[Store, Manager, Any]:
+    """A started manager over a fresh store, and the parsed policy."""
+    store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
+    manager = Manager(store, driver)  # type: ignore[arg-type]
+    manager.start()
+    return store, manager, parse_policy(policy_text.encode(), source="test.toml")
+
+
 def wait_phase(run: object, index: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while run.phase_index < index:  # type: ignore[attr-defined]
@@ -81,10 +90,7 @@ def test_guest_zone_tightens_live(ready: None, tmp_path: Path, listener: int) ->
     dumps = Path(tempfile.mkdtemp(prefix="hvtsm-dumps-", dir="/var/tmp"))
     driver = make_driver(Backend.LIBVIRT, probe_host(),
                          libvirt=LibvirtOptions(accel="auto", dump_dir=dumps))
-    store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
-    manager = Manager(store, driver)
-    manager.start()
-    policy = parse_policy(POLICY.encode(), source="guest.toml")
+    store, manager, policy = controller(driver, tmp_path, POLICY)
     run = None
     try:
         run = manager.launch(policy, ["sleep", "60"], policy_toml=POLICY, user="root")
@@ -198,10 +204,7 @@ def test_zone_survives_a_libvirtd_restart(ready: None, tmp_path: Path, listener:
     from hvtsm.zones.libvirt.driver import LibvirtOptions, domain_name
 
     driver = make_driver(Backend.LIBVIRT, probe_host(), libvirt=LibvirtOptions())
-    store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
-    manager = Manager(store, driver)
-    manager.start()
-    policy = parse_policy(RESTART.encode(), source="restart.toml")
+    _store, manager, policy = controller(driver, tmp_path, RESTART)
     run = None
     try:
         run = manager.launch(policy, ["sleep", "60"], policy_toml=RESTART, user="root")
