@@ -30,12 +30,12 @@ from common import percentile, progress, summary, temp_store
 from hvtsm.host import probe_host
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
 from hvtsm.manager import Manager
+from hvtsm.monitor.link import AgentLink
 from hvtsm.policy import parse_policy
 from hvtsm.restrictions import NetworkMode, Restrictions
 from hvtsm.store.audit import zone_trail
 from hvtsm.zones.base import Backend, WorkloadIO, ZoneSpec
 from hvtsm.zones.factory import make_driver
-from hvtsm.zones.libvirt.agent_link import AgentLink
 from hvtsm.zones.libvirt.driver import LibvirtDriver, LibvirtOptions, domain_name
 
 MEMORY = 512 * 1024 * 1024

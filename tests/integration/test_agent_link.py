@@ -31,7 +31,7 @@ import pytest
 from guest_agent import __version__
 from guest_agent.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, encode
 from hvtsm.errors import ZoneError
-from hvtsm.zones.libvirt.agent_link import AgentLink, RemoteWorkload
+from hvtsm.monitor.link import AgentLink, RemoteWorkload
 
 pytestmark = pytest.mark.integration
 

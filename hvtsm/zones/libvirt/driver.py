@@ -1,7 +1,7 @@
 """Libvirt zones: each zone is a transient QEMU domain, its phases applied live.
 
 The guest boots the lab image (hvtsm/image), its init starts the guest agent, and the
-workload runs through the agent (agent_link.py). Boot time is not lifespan: `start`
+workload runs through the agent (hvtsm/monitor/link.py). Boot time is not lifespan: `start`
 returns once the agent reports the workload started.
 """
 
@@ -30,6 +30,7 @@ import guest_agent
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
+from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
 from hvtsm.zones import netslots
 from hvtsm.zones.base import (
@@ -44,7 +45,6 @@ from hvtsm.zones.base import (
 from hvtsm.zones.command import run
 from hvtsm.zones.libvirt import egress
 from hvtsm.zones.libvirt.accel import AccelChoice, choose_accel
-from hvtsm.zones.libvirt.agent_link import AgentLink
 from hvtsm.zones.libvirt.connection import Connection
 from hvtsm.zones.libvirt.templates import DomainParams, render, to_xml
 from hvtsm.zones.libvirt.workload import DomainWorkload, GuestWorkload
