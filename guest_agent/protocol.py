@@ -29,12 +29,20 @@ agent -> host
     probe_result  id, ok; result{} when ok, error (text) when not
     error         message; optional id (the request it answers), kind (a ProtocolError kind
                   when the agent rejects a host message)
-    event         kind; optional id (workload), time, data{}   reserved for monitoring
-                  (issue 4): an agent announces ``events:<kind>`` in its capabilities first
+    event         kind; optional id (workload), time (epoch s), data{}: what the monitor
+                  saw. An agent announces ``events:<kind>`` in its capabilities first.
+                  kind ``anomaly``: data = ANOMALY fields below;
+                  kind ``monitor``: data = {mechanisms[str], warnings[str]} when a
+                  workload's monitoring began; kind ``stats``: data = {notifications,
+                  file_events, lost, dropped} counters, periodic.
 
 host -> agent
     start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
-                  stdout (stream|discard), stderr (stream|discard|stdout: joined to stdout)
+                  stdout (stream|discard), stderr (stream|discard|stdout: joined to stdout),
+                  monitor{} (a monitoring profile, see PROFILE_FIELDS: the workload's whole
+                  process tree is watched from before its first instruction)
+    profile       id (workload), monitor{}   replaces the workload's profile (the host sends
+                  one after each phase, so "connect outside the allow-list" follows it)
     signal        id (workload), signal (number)
     probe         id, kind; optional args{}
     ping          optional id, hello (true: answer with a hello instead of a heartbeat)
@@ -60,7 +68,39 @@ OUTPUT_CHUNK_BYTES = 8192
 AGENT_TYPES = frozenset(
     ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event"]
 )
-HOST_TYPES = frozenset(["start", "signal", "probe", "ping"])
+HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile"])
+
+#: event kinds
+EVENT_ANOMALY = "anomaly"
+EVENT_MONITOR = "monitor"
+EVENT_STATS = "stats"
+
+#: a monitoring profile (``start.monitor``, ``profile.monitor``): field -> meaning. The agent
+#: validates it (guest_agent.profile); unknown fields are refused there.
+PROFILE_FIELDS = {
+    "deny_syscalls": "syscall names whose every call is an anomaly",
+    "sensitive_paths": "absolute path globs (* within a name, ** across directories)",
+    "allow_exec": "globs of programs that may be exec'd (empty: any not denied)",
+    "deny_exec": "globs of programs whose exec is an anomaly",
+    "shells": "globs of shells: exec'd with a socket on stdin/stdout is a reverse shell",
+    "network": "full | loopback | none: the zone's network now",
+    "egress": "allowed destinations now, as 'net[:port[-port]]' (empty: any when full)",
+    "max_forks_per_s": "process creations per second (0: no limit)",
+    "max_syscalls_per_s": "read/write-family syscalls per second (0: no limit)",
+    "max_new_files_per_s": "files created per second (0: no limit)",
+    "memory_spike_mib_per_s": "resident memory growth per second (0: no limit)",
+    "contain": "none | deny | kill: what the agent does to the offending process",
+    "drops_are_anomalies": "lost or dropped monitoring events are an anomaly",
+}
+
+#: ``event`` kind ``anomaly``: data fields. category is one of ANOMALY_CATEGORIES.
+ANOMALY_FIELDS = ("category", "detail", "pid", "program", "syscall", "args", "contained",
+                  "act_time", "act_mono", "contained_mono")
+ANOMALY_CATEGORIES = (
+    "denied-syscall", "sensitive-path", "unexpected-exec", "reverse-shell", "connect-out",
+    "fork-rate", "syscall-rate", "new-file-rate", "memory-spike", "oom-kill",
+    "events-dropped", "foreign-abi",
+)
 STREAMS = ("stdout", "stderr")
 
 #: ProtocolError kinds
@@ -213,7 +253,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     # host -> agent
     "start": ({"id": _ident, "argv": _argv},
               {"env": _env, "cwd": _str, "user": _user, "stdout": _choice("stream", "discard"),
-               "stderr": _choice("stream", "discard", "stdout")}),
+               "stderr": _choice("stream", "discard", "stdout"), "monitor": _dict}),
+    "profile": ({"id": _ident, "monitor": _dict}, {}),
     "signal": ({"id": _ident, "signal": _signal}, {}),
     "probe": ({"id": _ident, "kind": _str}, {"args": _dict}),
     "ping": ({}, {"id": _ident, "hello": _bool}),

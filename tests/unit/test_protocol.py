@@ -43,6 +43,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "probe": {"type": "probe", "id": "p1", "kind": "tcp_connect",
               "args": {"host": "127.0.0.1", "port": 80}},
     "ping": {"type": "ping", "id": "k1", "hello": True},
+    "profile": {"type": "profile", "id": "w1", "monitor": {"network": "none"}},
 }
 
 
