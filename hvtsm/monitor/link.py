@@ -180,6 +180,17 @@ def _check_target(target: int | None, *, stderr: bool = False) -> None:
                          f"(or STDOUT for stderr), not {target!r}")
 
 
+def _plain(value: Any) -> Any:
+    """`value` with every Mapping made a dict and every tuple a list, recursively: profiles
+    are often built from frozen policy objects (mapping proxies, tuples) that json cannot
+    encode as they are. Anything else json cannot encode is left for `encode` to refuse."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _sink_for(target: int | None, label: str) -> tuple[_Sink | None, IO[bytes] | None]:
     """subprocess-style target -> (sink, readable file for the caller)."""
     if target is None or target == subprocess.DEVNULL:
@@ -505,12 +516,15 @@ class AgentLink:
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, user: str | int | None = None, timeout: float = 30,
               stdout: int | None = subprocess.PIPE, stderr: int | None = subprocess.PIPE,
-              workload_id: str | None = None) -> RemoteWorkload:
+              workload_id: str | None = None,
+              monitor: Mapping[str, Any] | None = None) -> RemoteWorkload:
         """Start `argv` in the guest (own session and process group, stdin /dev/null) and
         return once it exec'd. Output goes, per stream: PIPE -> a pipe the caller reads
         (`workload.stdout`), a file descriptor >= 0 -> written there (not closed), None or
         DEVNULL -> discarded; stderr=STDOUT joins stdout. `env` goes on top of a small clean
-        environment in the guest (PATH, HOME, LANG, TERM)."""
+        environment in the guest (PATH, HOME, LANG, TERM). `monitor` is the workload's
+        monitoring profile (`guest_agent.protocol.PROFILE_FIELDS`): sent with the start so
+        the agent watches the process tree from its first instruction."""
         if not argv:
             raise self._error("nothing to start: empty command")
         wid = workload_id or f"w{next(self._ids)}"
@@ -526,6 +540,8 @@ class AgentLink:
             msg["cwd"] = cwd
         if user is not None:
             msg["user"] = user
+        if monitor is not None:
+            msg["monitor"] = _plain(monitor)
         # what nobody reads is not sent: the agent discards (or joins) it at the source
         if stdout is None or stdout == subprocess.DEVNULL:
             msg["stdout"] = "discard"
@@ -636,6 +652,20 @@ class AgentLink:
         if work.poll() is not None:
             return
         self._send({"type": "signal", "id": workload_id, "signal": int(sig)})
+
+    def update_profile(self, workload_id: str, monitor: Mapping[str, Any]) -> None:
+        """Replace the monitoring profile of a running workload (the controller sends one
+        after each phase, so what counts as an anomaly follows the restrictions). The agent
+        does not confirm it: a profile it refuses comes back as an `error` for the workload
+        (`RemoteWorkload.errors`, on_problem agent_error). Nothing is sent for a workload
+        that has exited."""
+        with self._lock:
+            work = self._workloads.get(workload_id)
+        if work is None:
+            raise self._error(f"no workload {workload_id} on this link")
+        if work.poll() is not None:
+            return
+        self._send({"type": "profile", "id": workload_id, "monitor": _plain(monitor)})
 
     def close(self) -> None:
         """End the link: the reader stops, waiting requests fail, running workloads are
