@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -23,6 +24,7 @@ from hvtsm.controllers import (
     release_zone,
 )
 from hvtsm.errors import HvtsmError, ZoneError
+from hvtsm.monitor.anomalies import AnomalyReport
 from hvtsm.policy import Policy, Reaction, parse_policy
 from hvtsm.restrictions import Restrictions
 from hvtsm.store import Store
@@ -74,6 +76,8 @@ class ZoneRun:
     overdue: set[int] = field(default_factory=set)
     exit_status: int | None = None
     end_reason: str | None = None
+    #: anomalies seen so far (repeated anomalies escalate)
+    anomalies: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
     ended: threading.Event = field(default_factory=threading.Event)
 
@@ -90,6 +94,8 @@ class Manager:
         for driver in listed:
             if hasattr(driver, "report"):
                 driver.report = self._driver_report
+            if hasattr(driver, "anomaly"):
+                driver.anomaly = self._driver_anomaly
         self.listener = listener
         self.actor = actor
         self.zones: dict[str, ZoneRun] = {}
@@ -98,6 +104,12 @@ class Manager:
             self.controller: Controller = register_controller(session)
         self.timeline = Timeline(store.engine, self.controller.id)
         self._started = False
+        # anomalies arrive on agent-link reader threads, which a reaction (terminate)
+        # may need to stop: reactions run on a thread of their own, in arrival order
+        self._anomalies: queue.Queue[tuple[str, AnomalyReport] | None] = queue.Queue()
+        self._reactor = threading.Thread(target=self._react_loop, name="reactions",
+                                         daemon=True)
+        self._reactor.start()
 
     # -- controller lifecycle -------------------------------------------------------------
 
@@ -145,6 +157,8 @@ class Manager:
             if not run.ended.is_set():
                 self.terminate(run.zone_id, reason=reason, by="operator")
                 run.ended.wait(10)
+        self._anomalies.put(None)
+        self._reactor.join(10)
         self.timeline.shutdown(drop=True)
         with self.store.session() as session:
             row = session.get(Controller, self.controller.id)
@@ -178,8 +192,9 @@ class Manager:
             seq = row.seq
         claim_zone(zone_id)
         try:
-            handle = driver.create(ZoneSpec(zone_id=zone_id, net_index=seq, user=user,
-                                            memory_dump=policy.memory_dump), initial)
+            handle = driver.create(ZoneSpec(
+                zone_id=zone_id, net_index=seq, user=user, memory_dump=policy.memory_dump,
+                monitor=policy.anomaly.profile() if policy.anomaly.monitor else None), initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
             raise
@@ -248,7 +263,8 @@ class Manager:
                 self._save(session, run)
         return moved
 
-    def jump(self, zone_id: str, *, reason: str, by: str = "operator") -> int | None:
+    def jump(self, zone_id: str, *, reason: str, by: str = "operator",
+             anomaly_id: int | None = None) -> int | None:
         """Bring the next pending transition forward to now. Returns its phase index."""
         run = self._run(zone_id)
         with run.lock:
@@ -258,17 +274,19 @@ class Manager:
             run.pending[index] = time.time()
             self.timeline.move(zone_id, index, run.pending[index])
             with self.store.session() as session:
-                self._audit_steer(session, run, "jump", {"phase": index}, reason, by, None)
+                self._audit_steer(session, run, "jump", {"phase": index}, reason, by,
+                                  anomaly_id)
                 self._save(session, run)
         return index
 
-    def freeze(self, zone_id: str, *, reason: str, by: str = "operator") -> None:
+    def freeze(self, zone_id: str, *, reason: str, by: str = "operator",
+               anomaly_id: int | None = None) -> None:
         run = self._run(zone_id)
         with run.lock:
             self._driver_for(run.handle.backend).freeze(run.handle)
             run.state = ZoneState.FROZEN
             with self.store.session() as session:
-                self._audit_steer(session, run, "freeze", {}, reason, by, None)
+                self._audit_steer(session, run, "freeze", {}, reason, by, anomaly_id)
                 self._save(session, run)
 
     def thaw(self, zone_id: str, *, reason: str, by: str = "operator") -> None:
@@ -290,21 +308,56 @@ class Manager:
                 self._audit_steer(session, run, "terminate", {}, reason, by, anomaly_id)
             self._end(run, reason)
 
-    def report_anomaly(self, zone_id: str, *, kind: str, detail: str, source: str) -> None:
-        """Record an anomaly and react as the zone's policy says."""
+    def report_anomaly(self, zone_id: str, *, kind: str, detail: str, source: str,
+                       evidence: dict[str, Any] | None = None) -> Reaction | None:
+        """Record an anomaly and react as the zone's policy says (repeated anomalies
+        escalate). Returns the reaction taken (None once the zone has ended)."""
+        return self._react(zone_id, AnomalyReport(kind, detail, source, evidence or {}))
+
+    def _react(self, zone_id: str, report: AnomalyReport) -> Reaction | None:
         run = self._run(zone_id)
+        now = time.time()
         with self.store.session() as session:
-            anomaly_id = record_anomaly(session, zone_id=zone_id, kind=kind, detail=detail,
-                                        source=source)
-        self._notify("anomaly", zone_id, time.time(), {"kind": kind, "detail": detail,
-                                                        "source": source})
-        rules = run.policy.anomaly
-        reason = f"anomaly {kind}: {detail}"
-        if rules.reaction is Reaction.TERMINATE:
-            self.terminate(zone_id, reason=reason, by="reaction", anomaly_id=anomaly_id)
-        else:
-            self.accelerate(zone_id, rules.factor, reason=reason, anomaly_id=anomaly_id,
-                            by="reaction")
+            anomaly_id = record_anomaly(session, zone_id=zone_id, kind=report.category,
+                                        detail=report.detail, source=report.source,
+                                        evidence=report.evidence_json(), ts=now)
+        self._notify("anomaly", zone_id, now, {"kind": report.category,
+                                                "detail": report.detail,
+                                                "source": report.source,
+                                                "evidence": report.evidence})
+        with run.lock:
+            if run.ended.is_set() or run.state is ZoneState.TERMINATED:
+                return None
+            run.anomalies += 1
+            reaction = run.policy.anomaly.reaction_for(report.category, run.anomalies)
+            reason = f"anomaly {report.category} (#{run.anomalies}): {report.detail}"
+            if reaction is Reaction.TERMINATE:
+                self.terminate(zone_id, reason=reason, by="reaction", anomaly_id=anomaly_id)
+            elif reaction is Reaction.FREEZE:
+                if run.state is not ZoneState.FROZEN:
+                    self.freeze(zone_id, reason=reason, by="reaction", anomaly_id=anomaly_id)
+            elif reaction is Reaction.JUMP:
+                self.jump(zone_id, reason=reason, by="reaction", anomaly_id=anomaly_id)
+            else:
+                self.accelerate(zone_id, run.policy.anomaly.factor, reason=reason,
+                                anomaly_id=anomaly_id, by="reaction")
+        return reaction
+
+    def _driver_anomaly(self, zone_id: str, report: AnomalyReport) -> None:
+        """From a driver's agent link (any thread): queued for the reactions thread."""
+        self._anomalies.put((zone_id, report))
+
+    def _react_loop(self) -> None:
+        while (item := self._anomalies.get()) is not None:
+            zone_id, report = item
+            # an act right after exec can be reported before launch registered the zone
+            deadline = time.monotonic() + 5
+            while zone_id not in self.zones and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                self._react(zone_id, report)
+            except Exception:  # one failed reaction must not stop the others
+                log.exception("reaction to %s in %s failed", report.category, zone_id)
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from hvtsm.host import probe_host
 from hvtsm.manager import Manager, Notice, ZoneRun
 from hvtsm.policy import load_policy
 from hvtsm.store import Store
+from hvtsm.store.audit import evidence_text
 from hvtsm.store.models import ZoneState
 from hvtsm.units import format_duration_ms
 from hvtsm.zones.base import Backend, WorkloadIO
@@ -128,9 +129,11 @@ class LivePrinter:
         elif notice.kind == "note":
             say(f"{prefix} {data['kind']}: {data['detail']}")
         elif notice.kind == "anomaly":
-            say(f"{prefix} anomaly {data['kind']}: {data['detail']}")
+            said = evidence_text(data.get("evidence") or {})
+            say(f"{prefix} ANOMALY {data['kind']}: {data['detail']}"
+                + (f" [{said}]" if said else ""))
         elif notice.kind == "reaction":
-            say(f"{prefix} reaction {data['action']}: {data['reason']}")
+            say(f"{prefix} REACTION {data['action']}: {data['reason']}")
         else:
             say(f"{prefix} {notice.kind} {data}")
 

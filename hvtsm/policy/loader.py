@@ -14,8 +14,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from guest_agent.protocol import ANOMALY_CATEGORIES
 from hvtsm.errors import PolicyError
-from hvtsm.policy.model import AnomalyRules, Phase, Policy, Reaction, SegmentSelector
+from hvtsm.policy.model import (
+    AnomalyRules,
+    Containment,
+    Phase,
+    Policy,
+    Reaction,
+    SegmentSelector,
+)
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode, Restrictions
 from hvtsm.units import parse_cpuset, parse_duration_ms, parse_size
 
@@ -28,7 +36,16 @@ _PHASE_FIELDS = (
     "at", "network", "egress", "cpu_shares", "cpu_quota", "cpus", "memory", "pids",
     "filesystem", "action",
 )
-_ANOMALY_FIELDS = ("deny_syscalls", "sensitive_paths", "reaction", "factor")
+_ANOMALY_FIELDS = (
+    "monitor", "deny_syscalls", "sensitive_paths", "allow_exec", "deny_exec",
+    "max_forks_per_s", "max_syscalls_per_s", "max_new_files_per_s", "memory_spike_mib_per_s",
+    "contain", "drops_are_anomalies", "reaction", "factor", "escalate", "on",
+)
+_RATE_FIELDS = ("max_forks_per_s", "max_syscalls_per_s", "max_new_files_per_s",
+                "memory_spike_mib_per_s")
+#: categories the host itself raises about the agent link (hvtsm.monitor.anomalies)
+_LINK_CATEGORIES = ("agent-lost", "heartbeat-lost", "malformed-message", "message-flood",
+                    "seq-gap", "agent-error", "events-dropped")
 _SEGMENT_FIELDS = ("match", "lifespan_scale")
 _MATCH_FIELDS = ("role", "capability")
 _SYSCALL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -197,25 +214,74 @@ class _Builder:
         if not isinstance(table, dict):
             raise self.fail("[anomaly] must be a table", field="anomaly")
         self.only_known(table, _ANOMALY_FIELDS, where=" in [anomaly]")
+        monitor = table.get("monitor", True)
+        if not isinstance(monitor, bool):
+            raise self.fail("must be true or false", field="anomaly.monitor")
         syscalls = _str_list(table.get("deny_syscalls", []))
         if syscalls is None or not all(_SYSCALL_RE.match(s) for s in syscalls):
             raise self.fail("must be a list of system call names like [\"ptrace\", "
                             "\"init_module\"]", field="anomaly.deny_syscalls")
-        paths = _str_list(table.get("sensitive_paths", []))
-        if paths is None or not all(p.startswith("/") for p in paths):
-            raise self.fail("must be a list of absolute paths (a trailing '/' covers a tree)",
-                            field="anomaly.sensitive_paths")
+        unknown = _unknown_syscalls(syscalls)
+        if unknown:
+            raise self.fail(f"unknown system call(s): {', '.join(unknown)}",
+                            field="anomaly.deny_syscalls",
+                            hint="names as in syscalls(2), e.g. \"finit_module\"")
+        globs = {}
+        for name in ("sensitive_paths", "allow_exec", "deny_exec"):
+            values = _str_list(table.get(name, []))
+            if values is None or not all(v.startswith(("/", "*")) for v in values):
+                raise self.fail("must be a list of absolute path globs ('*' within a name, "
+                                "'**' across directories)", field=f"anomaly.{name}")
+            globs[name] = tuple(values)
+        rates = {}
+        for name in _RATE_FIELDS:
+            value = table.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise self.fail(f"{value!r} must be a number >= 0 (0: no limit)",
+                                field=f"anomaly.{name}")
+            rates[name] = float(value)
         try:
-            reaction = Reaction(table.get("reaction", "accelerate"))
+            contain = Containment(table.get("contain", "kill"))
         except ValueError:
-            raise self.fail(f"{table.get('reaction')!r} is not a reaction; use one of: "
-                            + ", ".join(r.value for r in Reaction),
-                            field="anomaly.reaction") from None
+            raise self.fail(f"{table.get('contain')!r} is not a containment; use one of: "
+                            + ", ".join(c.value for c in Containment),
+                            field="anomaly.contain") from None
+        drops = table.get("drops_are_anomalies", True)
+        if not isinstance(drops, bool):
+            raise self.fail("must be true or false", field="anomaly.drops_are_anomalies")
+        reaction = self._reaction(table.get("reaction", "accelerate"), "anomaly.reaction")
         factor = table.get("factor", 4.0)
         if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
             raise self.fail(f"{factor!r} must be a number above 1 (remaining lifespan is divided "
                             "by it)", field="anomaly.factor")
-        return AnomalyRules(tuple(syscalls), tuple(paths), reaction, float(factor))
+        escalate_raw = table.get("escalate", [])
+        if not isinstance(escalate_raw, list):
+            raise self.fail("must be a list of reactions for the 2nd, 3rd, ... anomaly, like "
+                            "[\"jump\", \"terminate\"]", field="anomaly.escalate")
+        escalate = tuple(self._reaction(r, f"anomaly.escalate[{i}]")
+                         for i, r in enumerate(escalate_raw))
+        on_raw = table.get("on", {})
+        if not isinstance(on_raw, dict):
+            raise self.fail("must be a table of category = reaction", field="anomaly.on")
+        known = (*ANOMALY_CATEGORIES, *_LINK_CATEGORIES)
+        on = {}
+        for category, value in on_raw.items():
+            if category not in known:
+                raise self.fail(f"{category!r} is not an anomaly category; known: "
+                                + ", ".join(sorted(set(known))), field=f"anomaly.on.{category}")
+            on[category] = self._reaction(value, f"anomaly.on.{category}")
+        return AnomalyRules(
+            monitor=monitor, deny_syscalls=tuple(syscalls),
+            sensitive_paths=globs["sensitive_paths"], allow_exec=globs["allow_exec"],
+            deny_exec=globs["deny_exec"], contain=contain, drops_are_anomalies=drops,
+            reaction=reaction, factor=float(factor), escalate=escalate, on=on, **rates)
+
+    def _reaction(self, value: Any, field: str) -> Reaction:
+        try:
+            return Reaction(value)
+        except ValueError:
+            raise self.fail(f"{value!r} is not a reaction; use one of: "
+                            + ", ".join(r.value for r in Reaction), field=field) from None
 
     def segment(self, index: int, table: Any) -> SegmentSelector:
         field = f"segment[{index}]"
@@ -303,3 +369,10 @@ def _memory(value: Any) -> int:
         raise ValueError(f"{value!r} is below the 4MiB a zone needs to run anything; "
                          "write e.g. \"64MiB\"")
     return size
+
+
+def _unknown_syscalls(names: list[str]) -> list[str]:
+    """Names the agent's syscall table does not know (it is what the filter is built from)."""
+    from guest_agent import syscalls  # the agent's own table: one source of truth
+
+    return [n for n in names if n not in syscalls.X86_64]

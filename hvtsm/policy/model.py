@@ -9,8 +9,20 @@ from hvtsm.restrictions import Restrictions
 
 
 class Reaction(StrEnum):
-    ACCELERATE = "accelerate"
+    """What the host does about an anomaly, mildest first."""
+
+    ACCELERATE = "accelerate"  # divide the time left before each pending phase
+    JUMP = "jump"  # bring the next phase forward to now
+    FREEZE = "freeze"  # stop every process of the zone where it stands
     TERMINATE = "terminate"
+
+
+class Containment(StrEnum):
+    """What the agent does at once, inside the zone, to the process that misbehaved."""
+
+    NONE = "none"  # report only: the call goes ahead
+    DENY = "deny"  # the call fails with EPERM (an open of a sensitive file is refused)
+    KILL = "kill"  # SIGKILL, before the call takes effect
 
 
 @dataclass(frozen=True)
@@ -26,11 +38,53 @@ class Phase:
 
 @dataclass(frozen=True)
 class AnomalyRules:
+    """The policy's [anomaly] table: what the agent watches for (its profile) and how the
+    host reacts."""
+
+    #: watch the workload at all (off only for benchmarks and trusted code)
+    monitor: bool = True
     deny_syscalls: tuple[str, ...] = ()
     sensitive_paths: tuple[str, ...] = ()
+    allow_exec: tuple[str, ...] = ()
+    deny_exec: tuple[str, ...] = ()
+    max_forks_per_s: float = 0
+    max_syscalls_per_s: float = 0
+    max_new_files_per_s: float = 0
+    memory_spike_mib_per_s: float = 0
+    contain: Containment = Containment.KILL
+    drops_are_anomalies: bool = True
+    #: the reaction to the first anomaly
     reaction: Reaction = Reaction.ACCELERATE
-    #: remaining lifespan is divided by this on each anomaly when reaction is accelerate
+    #: remaining lifespan is divided by this on each accelerate reaction
     factor: float = 4.0
+    #: reactions to the 2nd, 3rd, ... anomaly of a zone (the last one repeats)
+    escalate: tuple[Reaction, ...] = ()
+    #: category -> reaction, overriding the sequence above for that category
+    on: dict[str, Reaction] = field(default_factory=dict)
+
+    def reaction_for(self, category: str, count: int) -> Reaction:
+        """The reaction to a zone's `count`-th anomaly (1-based), of `category`."""
+        if category in self.on:
+            return self.on[category]
+        if count <= 1 or not self.escalate:
+            return self.reaction
+        return self.escalate[min(count - 2, len(self.escalate) - 1)]
+
+    def profile(self) -> dict[str, object]:
+        """The agent's profile fields this table decides (guest_agent.protocol
+        PROFILE_FIELDS); the network fields come from the phase in force."""
+        return {
+            "deny_syscalls": list(self.deny_syscalls),
+            "sensitive_paths": list(self.sensitive_paths),
+            "allow_exec": list(self.allow_exec),
+            "deny_exec": list(self.deny_exec),
+            "max_forks_per_s": self.max_forks_per_s,
+            "max_syscalls_per_s": self.max_syscalls_per_s,
+            "max_new_files_per_s": self.max_new_files_per_s,
+            "memory_spike_mib_per_s": self.memory_spike_mib_per_s,
+            "contain": str(self.contain),
+            "drops_are_anomalies": self.drops_are_anomalies,
+        }
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ def record_phase(session: Session, *, zone_id: str, phase_index: int, scheduled_
 
 
 def record_anomaly(session: Session, *, zone_id: str, kind: str, detail: str,
-                   source: str) -> int:
-    row = Anomaly(zone_id=zone_id, ts=time.time(), kind=kind, detail=detail, source=source)
+                   source: str, evidence: str = "{}", ts: float | None = None) -> int:
+    row = Anomaly(zone_id=zone_id, ts=ts or time.time(), kind=kind, detail=detail,
+                  source=source, evidence=evidence)
     session.add(row)
     session.flush()
     assert row.id is not None
@@ -94,8 +95,13 @@ def zone_trail(session: Session, *, zone_id: str) -> list[TrailEntry]:
                                       "applied_at": ph.applied_at, "lag_ms": ph.lag_ms,
                                       "late": ph.late, "changes": changes, "note": ph.note}))
     for an in session.exec(select(Anomaly).where(Anomaly.zone_id == zone_id)):
-        entries.append(TrailEntry(an.ts, "anomaly", f"{an.kind}: {an.detail}", {
-            "id": an.id, "kind": an.kind, "detail": an.detail, "source": an.source}))
+        evidence = _json_object(an.evidence)
+        summary = f"{an.kind}: {an.detail}"
+        if said := evidence_text(evidence):
+            summary += f" [{said}]"
+        entries.append(TrailEntry(an.ts, "anomaly", summary, {
+            "id": an.id, "kind": an.kind, "detail": an.detail, "source": an.source,
+            "evidence": evidence}))
     for re_ in session.exec(select(Reaction).where(Reaction.zone_id == zone_id)):
         entries.append(TrailEntry(re_.ts, "reaction", f"{re_.action}: {re_.reason}", {
             "action": re_.action, "reason": re_.reason, "anomaly_id": re_.anomaly_id}))
@@ -105,3 +111,30 @@ def zone_trail(session: Session, *, zone_id: str) -> list[TrailEntry]:
                                              "args": json.loads(op.args), "reason": op.reason}))
     entries.sort(key=lambda e: e.ts)
     return entries
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {"unreadable": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def evidence_text(evidence: dict[str, Any]) -> str:
+    """The evidence of an anomaly in one line: who, which call, with what, what was done."""
+    parts = []
+    if evidence.get("pid") is not None:
+        parts.append(f"pid {evidence['pid']}")
+    if evidence.get("program"):
+        parts.append(str(evidence["program"]))
+    if evidence.get("syscall"):
+        parts.append(f"{evidence['syscall']}()")
+    args = evidence.get("args")
+    if isinstance(args, dict) and args:
+        parts.append(", ".join(f"{k}={json.dumps(v)}" for k, v in args.items()))
+    if evidence.get("contained") not in (None, "none"):
+        parts.append(str(evidence["contained"]))
+    if evidence.get("problem"):
+        parts.append(f"link problem {evidence['problem']}")
+    return "; ".join(parts)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine
@@ -51,6 +51,7 @@ class Store:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             SQLModel.metadata.create_all(self.engine)
+            _add_new_columns(self.engine)
         except (SQLAlchemyError, OSError, ImportError) as exc:
             raise StoreError(
                 f"cannot open the store {self.safe_url}: {exc}",
@@ -75,3 +76,22 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """create_all makes missing tables but never alters old ones: columns added to a model
+    since a store was made are added here (nullable or with their default)."""
+    inspector = inspect(engine)
+    for table in SQLModel.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            default = column.default.arg if column.default is not None else None
+            clause = f" DEFAULT '{default}'" if isinstance(default, str) else ""
+            with engine.begin() as conn:
+                conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN '
+                                  f'"{column.name}" {kind}{clause}'))

@@ -100,6 +100,8 @@ class Anomaly(SQLModel, table=True):
     kind: str
     detail: str = ""
     source: str = ""
+    #: JSON: what the monitor saw (pid, program, syscall, decoded arguments, containment)
+    evidence: str = "{}"
 
 
 class Reaction(SQLModel, table=True):

@@ -33,6 +33,9 @@ class ZoneSpec:
     #: keep a memory image when the zone is ended while its workload runs (if the
     #: backend has one: a guest does)
     memory_dump: bool = False
+    #: the policy's part of the monitoring profile (AnomalyRules.profile()); None: the
+    #: workload is not watched
+    monitor: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from hvtsm.errors import PolicyError
+from guest_agent.profile import Profile
 from hvtsm.policy import Reaction, load_policy, parse_policy
+from hvtsm.policy.model import Containment
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -175,6 +177,14 @@ lifespan_scale = 0.5
     ('[anomaly]\nfactor = 1\n', "anomaly.factor"),
     ('[anomaly]\ndeny_syscalls = ["Not A Syscall"]\n', "anomaly.deny_syscalls"),
     ('[anomaly]\nsensitive_paths = ["relative/path"]\n', "anomaly.sensitive_paths"),
+    ('[anomaly]\ndeny_syscalls = ["not_a_real_call"]\n', "anomaly.deny_syscalls"),
+    ('[anomaly]\ndeny_exec = ["bin/sh"]\n', "anomaly.deny_exec"),
+    ('[anomaly]\nmax_forks_per_s = -1\n', "anomaly.max_forks_per_s"),
+    ('[anomaly]\ncontain = "maim"\n', "anomaly.contain"),
+    ('[anomaly]\nmonitor = "yes"\n', "anomaly.monitor"),
+    ('[anomaly]\nescalate = ["jump", "explode"]\n', "anomaly.escalate[1]"),
+    ('[anomaly]\non = { "made-up" = "terminate" }\n', "anomaly.on.made-up"),
+    ('[anomaly]\non = { "reverse-shell" = "nothing" }\n', "anomaly.on.reverse-shell"),
     ('[[segment]]\nmatch = { role = "x" }\nlifespan_scale = 0\n', "segment[0].lifespan_scale"),
     ('[[segment]]\nlifespan_scale = 0.5\n', "segment[0].match"),
 ])
@@ -188,3 +198,34 @@ def test_forensics_section() -> None:
     assert load(BASE + "[forensics]\nmemory_dump = true\n").memory_dump is True
     err = fails(BASE + '[forensics]\nmemory_dump = "yes"\n')
     assert err.field == "forensics.memory_dump"
+
+
+def test_anomaly_profile_and_escalation() -> None:
+    policy = load(BASE + """
+[anomaly]
+deny_syscalls = ["ptrace", "init_module"]
+sensitive_paths = ["/home/*/.ssh/**"]
+deny_exec = ["/tmp/**"]
+max_forks_per_s = 50
+contain = "deny"
+reaction = "accelerate"
+escalate = ["jump", "freeze", "terminate"]
+on = { "reverse-shell" = "terminate" }
+""")
+    rules = policy.anomaly
+    assert rules.contain is Containment.DENY
+    assert [rules.reaction_for("fork-rate", n) for n in (1, 2, 3, 4, 9)] == [
+        Reaction.ACCELERATE, Reaction.JUMP, Reaction.FREEZE, Reaction.TERMINATE,
+        Reaction.TERMINATE]
+    assert rules.reaction_for("reverse-shell", 1) is Reaction.TERMINATE
+    profile = rules.profile()
+    assert profile["deny_syscalls"] == ["ptrace", "init_module"]
+    assert profile["max_forks_per_s"] == 50 and profile["contain"] == "deny"
+    # the agent accepts what the host builds from a policy
+    assert Profile.from_dict({**profile, "network": "full", "egress": []}).contain == "deny"
+
+
+def test_shipped_default_profile_is_accepted_by_the_agent() -> None:
+    rules = load_policy(Path(__file__).parents[2] / "policies" / "default.toml").anomaly
+    assert rules.monitor and rules.deny_syscalls and rules.sensitive_paths
+    Profile.from_dict({**rules.profile(), "network": "none", "egress": []})

@@ -190,6 +190,11 @@ class ZoneCgroup(ABC):
     def memory_usage(self) -> int | None: ...
 
     @abstractmethod
+    def oom_file(self) -> str | None:
+        """The file whose "oom_kill N" line counts the zone's OOM kills (None: no memory
+        controller)."""
+
+    @abstractmethod
     def cpu_usage_ns(self) -> int | None: ...
 
     def _check_cpus(self, cpus: frozenset[int], available_file: Path) -> None:
@@ -350,6 +355,10 @@ class CgroupV1(ZoneCgroup):
         except OSError:
             return False
 
+    def oom_file(self) -> str | None:
+        d = self.dir("memory")
+        return None if d is None else str(d / "memory.oom_control")
+
     def memory_usage(self) -> int | None:
         d = self.dir("memory")
         try:
@@ -489,6 +498,9 @@ class CgroupV2(ZoneCgroup):
             except OSError:
                 pass
         super()._kill()
+
+    def oom_file(self) -> str | None:
+        return str(self.path / "memory.events")
 
     def memory_usage(self) -> int | None:
         try:

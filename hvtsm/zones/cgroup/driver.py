@@ -18,8 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from guest_agent.profile import Profile, ProfileError
+from guest_agent.seccomp import Installer
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
+from hvtsm.monitor import host_agent
+from hvtsm.monitor.anomalies import zone_profile
+from hvtsm.monitor.events import HookedDriver, MonitorHooks
+from hvtsm.monitor.host_agent import HostAgent
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
 from hvtsm.zones import netslots
 from hvtsm.zones.base import (
@@ -49,7 +55,7 @@ def _check_id(zone_id: str) -> str:
     return zone_id
 
 
-class CgroupDriver:
+class CgroupDriver(HookedDriver):
     backend = Backend.CGROUP
 
     def __init__(self, caps: HostCapabilities, *, net_pool: str = "10.213.0.0/16") -> None:
@@ -68,6 +74,9 @@ class CgroupDriver:
         #: environments for zones not started yet: kept out of handle.state, which the
         #: store persists, because environments carry secrets
         self._envs: dict[str, dict[str, str]] = {}
+        self.hooks = MonitorHooks()
+        #: the agent beside each monitored zone
+        self._agents: dict[str, HostAgent] = {}
 
     # -- naming -------------------------------------------------------------------------
 
@@ -90,6 +99,11 @@ class CgroupDriver:
         handle = ZoneHandle(zone_id, self.backend, self._initial_state(spec, cgroup, net, index),
                             initial)
         try:
+            if spec.monitor is not None:
+                # started first: its start-up overlaps the zone's set-up
+                agent = HostAgent.launch(zone_id)
+                self._agents[zone_id] = agent
+                handle.state.update(monitor=dict(spec.monitor), agent_pid=agent.pid)
             cgroup.create()
             self._set_limits(cgroup, initial, Restrictions(), lambda _name, _value: None)
             nic = initial.network.has_nic
@@ -102,6 +116,7 @@ class CgroupDriver:
         except BaseException as exc:
             with contextlib.suppress(HvtsmError, OSError):
                 self._teardown(zone_id)
+            self._stop_agent(zone_id)
             if isinstance(exc, OSError):
                 raise ZoneError(f"cannot create the zone: {exc}", zone_id=zone_id) from exc
             raise
@@ -138,18 +153,51 @@ class CgroupDriver:
         if handle.state.get("pid") is not None:
             raise ZoneError("the zone already runs a workload", zone_id=zone_id)
         user = handle.state.get("user")
+        cgroup = self.cgroup(zone_id)
+        procs_files = tuple(str(p) for p in cgroup.procs_files())
         entry = launcher.Entry(
             zone_id=zone_id,
-            procs_files=tuple(str(p) for p in self.cgroup(zone_id).procs_files()),
+            procs_files=procs_files,
             netns_path=str(netns.netns_path(zone_id)),
             readonly=handle.applied.filesystem is FilesystemMode.RO,
             user=None if user is None else launcher.UserInfo.lookup(user, zone_id),
+            watch=self._watch(handle, procs_files[0], cgroup.oom_file()),
         )
-        workload = launcher.spawn(entry, argv, io, env=self._envs.pop(zone_id, None),
-                                  cwd=handle.state.get("cwd"))
+        try:
+            workload = launcher.spawn(entry, argv, io, env=self._envs.pop(zone_id, None),
+                                      cwd=handle.state.get("cwd"))
+        finally:
+            agent = self._agents.get(zone_id)
+            if agent is not None:
+                agent.handed_over()
         handle.state["pid"] = workload.pid
         handle.state["ns_ref"] = self._pin_mount_ns(zone_id, workload.pid)
         return workload
+
+    def _watch(self, handle: ZoneHandle, procs_file: str,
+               oom_file: str | None) -> launcher.Watch | None:
+        """Connect to the zone's agent and prepare the hand-over of the workload to it."""
+        agent = self._agents.get(handle.zone_id)
+        static = handle.state.get("monitor")
+        if agent is None or static is None:
+            return None
+        on_problem, on_event = self.hooks.handlers(handle.zone_id)
+        agent.connect(on_problem=on_problem, on_event=on_event)
+        profile = zone_profile(static, handle.applied)
+        try:
+            installer = Installer(Profile.from_dict(profile))
+        except ProfileError as exc:
+            raise ZoneError(f"the monitoring profile is unusable: {exc}",
+                            zone_id=handle.zone_id) from exc
+        assert agent.hand_over is not None
+        return launcher.Watch(installer, agent.hand_over.fileno(),
+                              agent.watch_header(profile, procs_file=procs_file,
+                                                 oom_file=oom_file))
+
+    def _stop_agent(self, zone_id: str) -> None:
+        agent = self._agents.pop(zone_id, None)
+        if agent is not None:
+            agent.stop()
 
     def _pin_mount_ns(self, zone_id: str, pid: int) -> str | None:
         """Keep the zone's mount namespace reachable for a later read-only switch even
@@ -165,7 +213,10 @@ class CgroupDriver:
 
     def terminate(self, handle: ZoneHandle) -> None:
         self._envs.pop(handle.zone_id, None)
-        self._teardown(handle.zone_id)
+        try:
+            self._teardown(handle.zone_id)
+        finally:
+            self._stop_agent(handle.zone_id)
         handle.state.update(frozen=False, nic=False, lo_up=False, ns_ref=None)
 
     def _teardown(self, zone_id: str) -> list[str]:
@@ -214,6 +265,11 @@ class CgroupDriver:
             notes += self._apply_filesystem(handle, restrictions.filesystem)
             done("filesystem", restrictions.filesystem)
         self._set_limits(self.cgroup(handle.zone_id), restrictions, old, done)
+        agent = self._agents.get(handle.zone_id)
+        static = handle.state.get("monitor")
+        if agent is not None and static is not None and changed:
+            # the agent judges connects against the allow-list in force now
+            agent.update(zone_profile(static, handle.applied))
         return ApplyReport(changed, tuple(notes))
 
     def _set_limits(self, cgroup: ZoneCgroup, new: Restrictions, old: Restrictions,
@@ -319,13 +375,40 @@ class CgroupDriver:
         if not isinstance(pid, int) or pid not in pids:
             pid = min(pids)
         handle.state["frozen"] = cgroup.frozen()
+        self._reattach_agent(handle)
         return handle, launcher.AdoptedWorkload(cgroup, pid)
 
+    def _reattach_agent(self, handle: ZoneHandle) -> None:
+        """Take over the zone's running agent; without one, the zone is unwatched, which
+        is an anomaly (fail closed) rather than a silent gap."""
+        zone_id, pid = handle.zone_id, handle.state.get("agent_pid")
+        if handle.state.get("monitor") is None or not isinstance(pid, int):
+            return
+        agent = HostAgent.reattach(zone_id, pid)
+        on_problem, on_event = self.hooks.handlers(zone_id)
+        if agent is None:
+            on_problem("disconnected", f"the zone's agent (pid {pid}) is gone: its "
+                       "processes are no longer watched")
+            return
+        self._agents[zone_id] = agent
+
+        def connect() -> None:
+            try:
+                agent.connect(on_problem=on_problem, on_event=on_event, timeout=15)
+            except ZoneError as exc:
+                on_problem("disconnected", f"the zone's agent did not come back: {exc}")
+        threading.Thread(target=connect, name=f"agent-{zone_id}", daemon=True).start()
+
     def leftovers(self) -> set[str]:
-        return cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids()
+        agents = {p.stem for p in host_agent.AGENT_DIR.glob("*.sock")} | {
+            p.stem for p in host_agent.AGENT_DIR.glob("*.log")}
+        return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids()
+                | {z for z in agents if _ZONE_ID.match(z)})
 
     def remove(self, zone_id: str) -> list[str]:
-        return self._teardown(_check_id(zone_id))
+        removed = self._teardown(_check_id(zone_id))
+        self._stop_agent(zone_id)
+        return removed + host_agent.stop_orphan(zone_id, _agent_pid_of(zone_id))
 
     # -- shared host setup ----------------------------------------------------------------
 
@@ -347,3 +430,18 @@ class CgroupDriver:
                 except OSError as exc:
                     raise ZoneError(f"cannot prepare {mounts.NS_REF_DIR}: {exc}") from exc
                 self._ref_dir_ready = True
+
+
+def _agent_pid_of(zone_id: str) -> int | None:
+    """The pid of a zone's agent, found by its command line (the store may be another)."""
+    needle = f"unix:{host_agent.socket_path(zone_id)}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if needle in f.read():
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None

@@ -45,6 +45,16 @@ class UserInfo:
 
 
 @dataclass(frozen=True)
+class Watch:
+    """How the workload comes under the zone agent's watch: the child installs the seccomp
+    filter last, just before exec, and sends the listener with `header` on `sock_fd`."""
+
+    installer: Any  # guest_agent.seccomp.Installer (prepared before the fork)
+    sock_fd: int
+    header: bytes
+
+
+@dataclass(frozen=True)
 class Entry:
     """Everything a child needs to enter a zone, worked out before the fork."""
 
@@ -53,6 +63,7 @@ class Entry:
     netns_path: str
     readonly: bool
     user: UserInfo | None
+    watch: Watch | None = None
 
 
 class _ChildReport:
@@ -106,6 +117,10 @@ def _enter_zone(entry: Entry, netns_fd: int, report: _ChildReport) -> Callable[[
                 os.setgroups(list(entry.user.groups))
                 os.setgid(entry.user.gid)
                 os.setuid(entry.user.uid)
+            if entry.watch is not None:
+                step = "handing the workload to the zone's agent (seccomp)"
+                entry.watch.installer.install_and_hand_over(entry.watch.sock_fd,
+                                                            entry.watch.header)
         except Exception as exc:
             report.say(f"{step}: {getattr(exc, 'strerror', None) or exc}")
             raise

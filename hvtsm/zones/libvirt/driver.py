@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ import guest_agent
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
+from hvtsm.monitor.anomalies import zone_profile
+from hvtsm.monitor.events import HookedDriver, MonitorHooks
 from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
 from hvtsm.zones import netslots
@@ -90,7 +92,7 @@ def mac_address(zone_id: str) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
-class LibvirtDriver:
+class LibvirtDriver(HookedDriver):
     backend = Backend.LIBVIRT
 
     def __init__(self, caps: HostCapabilities, options: LibvirtOptions | None = None) -> None:
@@ -108,9 +110,9 @@ class LibvirtDriver:
         self._gone: dict[str, threading.Event] = {}
         self._agent_dir: Path | None = None
         self._python = self.options.guest_python
-        #: (zone id, kind, detail) for facts that arrive after `apply` returned (the unplug
-        #: completing, the guest seeing its new memory); the manager audits them
-        self.report: Callable[[str, str, str], None] | None = None
+        #: the manager's sinks: anomalies, and facts that arrive after `apply` returned
+        #: (the unplug completing, the guest seeing its new memory), which it audits
+        self.hooks = MonitorHooks()
 
     @property
     def accel(self) -> AccelChoice:
@@ -182,13 +184,22 @@ class LibvirtDriver:
                 run(["ip", "addr", "add", str(state["host_addr"]), "dev", tap],
                     zone_id=zone_id)
                 run(["ip", "link", "set", tap, "up"], zone_id=zone_id)
+            on_problem, on_event = self.hooks.handlers(zone_id)
             link = AgentLink.connect(params.channel_path, timeout=self.options.boot_timeout,
-                                     zone_id=zone_id)
+                                     zone_id=zone_id, on_problem=on_problem,
+                                     on_event=on_event)
             self._links[zone_id] = link
             hello = link.wait_hello(self.options.boot_timeout)
             state["boot_ms"] = round((time.monotonic() - started) * 1000, 1)
             state["agent"] = {"version": hello.agent_version, "protocol": hello.protocol,
                               "capabilities": list(hello.capabilities)}
+            if spec.monitor is not None:
+                if "monitor:seccomp" not in hello.capabilities:
+                    raise ZoneError("the guest agent cannot watch system calls (no seccomp "
+                                    "user notification in the guest kernel)", zone_id=zone_id,
+                                    hint="use a guest kernel with CONFIG_SECCOMP_FILTER, or "
+                                    "set monitor = false in the policy's [anomaly]")
+                state["monitor"] = dict(spec.monitor)
             state["uuid"] = dom.UUIDString()
             # the same code path as a later phase: one way to put limits on a guest
             self.apply(handle, initial, first=True)
@@ -210,8 +221,11 @@ class LibvirtDriver:
         # stdout/stderr; the link would discard None
         stdout = sys.stdout.fileno() if io.stdout is None else io.stdout
         stderr = sys.stderr.fileno() if io.stderr is None else io.stderr
+        static = handle.state.get("monitor")
         remote = link.start(argv, user=handle.state.get("user"), stdout=stdout,
-                            stderr=stderr)
+                            stderr=stderr,
+                            monitor=None if static is None else zone_profile(static,
+                                                                             handle.applied))
         handle.state["workload"] = remote.id
         self._workloads[handle.zone_id] = remote
         return GuestWorkload(remote, self._gone[handle.state["domain"]])
@@ -286,6 +300,11 @@ class LibvirtDriver:
             self._guest_command(handle, ["mount", "-o", "remount,ro", "/"])
             notes.append("guest root remounted read-only")
         handle.applied = restrictions
+        static = state.get("monitor")
+        work = self._workloads.get(handle.zone_id)
+        if static is not None and work is not None and changed and not first:
+            # the agent judges connects against the allow-list in force now
+            self._link(handle).update_profile(work.id, zone_profile(static, restrictions))
         return ApplyReport(changed, tuple(notes))
 
     def _unplug(self, handle: ZoneHandle, dom: Any) -> list[str]:
@@ -338,9 +357,7 @@ class LibvirtDriver:
                          "the link stays down")
 
     def _report(self, zone_id: str, kind: str, detail: str) -> None:
-        log.info("zone %s: %s: %s", zone_id, kind, detail)
-        if self.report is not None:
-            self.report(zone_id, kind, detail)
+        self.hooks.note(zone_id, kind, detail)
 
     def _interface(self, dom: Any) -> Any:
         live = etree.fromstring(dom.XMLDesc(0))
@@ -518,7 +535,9 @@ class LibvirtDriver:
         self.connection.lifecycle[name] = self._on_lifecycle
         self.connection.device_removed[name] = self._on_device_removed
         try:
-            link = AgentLink.connect(state["channel"], timeout=10, zone_id=zone_id)
+            on_problem, on_event = self.hooks.handlers(zone_id)
+            link = AgentLink.connect(state["channel"], timeout=10, zone_id=zone_id,
+                                     on_problem=on_problem, on_event=on_event)
             link.wait_hello(10)
             self._links[zone_id] = link
             remote = link.attach(state["workload"])

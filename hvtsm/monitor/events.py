@@ -1,0 +1,96 @@
+"""Where what an agent link reports goes: anomaly events and link problems become
+`AnomalyReport`s for the manager, other monitor events become audited notes. Both drivers
+(the agent in a guest, the agent beside a cgroup zone) wire their links through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from guest_agent.protocol import EVENT_ANOMALY, EVENT_MONITOR, EVENT_STATS, Message
+from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem
+from hvtsm.monitor.link import EventHandler, ProblemHandler
+
+log = logging.getLogger(__name__)
+
+AnomalySink = Callable[[str, AnomalyReport], None]
+NoteSink = Callable[[str, str, str], None]
+
+
+class MonitorHooks:
+    """Set by the manager on a driver (`driver.anomaly`, `driver.report`); a driver's links
+    call them through `handlers`. Until the manager sets them, reports are logged."""
+
+    def __init__(self) -> None:
+        self.anomaly: AnomalySink | None = None
+        self.report: NoteSink | None = None
+        #: last `stats` event data per zone (counters the agent keeps)
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def raise_anomaly(self, zone_id: str, report: AnomalyReport) -> None:
+        sink = self.anomaly
+        if sink is None:
+            log.warning("zone %s: anomaly %s: %s", zone_id, report.category, report.detail)
+            return
+        sink(zone_id, report)
+
+    def note(self, zone_id: str, kind: str, detail: str) -> None:
+        sink = self.report
+        if sink is None:
+            log.info("zone %s: %s: %s", zone_id, kind, detail)
+            return
+        sink(zone_id, kind, detail)
+
+    def handlers(self, zone_id: str) -> tuple[ProblemHandler, EventHandler]:
+        def on_problem(kind: str, detail: str) -> None:
+            report = from_link_problem(kind, detail)
+            if report is None:
+                self.note(zone_id, f"agent-{kind.replace('_', '-')}", detail)
+            else:
+                self.raise_anomaly(zone_id, report)
+
+        def on_event(msg: Message) -> None:
+            kind = msg.get("kind")
+            data = msg.get("data")
+            data = data if isinstance(data, dict) else {}
+            if kind == EVENT_ANOMALY:
+                self.raise_anomaly(zone_id, from_agent_event(data))
+            elif kind == EVENT_MONITOR:
+                mechanisms = data.get("mechanisms")
+                warnings = data.get("warnings")
+                text = "watching with " + (", ".join(map(str, mechanisms))
+                                           if isinstance(mechanisms, list) else "?")
+                if isinstance(warnings, list) and warnings:
+                    text += "; " + "; ".join(str(w)[:200] for w in warnings[:8])
+                self.note(zone_id, "monitor", text)
+            elif kind == EVENT_STATS:
+                self.stats[zone_id] = data
+            else:
+                self.raise_anomaly(zone_id, AnomalyReport(
+                    "malformed-message", f"agent sent an event of unknown kind {str(kind)[:40]}",
+                    "link", {"problem": "unknown_event"}))
+        return on_problem, on_event
+
+
+class HookedDriver:
+    """For drivers: `anomaly` and `report`, which the manager sets, live in `hooks`."""
+
+    hooks: MonitorHooks
+
+    @property
+    def anomaly(self) -> AnomalySink | None:
+        return self.hooks.anomaly
+
+    @anomaly.setter
+    def anomaly(self, sink: AnomalySink | None) -> None:
+        self.hooks.anomaly = sink
+
+    @property
+    def report(self) -> NoteSink | None:
+        return self.hooks.report
+
+    @report.setter
+    def report(self, sink: NoteSink | None) -> None:
+        self.hooks.report = sink
