@@ -1,0 +1,1036 @@
+"""The syscall monitor: receives each watched workload's seccomp listener, answers its
+notifications, watches its sensitive files with fanotify and samples its processes; what
+breaks the workload's profile becomes an ``anomaly`` event (protocol.ANOMALY_FIELDS) and
+is contained as the profile says.
+
+Threads:
+* ``monitor-poll``: one poll loop over the watch sockets (a header and a listener fd come
+  in on them), every listener and every fanotify group. It never blocks in an ioctl: it
+  receives only after POLLIN, and every notification it receives it answers, whatever
+  happens while judging it (an internal error CONTINUEs the call and is counted).
+* ``monitor-sample``: every sample interval reads the watched processes' RSS and read/write
+  syscall counts from /proc, OOM kills, and sends ``stats`` every STATS_PERIOD seconds.
+
+Membership: with a ``procs_file`` (host mode: the zone's cgroup.procs) that file says which
+processes are the zone's. Without it (guest mode) a process is a watch's when it notified
+on that watch's listener, or descends from one that did, and has a seccomp filter.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from guest_agent import fanotify, seccomp
+from guest_agent.profile import Profile, ProfileError, first_match, normalize
+from guest_agent.protocol import EVENT_ANOMALY, EVENT_MONITOR, EVENT_STATS
+from guest_agent.syscalls import X32_SYSCALL_BIT, X86_64, numbers
+from guest_agent.syscalls import name as syscall_name
+
+log = logging.getLogger("guest_agent")
+
+Emit = Callable[[str, str, dict], None]
+
+STATS_PERIOD = 5.0
+#: a rate anomaly (and events-dropped) is emitted at most once per this many seconds
+RATE_EMIT_PERIOD = 1.0
+#: other anomalies of one watch beyond this many per second are counted as dropped
+MAX_ANOMALIES_PER_S = 50
+MAX_STRING = 4096
+MAX_ARGV = 16
+MAX_HEADER = 64 * 1024
+#: ended watches kept for stats() and late profile updates
+KEEP_ENDED = 64
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+O_ACCMODE = 0o3
+O_CREAT = 0o100
+O_TMPFILE_BIT = 0o20000000
+CLONE_THREAD = 0x00010000
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+
+NR = X86_64
+FORKS = frozenset(NR[n] for n in ("clone", "clone3", "fork", "vfork"))
+EXECS = frozenset(NR[n] for n in ("execve", "execveat"))
+OPENS = frozenset(NR[n] for n in ("open", "openat", "creat", "openat2"))
+
+PTRACE_REQUESTS = {0: "TRACEME", 1: "PEEKTEXT", 2: "PEEKDATA", 3: "PEEKUSER", 4: "POKETEXT",
+                   5: "POKEDATA", 6: "POKEUSER", 7: "CONT", 8: "KILL", 9: "SINGLESTEP",
+                   12: "GETREGS", 13: "SETREGS", 16: "ATTACH", 17: "DETACH", 24: "SYSCALL",
+                   0x4200: "SETOPTIONS", 0x4206: "SEIZE", 0x4207: "INTERRUPT"}
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+class ProcReadError(Exception):
+    """A /proc read of a live caller failed: the event is lost."""
+
+
+class Mem:
+    """Reads a blocked caller's memory through /proc/<pid>/mem."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = -1
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Up to `size` bytes at `addr`, stopping early at an unreadable page."""
+        if self._fd < 0:
+            try:
+                self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise ProcReadError(f"open /proc/{self.pid}/mem: {e}") from None
+        out = b""
+        while len(out) < size:
+            here = addr + len(out)
+            chunk = min(size - len(out), PAGE - here % PAGE)
+            try:
+                data = os.pread(self._fd, chunk, here)
+            except OSError:
+                data = b""
+            out += data
+            if len(data) < chunk:
+                break
+        return out
+
+    def string(self, addr: int, limit: int = MAX_STRING) -> str:
+        if not addr:
+            return ""
+        out = b""
+        while len(out) < limit:
+            here = addr + len(out)
+            chunk = min(limit - len(out), PAGE - here % PAGE)
+            data = self.read(here, chunk)
+            nul = data.find(b"\0")
+            if nul >= 0:
+                return os.fsdecode(out + data[:nul])
+            out += data
+            if len(data) < chunk:
+                if not out:
+                    raise ProcReadError(f"cannot read pid {self.pid} memory at {addr:#x}")
+                break
+        return os.fsdecode(out)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def program_of(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+
+def resolve(pid: int, dirfd: int, path: str) -> str:
+    """`path` as the caller meant it: relative to its cwd (AT_FDCWD) or to `dirfd`."""
+    if path.startswith("/"):
+        return normalize(path)
+    try:
+        base = os.readlink(f"/proc/{pid}/cwd" if dirfd == AT_FDCWD
+                           else f"/proc/{pid}/fd/{dirfd}")
+    except OSError:
+        base = "?"
+    return normalize(os.path.join(base, path) if path else base)
+
+
+def fd_target(pid: int, fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def ppid_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def seccomp_filtered(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Seccomp_filters:"):
+                    return int(line.split()[1]) >= 1
+                if line.startswith("Seccomp:"):
+                    mode = int(line.split()[1])
+                    if mode != 2:
+                        return False
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def read_counter(path: str, key: str) -> int | None:
+    """The value of line `key N` in `path` (memory.events, memory.oom_control, vmstat)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == key:
+                    return int(parts[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@dataclass
+class Finding:
+    category: str
+    detail: str
+    syscall: str | None
+    args: dict
+    #: rate anomalies are emitted at most once per RATE_EMIT_PERIOD, contained every time
+    rate: bool = False
+
+
+@dataclass
+class Watch:
+    id: str
+    profile: Profile
+    listener: seccomp.Listener | None
+    installed: frozenset[int]
+    procs_file: str | None = None
+    oom_file: str | None = None
+    group: fanotify.Group | None = None
+    first_exec_done: bool = False
+    known: set[int] = field(default_factory=set)
+    ended: bool = False
+    notifications: int = 0
+    file_events: int = 0
+    lost: int = 0
+    dropped: int = 0
+    errors: int = 0
+    forks: collections.deque = field(default_factory=collections.deque)
+    new_files: collections.deque = field(default_factory=collections.deque)
+    last_emit: dict[str, float] = field(default_factory=dict)
+    emitted_window: collections.deque = field(default_factory=collections.deque)
+    rss: dict[int, int] = field(default_factory=dict)
+    io: dict[int, int] = field(default_factory=dict)
+    sampled_at: float = 0.0
+    oom_base: int | None = None
+    lost_reported: int = 0
+    last_stats: float = 0.0
+    next_sample: float = 0.0
+    recent_sensitive: dict[tuple[int, str], float] = field(default_factory=dict)
+
+
+class Monitor:
+    """See the module docstring. `emit(kind, workload id, data)` sends an ``event``; it may
+    return False when the event could not be queued (counted as dropped)."""
+
+    def __init__(self, emit: Emit, *, permission_events: bool) -> None:
+        self.emit = emit
+        self.permission_events = permission_events
+        self.watch_socket, self.child_socket = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # the child end is inherited by each workload's first process across fork only
+        self.child_socket.set_inheritable(False)
+        self._sockets: list[socket.socket] = [self.watch_socket]
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._watches: dict[str, Watch] = {}
+        self._ended: collections.deque[Watch] = collections.deque(maxlen=KEEP_ENDED)
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._handlers: dict[int, Callable[[int], None]] = {}
+        self._poller = select.poll()
+        self.internal_errors = 0
+
+    # --- public ---------------------------------------------------------------------------
+
+    def attach_socket(self, sock: socket.socket) -> None:
+        """Host mode: an inherited seqpacket socket that also brings (header, listener fd)."""
+        self._ops.append(lambda: self._add_socket(sock))
+        self._wake()
+
+    def start(self) -> None:
+        for target, name in ((self._poll_loop, "monitor-poll"),
+                             (self._sample_loop, "monitor-sample")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def update(self, workload_id: str, profile: Profile) -> None:
+        """Replace a watch's profile; KeyError if no watch has this id."""
+        with self._lock:
+            watch = self._watches.get(workload_id)
+            if watch is None:
+                watch = next((w for w in self._ended if w.id == workload_id), None)
+        if watch is None:
+            raise KeyError(f"no watched workload {workload_id}")
+        old = watch.profile
+        watch.profile = profile
+        if watch.ended:
+            return
+        warnings = []
+        missing = [n for n in profile.deny_syscalls if NR[n] not in watch.installed]
+        if missing:
+            warnings.append("deny_syscalls {} cannot be watched: the filter installed at "
+                            "start does not notify them".format(", ".join(missing)))
+        if profile.sensitive_paths != old.sensitive_paths:
+            self._ops.append(lambda: self._remark(watch, warnings))
+            self._wake()
+        elif warnings:
+            self._send(EVENT_MONITOR, watch, {"mechanisms": self._mechanisms(watch),
+                                              "warnings": warnings})
+
+    def stats(self) -> dict:
+        with self._lock:
+            watches = list(self._watches.values()) + list(self._ended)
+            watching = sum(1 for w in self._watches.values() if not w.ended)
+        return {"notifications": sum(w.notifications for w in watches),
+                "file_events": sum(w.file_events for w in watches),
+                "lost": sum(w.lost for w in watches),
+                "dropped": sum(w.dropped for w in watches),
+                "watching": watching}
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake()
+        for t in self._threads:
+            t.join(3)
+        with self._lock:
+            watches = list(self._watches.values())
+        for w in watches:
+            self._end(w, quiet=True)
+        for s in [*self._sockets, self.child_socket]:
+            with contextlib.suppress(OSError):
+                s.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # --- poll loop --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _register(self, fd: int, handler: Callable[[int], None]) -> None:
+        self._handlers[fd] = handler
+        self._poller.register(fd, select.POLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poller.unregister(fd)
+
+    def _add_socket(self, sock: socket.socket) -> None:
+        if sock not in self._sockets:
+            self._sockets.append(sock)
+        self._register(sock.fileno(), lambda ev, s=sock: self._on_socket(s, ev))
+
+    def _poll_loop(self) -> None:
+        self._register(self._wake_r, self._on_wake)
+        self._register(self.watch_socket.fileno(),
+                       lambda ev: self._on_socket(self.watch_socket, ev))
+        while not self._closed.is_set():
+            while self._ops:
+                op = self._ops.popleft()
+                try:
+                    op()
+                except Exception:
+                    log.exception("monitor operation failed")
+                    self.internal_errors += 1
+            try:
+                ready = self._poller.poll(1000)
+            except InterruptedError:
+                continue
+            for fd, ev in ready:
+                handler = self._handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler(ev)
+                except Exception:
+                    log.exception("monitor handler failed")
+                    self.internal_errors += 1
+
+    def _on_wake(self, _ev: int) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+
+    def _on_socket(self, sock: socket.socket, ev: int) -> None:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_HEADER, 4,
+                                                      socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("watch socket: %s", e)
+            msg, fds = b"", []
+        if not msg and not fds:
+            if ev & (select.POLLHUP | select.POLLERR) or sock is not self.watch_socket:
+                self._unregister(sock.fileno())
+            return
+        for extra in fds[1:]:
+            os.close(extra)
+        if not fds:
+            log.warning("watch header without a listener fd: %r", msg[:200])
+            return
+        try:
+            header = json.loads(msg.decode("utf-8"))
+            wid = header["id"]
+            if not isinstance(wid, str) or not wid:
+                raise ValueError("id must be a non-empty string")
+            profile = Profile.from_dict(header.get("profile") or {})
+        except (ValueError, KeyError, TypeError, ProfileError) as e:
+            # without its listener the tree's notified calls fail (ENOSYS): fail closed
+            log.warning("bad watch header (%s): %r", e, msg[:200])
+            os.close(fds[0])
+            return
+        self._begin(wid, profile, fds[0], header.get("procs_file"), header.get("oom_file"))
+
+    # --- watches ------------------------------------------------------------------------
+
+    def _begin(self, wid: str, profile: Profile, listener_fd: int, procs_file: Any,
+               oom_file: Any) -> None:
+        watch = Watch(wid, profile, seccomp.Listener(listener_fd),
+                      seccomp.notified_numbers(profile),
+                      procs_file if isinstance(procs_file, str) else None,
+                      oom_file if isinstance(oom_file, str) else None)
+        watch.sampled_at = watch.last_stats = time.monotonic()
+        if watch.oom_file:
+            watch.oom_base = read_counter(watch.oom_file, "oom_kill")
+        elif watch.procs_file is None:
+            watch.oom_base = read_counter("/proc/vmstat", "oom_kill")
+        warnings: list[str] = []
+        self._make_group(watch, warnings)
+        with self._lock:
+            old = self._watches.get(wid)
+            if old is not None and not old.ended:
+                warnings.append(f"a watch with id {wid} was still active; replaced")
+            self._watches[wid] = watch
+        self._register(listener_fd, lambda ev, w=watch: self._on_listener(w, ev))
+        log.info("watching %s (%s)", wid, ", ".join(self._mechanisms(watch)))
+        self._send(EVENT_MONITOR, watch, {"mechanisms": self._mechanisms(watch),
+                                          "warnings": warnings})
+
+    def _mechanisms(self, watch: Watch) -> list[str]:
+        out = ["seccomp-unotify"]
+        if watch.group is not None:
+            out.append("fanotify")
+        out.append("proc-sampling")
+        return out
+
+    def _make_group(self, watch: Watch, warnings: list[str]) -> None:
+        if not watch.profile.sensitive_paths:
+            return
+        marks, notes = fanotify.expand(watch.profile.sensitive_paths)
+        warnings.extend(notes)
+        if not marks:
+            warnings.append("sensitive paths: nothing to mark yet (no match on disk)")
+            return
+        try:
+            group = fanotify.Group(permission=self.permission_events)
+        except OSError as e:
+            warnings.append(f"fanotify unavailable ({e}): sensitive reads are not watched")
+            return
+        failed = 0
+        for path, is_dir in marks:
+            try:
+                group.mark(path, is_dir)
+            except OSError:
+                failed += 1
+        if failed:
+            warnings.append(f"sensitive paths: {failed} of {len(marks)} marks failed")
+        watch.group = group
+        self._register(group.fd, lambda ev, w=watch, g=group: self._on_fanotify(w, g, ev))
+
+    def _remark(self, watch: Watch, warnings: list[str]) -> None:
+        old = watch.group
+        watch.group = None
+        if old is not None:
+            self._unregister(old.fd)
+            old.close()
+        self._make_group(watch, warnings)
+        self._send(EVENT_MONITOR, watch, {"mechanisms": self._mechanisms(watch),
+                                          "warnings": warnings})
+
+    def _end(self, watch: Watch, quiet: bool = False) -> None:
+        if watch.ended:
+            return
+        watch.ended = True
+        if watch.listener is not None:
+            self._unregister(watch.listener.fd)
+            watch.listener.close()
+        if watch.group is not None:
+            self._unregister(watch.group.fd)
+            watch.group.close()
+        with self._lock:
+            if self._watches.get(watch.id) is watch:
+                del self._watches[watch.id]
+            self._ended.append(watch)
+        if not quiet:
+            log.info("watch %s ended", watch.id)
+            self._send_stats(watch)
+
+    # --- seccomp notifications ----------------------------------------------------------
+
+    def _on_listener(self, watch: Watch, ev: int) -> None:
+        listener = watch.listener
+        if listener is None or listener.fd < 0:
+            return
+        if not ev & select.POLLIN:
+            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                self._end(watch)  # every process of the tree is gone
+            return
+        try:
+            notif = listener.recv()
+        except OSError as e:
+            log.warning("watch %s: %s", watch.id, e)
+            watch.lost += 1
+            if e.errno in (errno.EBADF, errno.EINVAL):
+                self._end(watch)
+            return
+        if notif is None:
+            return
+        act_mono = time.monotonic()
+        act_time = time.time()
+        watch.notifications += 1
+        watch.known.add(notif.pid)
+        finding: Finding | None = None
+        gone = False
+        mem = Mem(notif.pid)
+        try:
+            finding = self._judge(watch, notif, mem)
+            # the caller is gone: what we read may not be its call's, and none can answer
+            gone = not listener.valid(notif.id)
+        except ProcReadError as e:
+            gone = not listener.valid(notif.id)
+            if not gone:
+                watch.lost += 1
+                log.debug("watch %s: %s", watch.id, e)
+            finding = None
+        except Exception:
+            log.exception("judging a notification of %s", watch.id)
+            watch.errors += 1
+            self.internal_errors += 1
+            finding = None
+        finally:
+            mem.close()
+            if finding is None and not gone:
+                self._answer(watch, notif.id, allow=True, killed=False)
+        if gone:
+            return
+        if finding is not None:
+            self._contain(watch, finding, notif.pid, act_time, act_mono,
+                          lambda allow, killed: self._answer(watch, notif.id, allow=allow,
+                                                             killed=killed))
+
+    def _answer(self, watch: Watch, notif_id: int, *, allow: bool, killed: bool) -> None:
+        listener = watch.listener
+        if listener is None or listener.fd < 0:
+            return
+        try:
+            if not listener.respond(notif_id, allow=allow) and not killed:
+                watch.lost += 1  # answered too late: the caller had gone
+        except OSError as e:
+            log.warning("watch %s: %s", watch.id, e)
+            watch.lost += 1
+
+    def _contain(self, watch: Watch, finding: Finding, pid: int, act_time: float,
+                 act_mono: float, answer: Callable[[bool, bool], None] | None) -> None:
+        """Apply profile.contain to `pid` (answering its held call through `answer`, when
+        there is one) and emit the anomaly."""
+        contain = watch.profile.contain
+        program = program_of(pid) if pid else ""
+        contained_mono: float | None = None
+        if contain == "kill" and pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            if answer is not None:
+                answer(False, True)
+            contained, contained_mono = "killed", time.monotonic()
+        elif contain == "deny" and answer is not None:
+            answer(False, False)
+            contained, contained_mono = "denied", time.monotonic()
+        else:
+            if answer is not None:
+                answer(True, False)
+            contained = "none"
+        self._anomaly(watch, finding, pid, program, contained, act_time, act_mono,
+                      contained_mono)
+
+    def _anomaly(self, watch: Watch, finding: Finding, pid: int | None, program: str,
+                 contained: str, act_time: float, act_mono: float,
+                 contained_mono: float | None) -> None:
+        now = time.monotonic()
+        if finding.rate:
+            last = watch.last_emit.get(finding.category)
+            if last is not None and now - last < RATE_EMIT_PERIOD:
+                return
+            watch.last_emit[finding.category] = now
+        else:
+            window = watch.emitted_window
+            while window and now - window[0] > 1.0:
+                window.popleft()
+            if len(window) >= MAX_ANOMALIES_PER_S:
+                watch.dropped += 1
+                return
+            window.append(now)
+        data = {"category": finding.category, "detail": finding.detail, "pid": pid,
+                "program": program, "syscall": finding.syscall, "args": finding.args,
+                "contained": contained, "act_time": act_time, "act_mono": act_mono,
+                "contained_mono": contained_mono}
+        log.warning("anomaly in %s: %s: %s (%s)", watch.id, finding.category, finding.detail,
+                    contained)
+        self._send(EVENT_ANOMALY, watch, data)
+
+    def _send(self, kind: str, watch: Watch, data: dict) -> None:
+        try:
+            ok = self.emit(kind, watch.id, data)
+        except Exception:
+            log.exception("emitting a %s event", kind)
+            ok = False
+        if ok is False:
+            watch.dropped += 1
+
+    def _send_stats(self, watch: Watch) -> None:
+        self._send(EVENT_STATS, watch, {"notifications": watch.notifications,
+                                        "file_events": watch.file_events, "lost": watch.lost,
+                                        "dropped": watch.dropped})
+
+    # --- judging one notified call ------------------------------------------------------
+
+    def _judge(self, watch: Watch, n: seccomp.Notification, mem: Mem) -> Finding | None:
+        profile = watch.profile
+        if n.arch != seccomp.AUDIT_ARCH_X86_64 or n.nr & X32_SYSCALL_BIT:
+            abi = "x32" if n.arch == seccomp.AUDIT_ARCH_X86_64 else f"arch {n.arch:#x}"
+            return Finding("foreign-abi", f"syscall {n.nr & 0xFFFF} through the {abi} ABI",
+                           None, {"raw": [hex(a) for a in n.args]})
+        name = syscall_name(n.nr)
+        if n.nr in EXECS:
+            return self._judge_exec(watch, n, mem)
+        if name in profile.deny_syscalls:
+            return Finding("denied-syscall", f"{name} is in deny_syscalls", name,
+                           self._decode_args(name, n, mem))
+        if n.nr == NR["connect"]:
+            return self._judge_connect(watch, n, mem)
+        if n.nr in FORKS:
+            return self._judge_fork(watch, n, mem)
+        if n.nr in OPENS:
+            return self._judge_open(watch, n, mem)
+        return None
+
+    def _decode_args(self, name: str, n: seccomp.Notification, mem: Mem) -> dict:
+        if name == "ptrace":
+            req = n.args[0] & 0xFFFFFFFF
+            return {"request": PTRACE_REQUESTS.get(req, req), "target": _s32(n.args[1])}
+        with contextlib.suppress(ProcReadError):
+            if n.nr in OPENS:
+                return self._open_args(n, mem)[0]
+            if n.nr == NR["connect"]:
+                return self._sockaddr(n, mem)
+        return {"raw": [hex(a) for a in n.args]}
+
+    def _exec_args(self, n: seccomp.Notification, mem: Mem) -> dict:
+        if n.nr == NR["execve"]:
+            dirfd, path_ptr, argv_ptr, flags = AT_FDCWD, n.args[0], n.args[1], 0
+        else:
+            dirfd, path_ptr, argv_ptr, flags = _s32(n.args[0]), n.args[1], n.args[2], \
+                n.args[4]
+        raw = mem.string(path_ptr)
+        if not raw and flags & AT_EMPTY_PATH:
+            path = fd_target(n.pid, dirfd)
+        else:
+            path = resolve(n.pid, dirfd, raw)
+        argv: list[str] = []
+        if argv_ptr:
+            ptrs = mem.read(argv_ptr, 8 * MAX_ARGV)
+            for (p,) in struct.iter_unpack("<Q", ptrs[:len(ptrs) // 8 * 8]):
+                if not p:
+                    break
+                argv.append(mem.string(p, 1024))
+        return {"path": path, "argv": argv}
+
+    def _judge_exec(self, watch: Watch, n: seccomp.Notification, mem: Mem) -> Finding | None:
+        if not watch.first_exec_done:
+            # the workload's own program: always allowed (the agent chose it)
+            watch.first_exec_done = True
+            return None
+        name = syscall_name(n.nr)
+        args = self._exec_args(n, mem)
+        path = args["path"]
+        profile = watch.profile
+        if name in profile.deny_syscalls:
+            return Finding("denied-syscall", f"{name} is in deny_syscalls", name, args)
+        try:
+            real = os.path.realpath(path)
+        except (OSError, ValueError):
+            real = path
+        if first_match(profile.shells, path) or first_match(profile.shells, real):
+            for fd in (0, 1):
+                target = fd_target(n.pid, fd)
+                if target.startswith("socket:"):
+                    where = "stdin" if fd == 0 else "stdout"
+                    return Finding("reverse-shell",
+                                   f"exec of shell {path} with a socket on {where} ({target})",
+                                   name, args)
+        verdict = profile.exec_verdict(path)
+        if real != path:
+            by_real = profile.exec_verdict(real)
+            if verdict is None and by_real is not None and first_match(profile.deny_exec, real):
+                verdict = by_real
+            elif verdict is not None and by_real is None \
+                    and not first_match(profile.deny_exec, path):
+                verdict = None
+        if verdict is not None:
+            return Finding("unexpected-exec", verdict, name, args)
+        return None
+
+    def _sockaddr(self, n: seccomp.Notification, mem: Mem) -> dict:
+        length = min(n.args[2] & 0xFFFFFFFF, 128)
+        if not n.args[1] or length < 2:
+            return {"family": "none"}
+        raw = mem.read(n.args[1], length)
+        if len(raw) < 2:
+            raise ProcReadError(f"cannot read sockaddr of pid {n.pid}")
+        family = struct.unpack_from("<H", raw)[0]
+        if family == AF_INET and len(raw) >= 8:
+            port = struct.unpack_from(">H", raw, 2)[0]
+            return {"family": "inet", "address": socket.inet_ntop(socket.AF_INET, raw[4:8]),
+                    "port": port}
+        if family == AF_INET6 and len(raw) >= 24:
+            port = struct.unpack_from(">H", raw, 2)[0]
+            return {"family": "inet6",
+                    "address": socket.inet_ntop(socket.AF_INET6, raw[8:24]), "port": port}
+        if family == AF_UNIX:
+            sun = raw[2:]
+            if sun[:1] == b"\0":
+                return {"family": "unix", "path": "@" + os.fsdecode(sun[1:].rstrip(b"\0"))}
+            path = os.fsdecode(sun.split(b"\0", 1)[0])
+            return {"family": "unix", "path": resolve(n.pid, AT_FDCWD, path) if path else ""}
+        return {"family": str(family)}
+
+    def _judge_connect(self, watch: Watch, n: seccomp.Notification,
+                       mem: Mem) -> Finding | None:
+        args = self._sockaddr(n, mem)
+        family = args["family"]
+        if family == "unix":
+            verdict = watch.profile.connect_verdict("unix", args["path"], 0)
+        elif family in ("inet", "inet6"):
+            verdict = watch.profile.connect_verdict(family, args["address"], args["port"])
+        else:
+            return None  # netlink, AF_UNSPEC (disconnect), ...: not a destination
+        if verdict is None:
+            return None
+        return Finding("connect-out", verdict, "connect", args)
+
+    def _judge_fork(self, watch: Watch, n: seccomp.Notification, mem: Mem) -> Finding | None:
+        name = syscall_name(n.nr)
+        if n.nr == NR["clone3"]:
+            raw = mem.read(n.args[0], 8)
+            if len(raw) == 8 and struct.unpack("<Q", raw)[0] & CLONE_THREAD:
+                return None  # a thread, not a process
+        limit = watch.profile.max_forks_per_s
+        now = time.monotonic()
+        forks = watch.forks
+        forks.append(now)
+        while forks and now - forks[0] > 1.0:
+            forks.popleft()
+        if limit and len(forks) > limit:
+            return Finding("fork-rate", f"{len(forks)} process creations in the last second "
+                           f"(limit {limit:g})", name,
+                           {"raw": [hex(a) for a in n.args]}, rate=True)
+        return None
+
+    def _open_args(self, n: seccomp.Notification, mem: Mem) -> tuple[dict, int]:
+        name = syscall_name(n.nr)
+        if name == "open":
+            dirfd, path_ptr, flags = AT_FDCWD, n.args[0], n.args[1]
+        elif name == "creat":
+            dirfd, path_ptr, flags = AT_FDCWD, n.args[0], O_CREAT | 0o1 | 0o1000
+        elif name == "openat":
+            dirfd, path_ptr, flags = _s32(n.args[0]), n.args[1], n.args[2]
+        else:  # openat2: flags in struct open_how
+            dirfd, path_ptr = _s32(n.args[0]), n.args[1]
+            how = mem.read(n.args[2], 8)
+            flags = struct.unpack("<Q", how)[0] if len(how) == 8 else 0
+        flags &= 0xFFFFFFFF
+        path = resolve(n.pid, dirfd, mem.string(path_ptr))
+        return {"path": path, "flags": flags}, flags
+
+    def _judge_open(self, watch: Watch, n: seccomp.Notification, mem: Mem) -> Finding | None:
+        name = syscall_name(n.nr)
+        args, flags = self._open_args(n, mem)
+        path = args["path"]
+        profile = watch.profile
+        glob = profile.path_sensitive(path)
+        if glob is not None:
+            what = "write" if flags & (O_ACCMODE | O_CREAT | O_TMPFILE_BIT) else "read"
+            watch.recent_sensitive[(n.pid, path)] = time.monotonic()
+            return Finding("sensitive-path", f"{what} of {path} matches {glob}", name, args)
+        creating = flags & O_TMPFILE_BIT or (flags & O_CREAT and not os.path.lexists(path))
+        if not creating:
+            return None
+        now = time.monotonic()
+        new_files = watch.new_files
+        new_files.append(now)
+        while new_files and now - new_files[0] > 1.0:
+            new_files.popleft()
+        limit = profile.max_new_files_per_s
+        if limit and len(new_files) > limit:
+            return Finding("new-file-rate", f"{len(new_files)} files created in the last second "
+                           f"(limit {limit:g})", name, args,
+                           rate=True)
+        return None
+
+    # --- fanotify -----------------------------------------------------------------------
+
+    def _on_fanotify(self, watch: Watch, group: fanotify.Group, _ev: int) -> None:
+        for event in group.events():
+            allow = True
+            try:
+                if event.overflow:
+                    watch.lost += 1
+                    continue
+                if not self._is_member(watch, event.pid):
+                    continue
+                watch.file_events += 1
+                glob = watch.profile.path_sensitive(event.path) if event.path else None
+                if glob is None:
+                    continue
+                seen = watch.recent_sensitive.pop((event.pid, event.path), None)
+                if seen is not None and time.monotonic() - seen < 1.0:
+                    continue  # the seccomp side already reported this open
+                act_mono, act_time = time.monotonic(), time.time()
+                finding = Finding("sensitive-path", f"read of {event.path} matches {glob}",
+                                  None, {"path": event.path})
+                allow = self._contain_open(watch, group, event, finding, act_time, act_mono)
+            except Exception:
+                log.exception("handling a fanotify event of %s", watch.id)
+                self.internal_errors += 1
+                watch.errors += 1
+            finally:
+                if event.fd >= 0:
+                    group.respond(event, allow)
+
+    def _contain_open(self, watch: Watch, group: fanotify.Group, event: fanotify.Event,
+                      finding: Finding, act_time: float, act_mono: float) -> bool:
+        contain = watch.profile.contain
+        program = program_of(event.pid)
+        contained_mono: float | None = None
+        contained = "none"
+        allow = True
+        if contain == "kill":
+            with contextlib.suppress(OSError):
+                os.kill(event.pid, signal.SIGKILL)
+            allow = False
+            contained = "killed"
+        elif contain == "deny" and event.permission:
+            allow = False
+            contained = "denied"
+        if contained != "none":
+            group.respond(event, allow)
+            contained_mono = time.monotonic()
+        self._anomaly(watch, finding, event.pid, program, contained, act_time, act_mono,
+                      contained_mono)
+        return allow
+
+    # --- membership and sampling --------------------------------------------------------
+
+    def _is_member(self, watch: Watch, pid: int) -> bool:
+        if watch.procs_file is not None:
+            return pid in self._procs(watch)
+        if pid in watch.known:
+            return True
+        chain = []
+        p = pid
+        for _ in range(64):
+            p = ppid_of(p)
+            if p <= 1:
+                return False
+            if p in watch.known:
+                break
+            chain.append(p)
+        else:
+            return False
+        if not seccomp_filtered(pid):
+            return False
+        watch.known.add(pid)
+        watch.known.update(chain)
+        return True
+
+    def _procs(self, watch: Watch) -> set[int]:
+        try:
+            with open(watch.procs_file or "") as f:
+                return {int(x) for x in f.read().split()}
+        except (OSError, ValueError):
+            watch.lost += 1
+            return set()
+
+    def _members(self, watch: Watch) -> set[int]:
+        if watch.procs_file is not None:
+            return self._procs(watch)
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                parents[int(entry)] = ppid_of(int(entry))
+        known = watch.known
+        members: set[int] = set()
+        for pid in parents:
+            chain = []
+            p = pid
+            for _ in range(64):
+                if p in known or p in members:
+                    members.update(chain)
+                    members.add(p)
+                    break
+                chain.append(p)
+                p = parents.get(p, 0)
+                if p <= 1:
+                    break
+        members = {p for p in members if p in parents and seccomp_filtered(p)}
+        watch.known = members | {p for p in known if p in parents}
+        return members
+
+    def _sample_loop(self) -> None:
+        while not self._closed.wait(self._interval()):
+            with self._lock:
+                watches = [w for w in self._watches.values() if not w.ended]
+            now = time.monotonic()
+            for watch in watches:
+                if now < watch.next_sample:
+                    continue
+                watch.next_sample = now + watch.profile.sample_interval * 0.9
+                try:
+                    self._sample(watch)
+                except Exception:
+                    log.exception("sampling %s", watch.id)
+                    self.internal_errors += 1
+
+    def _interval(self) -> float:
+        with self._lock:
+            intervals = [w.profile.sample_interval for w in self._watches.values()]
+        return min(intervals) if intervals else 0.2
+
+    def _sample(self, watch: Watch) -> None:
+        profile = watch.profile
+        members = self._members(watch)
+        now = time.monotonic()
+        dt = max(now - watch.sampled_at, 1e-3)
+        rss: dict[int, int] = {}
+        io: dict[int, int] = {}
+        for pid in members:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    rss[pid] = int(f.read().split()[1]) * PAGE
+            except (OSError, ValueError, IndexError):
+                continue  # ended between the listing and now
+            try:
+                with open(f"/proc/{pid}/io") as f:
+                    counts = dict(line.split(":", 1) for line in f if ":" in line)
+                io[pid] = int(counts.get("syscr", 0)) + int(counts.get("syscw", 0))
+            except PermissionError:
+                watch.lost += 1
+            except (OSError, ValueError):
+                continue
+        if watch.rss or watch.io:
+            self._check_rates(watch, profile, rss, io, dt)
+        watch.rss, watch.io, watch.sampled_at = rss, io, now
+        self._check_oom(watch)
+        self._check_drops(watch, now)
+        if now - watch.last_stats >= STATS_PERIOD:
+            watch.last_stats = now
+            self._send_stats(watch)
+
+    def _check_rates(self, watch: Watch, profile: Profile, rss: dict[int, int],
+                     io: dict[int, int], dt: float) -> None:
+        # a process seen for the first time starts from its current figures: its start-up
+        # is not growth (a child exec'ing python is not a memory spike)
+        if profile.memory_spike_mib_per_s:
+            growth = {p: rss[p] - watch.rss[p] for p in rss if p in watch.rss}
+            rate = sum(growth.values()) / dt / MIB
+            if rate > profile.memory_spike_mib_per_s and growth:
+                top = max(growth, key=lambda p: growth[p])
+                self._rate_anomaly(watch, "memory-spike",
+                                   f"resident memory grew {rate:.0f} MiB/s (limit "
+                                   f"{profile.memory_spike_mib_per_s:g}); pid {top} grew "
+                                   f"{growth[top] / MIB:.0f} MiB", top,
+                                   {"rss_mib": round(rss[top] / MIB, 1),
+                                    "rate_mib_per_s": round(rate, 1)})
+        if profile.max_syscalls_per_s:
+            calls = {p: io[p] - watch.io[p] for p in io if p in watch.io}
+            rate = sum(calls.values()) / dt
+            if rate > profile.max_syscalls_per_s and calls:
+                top = max(calls, key=lambda p: calls[p])
+                self._rate_anomaly(watch, "syscall-rate",
+                                   f"{rate:.0f} read/write syscalls per second (limit "
+                                   f"{profile.max_syscalls_per_s:g})", top,
+                                   {"rate_per_s": round(rate)})
+
+    def _rate_anomaly(self, watch: Watch, category: str, detail: str, pid: int,
+                      args: dict) -> None:
+        last = watch.last_emit.get(category)
+        if last is not None and time.monotonic() - last < RATE_EMIT_PERIOD:
+            return
+        act_mono, act_time = time.monotonic(), time.time()
+        self._contain(watch, Finding(category, detail, None, args, rate=True), pid, act_time,
+                      act_mono, None)
+
+    def _check_oom(self, watch: Watch) -> None:
+        if watch.oom_file:
+            count = read_counter(watch.oom_file, "oom_kill")
+        elif watch.procs_file is None:
+            count = read_counter("/proc/vmstat", "oom_kill")
+        else:
+            return
+        if count is None:
+            return
+        if watch.oom_base is not None and count > watch.oom_base:
+            act_mono, act_time = time.monotonic(), time.time()
+            killed = count - watch.oom_base
+            self._anomaly(watch, Finding("oom-kill", f"{killed} process(es) killed by the OOM "
+                                         "killer", None, {"oom_kills": killed}),
+                          None, "", "none", act_time, act_mono, None)
+        watch.oom_base = count
+
+    def _check_drops(self, watch: Watch, now: float) -> None:
+        if watch.lost <= watch.lost_reported or not watch.profile.drops_are_anomalies:
+            return
+        last = watch.last_emit.get("events-dropped")
+        if last is not None and now - last < RATE_EMIT_PERIOD:
+            return
+        new = watch.lost - watch.lost_reported
+        watch.lost_reported = watch.lost
+        finding = Finding("events-dropped",
+                          f"{new} monitoring events lost ({watch.lost} in total)", None,
+                          {"lost": watch.lost}, rate=True)
+        self._anomaly(watch, finding, None, "", "none", time.time(), now, None)
+
+
+# the table must know every syscall the filter treats specially
+numbers(seccomp.ALWAYS)
+
+__all__ = ["Emit", "Monitor", "ProcReadError"]
