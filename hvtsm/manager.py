@@ -358,6 +358,15 @@ class Manager:
                 self._react(zone_id, report)
             except Exception:  # one failed reaction must not stop the others
                 log.exception("reaction to %s in %s failed", report.category, zone_id)
+            finally:
+                self._anomalies.task_done()
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until every anomaly reported so far has been reacted to (audited)."""
+        deadline = time.monotonic() + timeout
+        while self._anomalies.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._anomalies.unfinished_tasks
 
     # -- internals ---------------------------------------------------------------------------
 

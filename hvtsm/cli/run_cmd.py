@@ -172,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             interrupted = _wait(manager, run, interrupts)
             for relay in relays:
                 relay.join(5)
+            manager.settle(5)  # every anomaly's line before the exit line
         finally:
             manager.shutdown()
             store.dispose()

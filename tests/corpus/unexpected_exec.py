@@ -1,0 +1,18 @@
+"""Misbehaves: drops a program into /tmp and runs it (a downloaded payload's shape)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+from _common import act, behave, survived
+
+behave()
+payload = os.path.join(tempfile.mkdtemp(prefix="payload-", dir="/tmp"), "x")
+shutil.copy("/bin/true", payload)
+os.chmod(payload, 0o755)
+act("unexpected_exec")
+subprocess.run([payload], check=False)
+survived("unexpected_exec")
