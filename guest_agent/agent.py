@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from typing import Any
 
-from guest_agent import __version__
+from guest_agent import __version__, fanotify, seccomp
+from guest_agent.monitor import Monitor
 from guest_agent.port import Disconnected, Port, PortUnavailable, Stopped, make_port
 from guest_agent.probes import PROBES
+from guest_agent.profile import Profile, ProfileError
 from guest_agent.protocol import (
     HOST_TYPES,
     PORT_NAME,
@@ -45,7 +49,8 @@ from guest_agent.workload import StartError, Workload, spawn
 
 log = logging.getLogger("guest_agent")
 
-CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)]
+CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
+    "events:anomaly", "events:monitor", "events:stats"]
 MAX_PROBES = 8
 MAX_QUEUED = 10000
 OUTPUT_QUEUE = 1 << 20
@@ -134,10 +139,27 @@ class Outbox:
             self._cond.notify_all()
 
 
+def capabilities(permission_events: bool = True) -> list[str]:
+    """CAPABILITIES plus the monitoring mechanisms that work here."""
+    out = list(CAPABILITIES)
+    if seccomp.available() is None:
+        out.append("monitor:seccomp")
+    if fanotify.available(permission_events) is None:
+        out.append("monitor:fanotify")
+    return out
+
+
 class Agent:
-    def __init__(self, port: Port, *, heartbeat: float = 1.0) -> None:
+    def __init__(self, port: Port, *, heartbeat: float = 1.0,
+                 watch_fd: int | None = None) -> None:
         self.port = port
         self.heartbeat = heartbeat
+        # on the host (--watch-fd) a stuck agent must not hold other programs' opens:
+        # fanotify only reports there; in the guest it answers each sensitive open
+        self.monitor = Monitor(self._emit, permission_events=watch_fd is None)
+        if watch_fd is not None:
+            self.monitor.attach_socket(socket.socket(fileno=watch_fd))
+        self._capabilities = capabilities(watch_fd is None)
         self.stop = threading.Event()
         self.outbox = Outbox()
         self.workloads: dict[str, Workload] = {}
@@ -154,7 +176,7 @@ class Agent:
             running = [{"id": w.id, "pid": w.pid} for w in self.workloads.values()]
         msg: Message = {
             "type": "hello", "protocol": PROTOCOL_VERSION, "agent_version": __version__,
-            "capabilities": list(CAPABILITIES), "pid": os.getpid(), "kernel": uname.release,
+            "capabilities": list(self._capabilities), "pid": os.getpid(), "kernel": uname.release,
             "python": "{}.{}.{}".format(*sys.version_info[:3]),
             "boot_ms": int(uptime() * 1000), "heartbeat": self.heartbeat,
             "hostname": uname.nodename, "port": self.port.describe, "workloads": running,
@@ -173,6 +195,12 @@ class Agent:
 
     def send(self, msg: Message, lane: int = URGENT) -> None:
         self.outbox.put(msg, lane)
+
+    def _emit(self, kind: str, workload_id: str, data: dict) -> bool:
+        """The monitor's events go on the urgent lane: an anomaly must not wait behind
+        output. False when the outbox was full (the monitor counts it as dropped)."""
+        return self.outbox.put({"type": "event", "kind": kind, "id": workload_id,
+                                "time": time.time(), "data": data}, URGENT)
 
     def _encode(self, msg: Message) -> bytes:
         try:
@@ -271,9 +299,17 @@ class Agent:
             if wid in self.workloads:
                 self._error(wid, f"workload id {wid} is already in use")
                 return
+        preexec = None
+        if msg.get("monitor") is not None:
+            try:
+                preexec = self._watcher(wid, msg["monitor"])
+            except (ProfileError, StartError) as e:
+                self._error(wid, f"workload {wid} not started: {e}")
+                return
         try:
             popen = spawn(msg["argv"], msg.get("env"), msg.get("cwd"), msg.get("user"),
-                          stdout=msg.get("stdout", "stream"), stderr=msg.get("stderr", "stream"))
+                          stdout=msg.get("stdout", "stream"), stderr=msg.get("stderr", "stream"),
+                          preexec_fn=preexec)
         except StartError as e:
             self._error(wid, str(e))
             return
@@ -285,6 +321,34 @@ class Agent:
         self.send({"type": "started", "id": wid, "pid": popen.pid})
         log.info("started %s (pid %d): %s", wid, popen.pid, " ".join(msg["argv"])[:200])
         work.begin()
+
+    def _watcher(self, wid: str, monitor: Any) -> Any:
+        """The preexec_fn that puts the workload's first process under watch: it installs
+        the seccomp filter just before the exec and hands the listener to the monitor,
+        whose threads already run (Popen returns only once the exec was let through)."""
+        profile = Profile.from_dict(monitor)
+        why = seccomp.available()
+        if why is not None:  # fail closed: a watch was asked for and cannot be had
+            raise StartError(f"monitoring unavailable: {why}")
+        installer = seccomp.Installer(profile)
+        header = json.dumps({"id": wid, "profile": profile.to_dict()}).encode("utf-8")
+        fd = self.monitor.child_socket.fileno()
+
+        def preexec() -> None:
+            installer.install_and_hand_over(fd, header)
+
+        return preexec
+
+    def _on_profile(self, msg: Message) -> None:
+        try:
+            profile = Profile.from_dict(msg["monitor"])
+        except ProfileError as e:
+            self._error(msg["id"], f"profile for {msg['id']} refused: {e}")
+            return
+        try:
+            self.monitor.update(msg["id"], profile)
+        except KeyError:
+            self._error(msg["id"], "no monitored workload {}".format(msg["id"]))
 
     def _ended(self, work: Workload, queued: bool) -> None:
         """The workload ended and its exit is queued (it stays listed in hellos until the
@@ -351,6 +415,7 @@ class Agent:
             return 2
         self._spawn_thread(self._writer, "writer")
         self._spawn_thread(self._heartbeats, "heartbeat")
+        self.monitor.start()
         code = 0
         try:
             while not self.stop.is_set():
@@ -382,6 +447,7 @@ class Agent:
             work.kill()
         for t in self.threads:
             t.join(2)
+        self.monitor.close()
         self.port.close()
 
 
@@ -400,6 +466,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-port", type=float, default=30.0, metavar="SECONDS",
                         help="how long the port may take to appear (and, with --connect, to "
                              "accept again after the host went away; default %(default)s)")
+    parser.add_argument("--watch-fd", type=int, metavar="N",
+                        help="host mode: an inherited SOCK_SEQPACKET socket on which the "
+                             "zone launcher sends (header, seccomp listener fd); fanotify "
+                             "then only reports (never holds an open)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -414,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="guest_agent[%(process)d] %(levelname)s %(message)s")
-    agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat)
+    agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat,
+                  watch_fd=args.watch_fd)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)

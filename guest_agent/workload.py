@@ -8,6 +8,7 @@ import codecs
 import contextlib
 import os
 import pwd
+import shutil
 import subprocess
 import threading
 import time
@@ -51,18 +52,29 @@ _TARGETS = {"stream": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": 
 
 def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
           user: Any = None, stdout: str = "stream", stderr: str = "stream",
-          ) -> subprocess.Popen[bytes]:
+          preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """Start `argv`. `preexec_fn` runs in the child after the user switch, just before the
+    exec (the monitor's seccomp install): then the program is looked up in PATH here so
+    the child makes exactly one exec, the one the monitor lets through as the first."""
     entry = lookup_user(user) if user is not None else None
     kwargs: dict[str, Any] = {}
     if entry is not None:
         kwargs.update(user=entry.pw_uid, group=entry.pw_gid,
                       extra_groups=os.getgrouplist(entry.pw_name, entry.pw_gid))
+    full_env = build_env(env, entry)
+    if preexec_fn is not None:
+        kwargs["preexec_fn"] = preexec_fn
+        if "/" not in argv[0]:
+            found = shutil.which(argv[0], path=full_env.get("PATH", DEFAULT_PATH))
+            if found is None:
+                raise StartError(f"cannot start {argv[0]}: not found in PATH")
+            kwargs["executable"] = found
     try:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=_TARGETS[stdout], stderr=_TARGETS[stderr],
             cwd=cwd or (entry.pw_dir if entry is not None and entry.pw_dir
                         and os.path.isdir(entry.pw_dir) else "/"),
-            env=build_env(env, entry), start_new_session=True, close_fds=True, **kwargs)
+            env=full_env, start_new_session=True, close_fds=True, **kwargs)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         raise StartError(f"cannot start {argv[0]}: {e}") from None
 
