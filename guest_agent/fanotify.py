@@ -84,7 +84,7 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
             nxt: list[str] = []
             for base in current:
                 if part == "**":
-                    nxt.extend(_walk_dirs(base, limit))
+                    nxt.extend(_walk_dirs(base, limit + 1))
                 elif last:
                     nxt.append(base)  # marked below: the file or its directory
                 elif _has_magic(part):
@@ -98,6 +98,7 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
             current = nxt
             if len(current) > limit:
                 current = current[:limit]
+                full = False
             if last:
                 for base in current:
                     if part == "**" or _has_magic(part):
