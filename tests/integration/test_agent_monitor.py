@@ -103,7 +103,8 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 20) -> tuple[int, str
     finally:
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    return (proc.returncode, (out or b"").decode(errors="replace"),
+            (err or b"").decode(errors="replace"))
 
 
 def check_shape(anomaly: dict) -> None:
@@ -405,6 +406,50 @@ def test_profile_update_tightens(mon: tuple[Monitor, Events]) -> None:
     assert status == 0 and out.split() == ["111", "1"]
     with pytest.raises(KeyError):
         monitor.update("nobody", Profile())
+
+
+@pytest.mark.skipif(fanotify.available(False) is not None, reason="no fanotify here")
+def test_host_mode_attached_socket_and_procs_file(tmp_path: Path) -> None:
+    """Host mode: the launcher hands (header, listener) over an attached socket, membership
+    comes from a procs file, and fanotify only reports: the read happens, then the reader
+    is killed."""
+    events = Events()
+    monitor = Monitor(events, permission_events=False)
+    launcher_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monitor.attach_socket(agent_end)
+    monitor.start()
+    try:
+        secret = tmp_path / "token.key"
+        secret.write_text("T")
+        procs = tmp_path / "cgroup.procs"
+        procs.write_text("")
+        profile = Profile(sensitive_paths=(f"{tmp_path}/*.key",))
+        header = json.dumps({"id": "zone1", "profile": profile.to_dict(),
+                             "procs_file": str(procs)}).encode()
+        installer = seccomp.Installer(profile)
+        fd = launcher_end.fileno()
+        proc = subprocess.Popen(
+            [PY, "-c", f"import time; time.sleep(0.5); open('{secret}').read(); "
+                       "time.sleep(3); print('survived')"],
+            stdout=subprocess.PIPE, start_new_session=True,
+            preexec_fn=lambda: installer.install_and_hand_over(fd, header))
+        procs.write_text(f"{proc.pid}\n")
+        assert secret.read_text() == "T"  # not a member: not reported
+        status, out, _ = finish(proc)
+        anomaly = events.wait("zone1", "sensitive-path")
+        assert status == -9 and "survived" not in out
+        assert anomaly["contained"] == "killed" and anomaly["pid"] == proc.pid
+        assert len(events.anomalies("zone1")) == 1
+        kinds = [k for k, w, _ in events.items if w == "zone1"]
+        assert kinds[0] == "monitor"
+        deadline = time.monotonic() + 5
+        while monitor.stats()["watching"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert monitor.stats()["watching"] == 0  # the tree is gone: the watch ended
+        report("sensitive-path read (host mode, kill after the fact)", anomaly)
+    finally:
+        monitor.close()
+        launcher_end.close()
 
 
 # --- the agent end to end -------------------------------------------------------------
