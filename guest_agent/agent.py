@@ -4,7 +4,14 @@ informed (hello, heartbeats, workload output and exits, probe results).
 Threads: the main thread reads the port and dispatches requests (never blocking on one);
 a writer thread owns the port's write side and numbers messages (``seq``) as it sends
 them; a heartbeat thread; three per workload (two output pumps, one waiter); one per
-running probe (at most MAX_PROBES).
+running probe (at most MAX_PROBES); the monitor's two (monitor.py: its poll loop answers
+seccomp notifications and fanotify events, its sampler reads /proc).
+
+A ``start`` with ``monitor`` runs the workload under watch: the profile is validated first
+(a bad one is an error reply, nothing starts), seccomp user notification must be available
+(else the start is refused: fail closed), and the child installs the filter after the user
+switch, just before its exec, handing the listener to the monitor (seccomp.py). Monitor
+events (anomaly, monitor, stats) go on the urgent lane.
 
 Outgoing messages wait in an Outbox with two lanes: *urgent* (hello answers, heartbeats,
 started, probe results, errors) always goes first; *normal* (output, exit) keeps its

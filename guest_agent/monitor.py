@@ -535,18 +535,30 @@ class Monitor:
         except Exception:
             log.exception("judging a notification of %s", watch.id)
             watch.errors += 1
+            watch.lost += 1  # a call let through unjudged is an event lost
             self.internal_errors += 1
             finding = None
         finally:
             mem.close()
             if finding is None and not gone:
                 self._answer(watch, notif.id, allow=True, killed=False)
-        if gone:
+        if gone or finding is None:
             return
-        if finding is not None:
-            self._contain(watch, finding, notif.pid, act_time, act_mono,
-                          lambda allow, killed: self._answer(watch, notif.id, allow=allow,
-                                                             killed=killed))
+        answered = []
+
+        def answer(allow: bool, killed: bool) -> None:
+            answered.append(allow)
+            self._answer(watch, notif.id, allow=allow, killed=killed)
+
+        try:
+            self._contain(watch, finding, notif.pid, act_time, act_mono, answer)
+        except Exception:
+            log.exception("containing in %s", watch.id)
+            watch.errors += 1
+            self.internal_errors += 1
+        finally:
+            if not answered:  # never leave the caller blocked
+                self._answer(watch, notif.id, allow=True, killed=False)
 
     def _answer(self, watch: Watch, notif_id: int, *, allow: bool, killed: bool) -> None:
         listener = watch.listener
