@@ -470,6 +470,12 @@ class Manager:
     def _wait_exit(self, run: ZoneRun) -> None:
         assert run.workload is not None
         status = run.workload.wait()
+        if run.policy.anomaly.monitor:
+            if status == -9:
+                # likely the agent's containment: its report is on the way; the host's
+                # reaction to it belongs before the end of the zone
+                time.sleep(0.1)
+            self.settle(2)
         with run.lock:
             if run.state is not ZoneState.TERMINATED:
                 run.state = ZoneState.EXITED

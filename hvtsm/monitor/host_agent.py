@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import guest_agent
+from guest_agent import protocol
 from hvtsm.errors import ZoneError
 from hvtsm.monitor.link import AgentLink, EventHandler, ProblemHandler
 
@@ -82,7 +82,7 @@ class HostAgent:
             raise ZoneError(f"cannot listen for the zone's agent at {socket_path(zone_id)}: "
                             f"{exc.strerror or exc}", zone_id=zone_id) from exc
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        source = str(Path(guest_agent.__file__).resolve().parent.parent)
+        source = str(Path(protocol.__file__).resolve().parent.parent)
         argv = [sys.executable, "-s", "-m", "guest_agent",
                 "--connect", f"unix:{socket_path(zone_id)}",
                 "--watch-fd", str(theirs.fileno()),

@@ -14,5 +14,6 @@ payload = os.path.join(tempfile.mkdtemp(prefix="payload-", dir="/tmp"), "x")
 shutil.copy("/bin/true", payload)
 os.chmod(payload, 0o755)
 act("unexpected_exec")
-subprocess.run([payload], check=False)
-survived("unexpected_exec")
+if subprocess.run([payload], check=False).returncode == 0:  # the payload ran
+    survived("unexpected_exec")
+print("payload did not run", flush=True)

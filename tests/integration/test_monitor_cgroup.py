@@ -4,6 +4,7 @@ contained and named in the audit trail while each benign one finishes untouched.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, Store, Path]]:
     caps = probe_host()
-    if not caps.root:
+    if os.geteuid() != 0:
         pytest.skip("cgroup zones need root")
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('mon') / 'hvtsm.db'}")
     manager = Manager(store, CgroupDriver(caps))
