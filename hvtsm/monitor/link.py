@@ -9,8 +9,41 @@ One reader thread per link decodes everything the agent sends, answers waiting r
 (matched by id), feeds workload output to its destinations and watches the agent's health:
 malformed or oversized lines, gaps in `seq`, silence longer than 3 heartbeat periods and a
 closed channel are each counted and reported through `on_problem(kind, detail)` (the
-manager turns those into anomalies). Nothing it reads can crash it. Every wait is bounded
-and every failure a `ZoneError` naming the zone.
+manager turns those into anomalies). Every wait is bounded and every failure a `ZoneError`
+naming the zone.
+
+The agent is hostile until proven otherwise (a compromised guest writes what it likes to
+the channel), so the reader fails closed: nothing it reads can crash or block it, and its
+memory is bounded (one unfinished line of at most MAX_MESSAGE_BYTES, bounded lists).
+Valid-looking messages with implausible values (a seq beyond 2**63, an infinite heartbeat
+period, an impossible pid or exit status, a reply of the wrong type to a request) are
+reported as malformed and never trusted. Work is bounded per second, whatever the agent
+sends: beyond FLOOD_MESSAGES lines the rest of that second's input is discarded unparsed
+(`flood_dropped`; a hello asked for afterwards tells whose exit was among it, see
+`RemoteWorkload.exit_lost`); beyond FLOOD_BYTES nothing more is read that second (big lines
+are mostly workload output, which the agent then holds back: nothing is lost); beyond
+EVENTS_PER_S monitoring events the rest of that second's events are dropped
+(`events_dropped`); and each problem kind is reported at most PROBLEMS_PER_S times a second,
+the rest counted (`problems`) and summed up in one report when the second is over.
+
+Problem kinds (`ProblemHandler`):
+    malformed       a line that is not a valid agent message (not UTF-8, not JSON, unknown
+                    type, a field missing or of the wrong type) or a valid one with a value
+                    that cannot be true (see above)
+    oversized       a line longer than MAX_MESSAGE_BYTES (discarded up to its newline)
+    seq_gap         messages the agent numbered never arrived (dropped, or discarded here)
+    seq_regress     a seq not above the one before
+    heartbeat_lost  silence longer than HEARTBEAT_MISSES heartbeat periods
+    agent_restart   a new hello whose seq went back: the agent process restarted
+    agent_error     the agent reported an error not tied to a waiting request
+    output_dropped  a workload stream's reader fell SINK_LIMIT bytes behind
+    flood           more than FLOOD_MESSAGES lines or FLOOD_BYTES bytes within one second
+                    (reported once per second while it lasts), and exits found discarded
+    events_dropped  more than EVENTS_PER_S events within one second (once per second)
+    disconnected    the channel closed, failed, or the reader itself failed
+
+on_problem and on_event run on the reader thread (keep them quick); an exception they
+raise is logged and contained.
 
 Workload output never blocks the reader: each destination (a pipe the caller reads, or a
 file descriptor such as the CLI's own stdout) gets its own writer thread, with at most
@@ -23,6 +56,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import select
 import socket
@@ -48,7 +82,8 @@ from hvtsm.errors import ZoneError
 log = logging.getLogger(__name__)
 
 #: (kind, detail): malformed, oversized, seq_gap, seq_regress, heartbeat_lost, agent_restart,
-#: agent_error, output_dropped, disconnected
+#: agent_error, output_dropped, flood, events_dropped, disconnected (the module docstring
+#: says what each means)
 ProblemHandler = Callable[[str, str], None]
 EventHandler = Callable[[Message], None]
 
@@ -62,6 +97,35 @@ HEARTBEAT_MISSES = 3
 TIMED_PROBES = frozenset({"tcp_connect"})
 #: exit statuses kept for workloads of no RemoteWorkload (for `attach`)
 UNCLAIMED_KEEP = 64
+#: lines (messages, blank ones included) within one second beyond which the agent floods
+FLOOD_MESSAGES = 5000
+#: bytes within one second beyond which the agent floods
+FLOOD_BYTES = 8 * 1024 * 1024
+#: monitoring events passed to on_event per second; the rest of the second's are dropped
+EVENTS_PER_S = 200
+#: reports of one problem kind per second; the rest are counted and summed up afterwards
+PROBLEMS_PER_S = 10
+#: longest text from the agent kept in a problem detail or a workload's errors
+MAX_DETAIL = 1000
+#: agent errors kept per workload (newest first)
+ERRORS_KEPT = 16
+#: heartbeat periods an agent may claim, seconds; a claim outside is clamped and reported
+MIN_HEARTBEAT = 0.1
+MAX_HEARTBEAT = 60.0
+#: the largest seq believed: a counter never gets there, and one huge seq would make every
+#: later message look like a regression
+MAX_SEQ = 2**63 - 1
+#: the largest pid a Linux guest can have (PID_MAX_LIMIT)
+MAX_PID = 4 * 1024 * 1024
+#: the latest event time believed (epoch s, year 3058): datetime takes it everywhere
+MAX_EPOCH = 2.0**35
+#: exit statuses the agent can report: 0-255, or -signal
+MIN_STATUS, MAX_STATUS = -127, 255
+#: bytes read at once while parsing (bounds the items one read yields) and while discarding
+READ_CHUNK = 64 * 1024
+DISCARD_CHUNK = 1024 * 1024
+#: bytes decoded at once: bounds the items (a ProtocolError per junk line) held at a time
+FEED_CHUNK = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,10 +159,44 @@ class Hello:
             protocol=msg["protocol"], agent_version=msg["agent_version"],
             capabilities=tuple(msg["capabilities"]), pid=msg["pid"], kernel=msg["kernel"],
             python=msg["python"], boot_ms=msg["boot_ms"],
-            heartbeat=float(msg["heartbeat"]) if msg.get("heartbeat") else None,
+            heartbeat=_heartbeat_period(msg.get("heartbeat"))[0],
             hostname=msg.get("hostname"), port=msg.get("port"),
-            workloads=tuple((w["id"], w["pid"]) for w in msg.get("workloads") or ()),
+            workloads=tuple((w["id"], w["pid"] if _pid_ok(w["pid"]) else 0)
+                            for w in msg.get("workloads") or ()),
             seq=msg["seq"], received=received)
+
+
+def _heartbeat_period(claim: Any) -> tuple[float | None, str | None]:
+    """The heartbeat period to believe for what a hello claims, and what was wrong with the
+    claim (None if nothing). A number is not enough: 1e400 arrives as inf, and an absurd
+    period would either disable the watchdog or make it fire at once."""
+    if claim is None or claim == 0:
+        return None, None  # it did not say: the watchdog assumes MAX_HEARTBEAT
+    try:
+        period = float(claim)
+    except (TypeError, ValueError, OverflowError):  # an int beyond float range
+        period = math.inf
+    if not math.isfinite(period) or period > MAX_HEARTBEAT:
+        return MAX_HEARTBEAT, (f"hello claims a heartbeat period of {_short(claim)} s: "
+                               f"{MAX_HEARTBEAT:g} s assumed")
+    if period < MIN_HEARTBEAT:
+        return MIN_HEARTBEAT, (f"hello claims a heartbeat period of {_short(claim)} s: "
+                               f"{MIN_HEARTBEAT:g} s assumed")
+    return period, None
+
+
+def _pid_ok(pid: Any) -> bool:
+    return isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= MAX_PID
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value the agent chose, cut to a size fit for a message (ints can have 4300 digits)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _clip(text: str, limit: int = MAX_DETAIL) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class _Sink:
@@ -232,6 +330,10 @@ class RemoteWorkload:
         self.errors: list[str] = []
         #: the link went away while the workload ran: its exit status is unknown
         self.link_lost = False
+        #: its exit message was discarded in a flood: the status (MAX_STATUS) is made up
+        self.exit_lost = False
+        #: the agent said it runs (started, or listed in a hello when attached)
+        self._confirmed = False
         self._overflow_reported = False
 
     @property
@@ -276,6 +378,7 @@ class RemoteWorkload:
 
     def _on_started(self, pid: int) -> None:
         self._pid = pid
+        self._confirmed = True
         self.started_at = time.monotonic()
 
     def _on_output(self, stream: str, data: str) -> None:
@@ -305,7 +408,11 @@ class RemoteWorkload:
 
 
 class _Pending:
-    def __init__(self) -> None:
+    """A request waiting for its answer: `expect` (or an `error`); any other type that
+    carries its id answers it with an error, so a caller never reads fields its reply lacks."""
+
+    def __init__(self, expect: str) -> None:
+        self.expect = expect
         self.done = threading.Event()
         self.reply: Message | None = None
         self.error: str | None = None
@@ -322,14 +429,20 @@ class AgentLink:
     def __init__(self, sock: socket.socket, *, zone_id: str | None = None,
                  describe: str = "agent socket", heartbeat_grace: float | None = None,
                  on_problem: ProblemHandler | None = None,
-                 on_event: EventHandler | None = None) -> None:
+                 on_event: EventHandler | None = None, flood_messages: int | None = None,
+                 flood_bytes: int | None = None, events_per_s: int | None = None) -> None:
         self.zone_id = zone_id
         self.describe = describe
         #: seconds of silence before heartbeat_lost (default: 3 of the agent's periods)
         self.heartbeat_grace = heartbeat_grace
         self.on_problem: ProblemHandler | None = on_problem
-        #: monitoring events (`event` messages) as they arrive
+        #: monitoring events (`event` messages) as they arrive; `data` is always a dict and
+        #: `time`, when present, a finite number
         self.on_event: EventHandler | None = on_event
+        # per-second limits (module defaults read now, so tests and callers can tune them)
+        self.flood_messages = FLOOD_MESSAGES if flood_messages is None else flood_messages
+        self.flood_bytes = FLOOD_BYTES if flood_bytes is None else flood_bytes
+        self.events_per_s = EVENTS_PER_S if events_per_s is None else events_per_s
         sock.setblocking(False)
         self._sock = sock
         self._lock = threading.Lock()
@@ -351,6 +464,30 @@ class AgentLink:
         self._heartbeat_lost = False
         self._closed = False
         self._lost_reason: str | None = None
+        # the current one-second window of traffic (reader thread only)
+        self._win_start = -math.inf
+        self._win_messages = 0
+        self._win_bytes = 0
+        self._win_events = 0
+        #: None, or what this second's flood does: "discard" (too many lines) or "pause"
+        #: (too many bytes: nothing is read until the second is over)
+        self._win_state: str | None = None
+        #: time.monotonic() when reading resumed after a pause (the agent was not silent)
+        self._resumed_at = -math.inf
+        #: the ping whose hello tells which workloads ended while their exit was discarded
+        self._state_asked: str | None = None
+        self._win_events_over = False
+        #: discarding stopped inside a line: what follows up to the next newline is its rest
+        self._resync = False
+        self._flood_dropped = 0
+        self._flood_dropped_bytes = 0
+        self._events_dropped = 0
+        # problem reports per kind: counts, and the current second's [start, reports,
+        # suppressed, last suppressed detail]
+        self._problem_lock = threading.Lock()
+        self._problem_counts: collections.Counter[str] = collections.Counter()
+        self._problem_windows: dict[str, list[Any]] = {}
+        self._failures = collections.Counter[str]()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._reader = threading.Thread(target=self._read_loop,
                                         name=f"agent-link-{zone_id or describe}", daemon=True)
@@ -362,7 +499,7 @@ class AgentLink:
     def connect(cls, path: str, *, timeout: float, zone_id: str | None = None,
                 heartbeat_grace: float | None = None,
                 on_problem: ProblemHandler | None = None,
-                on_event: EventHandler | None = None) -> AgentLink:
+                on_event: EventHandler | None = None, **limits: int) -> AgentLink:
         """Connect to the channel socket libvirt binds, retrying until it exists and
         accepts (QEMU makes it while the domain starts), for at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -386,16 +523,17 @@ class AgentLink:
                 continue
             log.debug("connected to %s", path)
             return cls(sock, zone_id=zone_id, describe=path, heartbeat_grace=heartbeat_grace,
-                       on_problem=on_problem, on_event=on_event)
+                       on_problem=on_problem, on_event=on_event, **limits)
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, zone_id: str | None = None,
                     heartbeat_grace: float | None = None,
                     on_problem: ProblemHandler | None = None,
-                    on_event: EventHandler | None = None) -> AgentLink:
-        """A link over a socket that is already connected (tests, relays)."""
+                    on_event: EventHandler | None = None, **limits: int) -> AgentLink:
+        """A link over a socket that is already connected (tests, relays). `limits`:
+        flood_messages, flood_bytes, events_per_s (the constructor's)."""
         return cls(sock, zone_id=zone_id, describe="socket", heartbeat_grace=heartbeat_grace,
-                   on_problem=on_problem, on_event=on_event)
+                   on_problem=on_problem, on_event=on_event, **limits)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -405,8 +543,38 @@ class AgentLink:
 
     @property
     def malformed(self) -> int:
-        """Malformed, oversized or ill-typed lines received (each also an on_problem)."""
+        """Malformed, oversized or ill-typed lines received, and messages discarded for an
+        implausible value (each also an on_problem)."""
         return self._malformed
+
+    @property
+    def messages(self) -> int:
+        """Valid messages received."""
+        return self._messages
+
+    @property
+    def flood_dropped(self) -> int:
+        """Lines discarded unparsed because they came in a flood (see FLOOD_MESSAGES)."""
+        return self._flood_dropped
+
+    @property
+    def flood_dropped_bytes(self) -> int:
+        return self._flood_dropped_bytes
+
+    @property
+    def events_dropped(self) -> int:
+        """Monitoring events not passed to on_event: more than EVENTS_PER_S in a second."""
+        return self._events_dropped
+
+    @property
+    def problems(self) -> dict[str, int]:
+        """kind -> problems found so far, those not reported one by one included."""
+        with self._problem_lock:
+            return dict(self._problem_counts)
+
+    @property
+    def reader_alive(self) -> bool:
+        return self._reader.is_alive()
 
     @property
     def dropped(self) -> int:
@@ -465,8 +633,8 @@ class AgentLink:
                      "(or another process holds the channel: QEMU serves one client at a time)")
         if hello.protocol != PROTOCOL_VERSION:
             raise self._error(
-                f"the guest agent {hello.agent_version} speaks protocol {hello.protocol}, "
-                f"this controller {PROTOCOL_VERSION}",
+                f"the guest agent {_short(hello.agent_version)} speaks protocol "
+                f"{_short(hello.protocol)}, this controller {PROTOCOL_VERSION}",
                 hint="the guest runs another hvtsm's guest_agent: restage it from this one")
         return hello
 
@@ -500,12 +668,14 @@ class AgentLink:
                     poller.register(self._sock, select.POLLOUT)
                     poller.poll(int(min(left, 0.5) * 1000) + 1)
 
-    def _request(self, key: str) -> _Pending:
-        pending = _Pending()
+    def _request(self, key: str, expect: str) -> _Pending:
+        pending = _Pending(expect)
         with self._lock:
             if self._closed:
                 raise self._error(f"the guest agent link is closed "
                                   f"({self._lost_reason or 'closed by the controller'})")
+            if key in self._pending:  # a caller's workload id may look like a request's
+                raise self._error(f"request id {key} is already waiting for an answer")
             self._pending[key] = pending
         return pending
 
@@ -549,7 +719,7 @@ class AgentLink:
             msg["stderr"] = "stdout"
         elif stderr is None or stderr == subprocess.DEVNULL:
             msg["stderr"] = "discard"
-        pending = self._request(wid)
+        pending = self._request(wid, "started")
         work = RemoteWorkload(self, wid, argv, stdout=stdout, stderr=stderr)
         with self._lock:
             self._workloads[wid] = work
@@ -566,7 +736,9 @@ class AgentLink:
                 hint="the guest may be overloaded (TCG?) or frozen")
         self._forget(wid)
         if pending.error is not None:
-            self._abandon(work, kill=False)
+            # an error message means it did not start; any other failed answer may hide a
+            # started workload, which must not run unseen
+            self._abandon(work, kill=pending.reply is None)
             raise self._error(f"cannot start {argv[0]} in the guest: {pending.error}")
         return work
 
@@ -594,6 +766,7 @@ class AgentLink:
                 raise self._error(f"the guest agent runs no workload {workload_id}")
             work = RemoteWorkload(self, workload_id, (), stdout=stdout, stderr=stderr)
             work._pid = pids.get(workload_id, 0)
+            work._confirmed = status is None
             self._workloads[workload_id] = work
         if status is not None:
             work._finish(status)
@@ -613,7 +786,7 @@ class AgentLink:
             with contextlib.suppress(TypeError, ValueError):
                 wait = max(timeout, float(params["timeout"]) + PROBE_GRACE)
         pid = f"p{next(self._ids)}"
-        pending = self._request(pid)
+        pending = self._request(pid, "probe_result")
         try:
             self._send({"type": "probe", "id": pid, "kind": kind, "args": params}, wait)
             if not pending.done.wait(wait):
@@ -630,7 +803,7 @@ class AgentLink:
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the agent and back, seconds."""
         pid = f"k{next(self._ids)}"
-        pending = self._request(pid)
+        pending = self._request(pid, "heartbeat")
         began = time.monotonic()
         try:
             self._send({"type": "ping", "id": pid}, timeout)
@@ -658,12 +831,11 @@ class AgentLink:
         after each phase, so what counts as an anomaly follows the restrictions). The agent
         does not confirm it: a profile it refuses comes back as an `error` for the workload
         (`RemoteWorkload.errors`, on_problem agent_error). Nothing is sent for a workload
-        that has exited."""
+        that has exited. The workload need not have been started over this link: an agent
+        beside a cgroup zone watches a workload the zone's launcher started."""
         with self._lock:
             work = self._workloads.get(workload_id)
-        if work is None:
-            raise self._error(f"no workload {workload_id} on this link")
-        if work.poll() is not None:
+        if work is not None and work.poll() is not None:
             return
         self._send({"type": "profile", "id": workload_id, "monitor": _plain(monitor)})
 
@@ -700,12 +872,23 @@ class AgentLink:
 
     def _read_loop(self) -> None:
         poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        reading = False
         try:
             while not self._closed:
+                paused = self._paused_ms()
+                # while paused the socket is left out of the poll (an EOF would make it
+                # ready at once and for ever): what waits in it is read afterwards
+                if paused is None and not reading:
+                    poller.register(self._sock, select.POLLIN)
+                    reading = True
+                    self._resumed_at = time.monotonic()
+                elif paused is not None and reading:
+                    poller.unregister(self._sock)
+                    reading = False
+                timeout = self._watchdog_ms()
                 try:
-                    events = poller.poll(self._watchdog_ms())
+                    events = poller.poll(timeout if paused is None else min(timeout, paused))
                 except InterruptedError:
                     continue
                 for fd, _ in events:
@@ -717,6 +900,7 @@ class AgentLink:
             log.exception("agent link reader of zone %s failed", self.zone_id)
             self._lose(f"the link's reader failed: {e}")
         finally:
+            self._flush_problems(math.inf)  # what was counted gets reported, even at the end
             with self._lock:
                 with contextlib.suppress(OSError):
                     self._sock.close()
@@ -727,7 +911,9 @@ class AgentLink:
 
     def _read_some(self) -> None:
         try:
-            data = self._sock.recv(65536)
+            # discarding costs a syscall per read: take big bites of a flood
+            size = DISCARD_CHUNK if self._win_state == "discard" else READ_CHUNK
+            data = self._sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -735,23 +921,155 @@ class AgentLink:
             return
         if not data:
             for item in self._decoder.close():
-                self._handle(item)
+                self._handle_safely(item)
             self._lose("the guest agent channel closed (the domain stopped, or QEMU closed "
                        "the channel)")
             return
         with self._lock:
             self._bytes_in += len(data)
-        for item in self._decoder.feed(data):
-            try:
-                self._handle(item)
-            except Exception:  # one bad message must not stop the rest
-                log.exception("handling %r from the guest agent", item)
+        keep, cut = self._admit(data, time.monotonic())
+        # fed in slices: the items of one slice (a ProtocolError per junk line) are what
+        # the reader holds at once, whatever the limits are set to
+        for start in range(0, len(keep), FEED_CHUNK):
+            for item in self._decoder.feed(keep[start:start + FEED_CHUNK]):
+                self._handle_safely(item)
+        if cut:  # the decoder's unfinished line goes on in the discarded bytes: forget it
+            self._decoder = Decoder(AGENT_TYPES)
 
-    def _lose(self, reason: str) -> None:
-        if self._shut(reason):
-            self._problem("disconnected", reason)
+    # -- flood control ---------------------------------------------------------------------
+
+    def _roll(self, now: float) -> None:
+        """Begin a new one-second window once the current one is over."""
+        if now - self._win_start < 1.0:
+            return
+        if self._win_state == "discard":
+            self._ask_state()
+        self._win_start = now
+        self._win_messages = self._win_bytes = self._win_events = 0
+        self._win_state = None
+        self._win_events_over = False
+
+    def _paused_ms(self) -> int | None:
+        """Milliseconds left of a pause (too many bytes this second), or None."""
+        if self._win_state != "pause":
+            return None
+        left = self._win_start + 1.0 - time.monotonic()
+        return int(left * 1000) + 1 if left > 0 else None
+
+    def _admit(self, data: bytes, now: float) -> tuple[bytes, bool]:
+        """The part of `data` to parse, and whether discarding began inside `data`.
+
+        Too many lines in a second: the rest of the second's lines are discarded unparsed
+        (counting newlines costs next to nothing next to parsing, so a flood of small
+        messages is cut before any of it is decoded). Too many bytes: this data is parsed,
+        then nothing is read for the rest of the second (the agent waits, nothing is lost:
+        the bytes are mostly big workload output, and a discarded line would be 64 KiB of
+        it, or an exit)."""
+        self._roll(now)
+        if self._win_state == "discard":
+            self._discard(data)
+            return b"", False
+        if self._resync:
+            nl = data.find(b"\n")
+            head = data if nl < 0 else data[:nl + 1]
+            self._discard(head)
+            data = data[len(head):]
+        lines = data.count(b"\n")
+        self._win_bytes += len(data)
+        if self._win_messages + lines <= self.flood_messages:
+            self._win_messages += lines
+            if self._win_bytes > self.flood_bytes:
+                self._win_state = "pause"
+                self._flood(now, f"{self._win_messages} lines and {self._win_bytes} bytes",
+                            "nothing more is read until the second is over")
+            return data, False
+        seen = self._win_messages + lines
+        cut = _whole_lines(data, self.flood_messages - self._win_messages)
+        keep = data[:cut]
+        self._win_messages += keep.count(b"\n")
+        self._discard(data[cut:])
+        self._win_state = "discard"
+        self._flood(now, f"{seen} lines and {self._win_bytes} bytes",
+                    f"the rest of the second's input is discarded unparsed "
+                    f"({self._flood_dropped} lines so far)")
+        return keep, True
+
+    def _flood(self, now: float, what: str, action: str) -> None:
+        self._problem("flood", (
+            f"{what} from the guest agent within {(now - self._win_start) * 1000:.0f} ms "
+            f"(limits per second: {self.flood_messages} lines, {self.flood_bytes} bytes); "
+            f"{action}"))
+
+    def _discard(self, data: bytes) -> None:
+        if data:
+            self._flood_dropped += data.count(b"\n")
+            self._flood_dropped_bytes += len(data)
+            # where the discarded bytes stop inside a line, the next input begins with the
+            # rest of it: that rest is junk, not a line of its own
+            self._resync = not data.endswith(b"\n")
+
+    def _ask_state(self) -> None:
+        """After discarding: ask for a hello, whose list of running workloads tells whose
+        exit was among the discarded lines (`_settle`)."""
+        self._state_asked = f"s{next(self._ids)}"
+        self._ping_for_hello(self._state_asked)
+
+    def _settle(self, hello: Hello) -> None:
+        """The agent lists a workload until its exit is written, and this hello came after
+        every line written before it: a confirmed workload not listed and not finished
+        here ended, and its exit was discarded."""
+        listed = {wid for wid, _ in hello.workloads}
+        with self._lock:
+            works = [w for w in self._workloads.values()
+                     if w._confirmed and w.poll() is None and w.id not in listed]
+        for work in works:
+            work.exit_lost = True
+            work.errors.insert(0, "its exit was discarded in a flood: the status is unknown")
+            del work.errors[ERRORS_KEPT:]
+            work._finish(MAX_STATUS)
+        if works:
+            self._problem("flood", "the exit of {} was discarded in a flood: status unknown "
+                                   "({} recorded)".format(_short(", ".join(w.id for w in works),
+                                                                 200), MAX_STATUS))
+
+    # -- problems --------------------------------------------------------------------------
 
     def _problem(self, kind: str, detail: str) -> None:
+        """Count a problem and report it, unless PROBLEMS_PER_S of its kind were reported in
+        this second already: then it is reported in a sum when the second is over (a flood
+        of bad lines must not become a flood of anomaly rows)."""
+        detail = _clip(detail)
+        now = time.monotonic()
+        summary = None
+        with self._problem_lock:
+            self._problem_counts[kind] += 1
+            win = self._problem_windows.get(kind)
+            if win is None or now - win.start >= 1.0:
+                summary = win.summary(kind) if win is not None else None
+                win = self._problem_windows[kind] = _Reports(now)
+            report = win.reported < PROBLEMS_PER_S
+            if report:
+                win.reported += 1
+            else:
+                win.suppressed += 1
+                win.last = detail
+        if summary:
+            self._report(kind, summary)
+        if report:
+            self._report(kind, detail)
+
+    def _flush_problems(self, now: float) -> None:
+        """Report the sums of seconds that are over."""
+        due: list[tuple[str, str]] = []
+        with self._problem_lock:
+            for kind, win in self._problem_windows.items():
+                if win.suppressed and now - win.start >= 1.0:
+                    due.append((kind, win.summary(kind)))
+                    win.suppressed = 0
+        for kind, text in due:
+            self._report(kind, text)
+
+    def _report(self, kind: str, detail: str) -> None:
         log.warning("zone %s agent link: %s: %s", self.zone_id, kind, detail)
         handler = self.on_problem
         if handler is None:
@@ -759,35 +1077,70 @@ class AgentLink:
         try:
             handler(kind, detail)
         except Exception:
-            log.exception("on_problem handler failed for %s", kind)
+            self._log_failure(f"the on_problem handler ({kind})")
+
+    def _log_failure(self, what: str) -> None:
+        """Log the exception being handled, with its traceback for the 1st, 2nd, 4th, 8th...
+        time only: a handler that fails on every message must not flood the log."""
+        self._failures[what] += 1
+        n = self._failures[what]
+        if n & (n - 1) == 0:
+            log.exception("zone %s agent link: %s failed (%d time(s) so far)",
+                          self.zone_id, what, n)
+
+    def _lose(self, reason: str) -> None:
+        if self._shut(reason):
+            self._problem("disconnected", reason)
+
+    def _bad(self, detail: str) -> None:
+        """A valid message whose content cannot be true."""
+        with self._lock:
+            self._malformed += 1
+            self._last_seen = f"a bad message ({_clip(detail, 200)})"
+        self._problem("malformed", detail)
+
+    # -- the heartbeat watchdog ------------------------------------------------------------
 
     def _watchdog_ms(self) -> int:
         grace = self._grace()
         last = self._last_message
         if grace is None or last is None or self._heartbeat_lost:
             return 1000
-        left = last + grace - time.monotonic()
-        return max(10, min(1000, int(left * 1000) + 1))
+        left_ms = (max(last, self._resumed_at) + grace - time.monotonic()) * 1000 + 1
+        return max(10, int(min(1000.0, left_ms)))  # min first: int(inf) raises
 
     def _grace(self) -> float | None:
         if self.heartbeat_grace is not None:
             return self.heartbeat_grace
         hello = self._hello
-        if hello is None or not hello.heartbeat:
+        if hello is None:
             return None
-        return HEARTBEAT_MISSES * hello.heartbeat
+        # an agent that names no period is still watched: silence is never fine for ever
+        return HEARTBEAT_MISSES * (hello.heartbeat or MAX_HEARTBEAT)
 
     def _watchdog(self) -> None:
+        now = time.monotonic()
+        self._roll(now)
+        self._flush_problems(now)
         grace = self._grace()
         last = self._last_message
-        if grace is None or last is None or self._heartbeat_lost:
+        if grace is None or last is None or self._heartbeat_lost or self._win_state == "pause":
             return
-        silent = time.monotonic() - last
+        # a pause of ours is no silence of the agent's
+        silent = now - max(last, self._resumed_at)
         if silent > grace:
             self._heartbeat_lost = True
             self._problem("heartbeat_lost",
                           f"no message from the guest agent for {silent:.1f} s "
                           f"(allowed {grace:g} s)")
+
+    # -- messages --------------------------------------------------------------------------
+
+    def _handle_safely(self, item: Message | ProtocolError) -> None:
+        try:
+            self._handle(item)
+        except Exception:  # one bad message must not stop the rest
+            self._log_failure("handling a message from the guest agent")
 
     def _handle(self, item: Message | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
@@ -797,9 +1150,12 @@ class AgentLink:
             self._problem("oversized" if item.kind == OVERSIZED else "malformed",
                           item.describe())
             return
-        now = time.monotonic()
         mtype: str = item["type"]
         seq: int = item["seq"]
+        if seq > MAX_SEQ:
+            self._bad(f"a {mtype} with seq {_short(seq)}, which no counter reaches: discarded")
+            return
+        now = time.monotonic()
         with self._lock:
             self._messages += 1
             self._last_message = now
@@ -812,61 +1168,90 @@ class AgentLink:
                 and self._seqs.last is not None and seq <= self._seqs.last:
             restart = True
             self._problem("agent_restart", f"the guest agent said hello again with seq {seq} "
-                                           f"(pid {item.get('pid')}): it restarted")
+                                           f"(pid {_short(item.get('pid'))}): it restarted")
         gap = self._seqs.observe(seq, restart=restart)
         if gap > 0:
             self._problem("seq_gap", f"{gap} message(s) from the guest agent never arrived "
                                      f"(before seq {seq}, a {mtype})")
         elif gap < 0:
             self._problem("seq_regress", f"seq went back to {seq} ({mtype})")
-        if mtype != "hello" and self._hello is None:
-            self._ask_hello()
+        if mtype != "hello" and self._hello is None and self._hello_asked is None:
+            # the agent greeted an earlier connection: ask it for a hello
+            self._hello_asked = f"h{next(self._ids)}"
+            self._ping_for_hello(self._hello_asked)
         getattr(self, f"_on_{mtype}")(item, now)
 
-    def _ask_hello(self) -> None:
-        """A message came before any hello (the agent greeted an earlier connection):
-        ask for one. Sent from a thread, since the reader must never block on a write."""
-        if self._hello is not None or self._hello_asked is not None or self._closed:
+    def _ping_for_hello(self, mid: str) -> None:
+        """Send a ping asking for a hello, from a thread: the reader never blocks on a write."""
+        if self._closed:
             return
-        self._hello_asked = f"h{next(self._ids)}"
 
         def ask() -> None:
             with contextlib.suppress(ZoneError):
-                self._send({"type": "ping", "id": self._hello_asked, "hello": True}, 5.0)
+                self._send({"type": "ping", "id": mid, "hello": True}, 5.0)
 
         threading.Thread(target=ask, name="agent-link-ask-hello", daemon=True).start()
 
+    def _answer(self, mid: str, msg: Message, error: str | None = None) -> bool:
+        """Answer the request `mid`, if one waits for it: True if one did."""
+        with self._lock:
+            pending = self._pending.get(mid)
+        if pending is None or pending.done.is_set():
+            return False
+        mtype = msg["type"]
+        if mtype not in ("error", pending.expect):
+            self._bad(f"a {mtype} answered request {_short(mid)}, which waits for a "
+                      f"{pending.expect}")
+            pending.answer(error=f"the guest agent answered with a {mtype} message instead "
+                                 f"of a {pending.expect}")
+            return True
+        pending.answer(msg, error)
+        return True
+
     def _on_hello(self, msg: Message, now: float) -> None:
+        wrong = _heartbeat_period(msg.get("heartbeat"))[1]
+        if wrong:
+            self._bad(wrong)
+        bad_pids = [w["id"] for w in msg.get("workloads") or () if not _pid_ok(w["pid"])]
+        if bad_pids:
+            self._bad(f"hello lists workloads with impossible pids: "
+                      f"{_short(', '.join(bad_pids), 200)} (pid 0 recorded)")
         hello = Hello.from_message(msg, now)
         with self._changed:
             first = self._hello is None
             self._hello = hello
             self._changed.notify_all()
+        if self._state_asked is not None and msg.get("id") == self._state_asked:
+            self._state_asked = None
+            self._settle(hello)
         if first:
-            log.info("zone %s: guest agent %s (protocol %d, python %s, kernel %s) after %d ms "
-                     "of guest uptime", self.zone_id, hello.agent_version, hello.protocol,
-                     hello.python, hello.kernel, hello.boot_ms)
+            log.info("zone %s: guest agent %s (protocol %s, python %s, kernel %s) after %s ms "
+                     "of guest uptime", self.zone_id, _short(hello.agent_version),
+                     _short(hello.protocol), _short(hello.python), _short(hello.kernel),
+                     _short(hello.boot_ms))
 
     def _on_heartbeat(self, msg: Message, now: float) -> None:
         mid = msg.get("id")
         if mid is not None:
-            with self._lock:
-                pending = self._pending.get(mid)
-            if pending is not None:
-                pending.answer(msg)
+            self._answer(mid, msg)
 
     def _workload(self, msg: Message) -> RemoteWorkload | None:
         with self._lock:
             return self._workloads.get(msg["id"])
 
     def _on_started(self, msg: Message, now: float) -> None:
+        mid, pid = msg["id"], msg["pid"]
+        if not _pid_ok(pid):
+            self._bad(f"started {_short(mid)} with pid {_short(pid)}, which no guest process "
+                      "has (pid 0 recorded)")
+            pid = 0
         work = self._workload(msg)
         if work is not None:
-            work._on_started(msg["pid"])
-        with self._lock:
-            pending = self._pending.get(msg["id"])
-        if pending is not None:
-            pending.answer(msg)
+            if work.started_at is not None:  # the first pid stands: a second may be a lie
+                self._bad(f"a second started for workload {_short(mid)}: ignored")
+                return
+            work._on_started(pid)
+        self._answer(mid, msg)
 
     def _on_output(self, msg: Message, now: float) -> None:
         work = self._workload(msg)
@@ -874,42 +1259,99 @@ class AgentLink:
             work._on_output(msg["stream"], msg["data"])
 
     def _on_exit(self, msg: Message, now: float) -> None:
+        mid, status = msg["id"], msg["status"]
+        if not MIN_STATUS <= status <= MAX_STATUS:
+            self._bad(f"exit of {_short(mid)} with status {_short(status)}, which no process "
+                      f"has ({MAX_STATUS} recorded)")
+            status = MAX_STATUS
         with self._lock:
-            work = self._workloads.get(msg["id"])
+            work = self._workloads.get(mid)
             if work is None:
-                self._unclaimed[msg["id"]] = msg["status"]
+                self._unclaimed[mid] = status
                 while len(self._unclaimed) > UNCLAIMED_KEEP:
                     self._unclaimed.popitem(last=False)
-        if work is not None:
-            work._finish(msg["status"])
+        if work is None:
+            return
+        if work.poll() is not None:  # the first status stands: a repeat may not rewrite it
+            log.debug("zone %s: repeated exit of %s", self.zone_id, mid)
+            return
+        work._finish(status)
 
     def _on_probe_result(self, msg: Message, now: float) -> None:
-        with self._lock:
-            pending = self._pending.get(msg["id"])
-        if pending is None:
-            log.debug("late probe result %s", msg["id"])
-        elif msg["ok"]:
-            pending.answer(msg)
-        else:
-            pending.answer(msg, error=msg["error"])
+        error = None if msg["ok"] else _clip(msg["error"])
+        if not self._answer(msg["id"], msg, error):
+            log.debug("late probe result %s", _short(msg["id"]))
 
     def _on_error(self, msg: Message, now: float) -> None:
         mid = msg.get("id")
-        text = msg["message"]
-        with self._lock:
-            pending = self._pending.get(mid) if mid is not None else None
-            work = self._workloads.get(mid) if mid is not None else None
-        if pending is not None:
-            pending.answer(msg, error=text)
+        text = _clip(msg["message"])
+        if mid is not None and self._answer(mid, msg, text):
             return
+        with self._lock:
+            work = self._workloads.get(mid) if mid is not None else None
         if work is not None:
             work.errors.insert(0, text)
+            del work.errors[ERRORS_KEPT:]
         self._problem("agent_error", text if mid is None else f"{mid}: {text}")
 
     def _on_event(self, msg: Message, now: float) -> None:
+        self._win_events += 1
+        if self._win_events > self.events_per_s:
+            self._events_dropped += 1
+            if not self._win_events_over:
+                self._win_events_over = True
+                self._problem("events_dropped", (
+                    f"more than {self.events_per_s} monitoring events within one second: the "
+                    f"rest of this second's are dropped ({self._events_dropped} dropped so far "
+                    "on this link)"))
+            return
+        # the handler gets the shape it was promised, whatever the agent put there
+        if msg.get("data") is None:
+            msg["data"] = {}
+        when = msg.get("time")
+        if when is not None and not _epoch_ok(when):
+            self._bad(f"event {_short(msg['kind'])} with time {_short(when)}, which is no "
+                      "time: removed")
+            del msg["time"]
         handler = self.on_event
         if handler is not None:
             try:
                 handler(msg)
             except Exception:
-                log.exception("on_event handler failed")
+                self._log_failure("the on_event handler")
+
+
+@dataclass
+class _Reports:
+    """One problem kind's reports in the second that began at `start`."""
+
+    start: float
+    reported: int = 0
+    suppressed: int = 0
+    last: str = ""
+
+    def summary(self, kind: str) -> str | None:
+        if not self.suppressed:
+            return None
+        return (f"{self.suppressed} more {kind} problem(s) within one second, counted but not "
+                f"reported one by one (the last: {self.last})")
+
+
+def _whole_lines(data: bytes, max_lines: int) -> int:
+    """Length of the longest start of `data` made of at most `max_lines` whole lines."""
+    end = 0
+    for _ in range(max(0, max_lines)):
+        nl = data.find(b"\n", end)
+        if nl < 0:
+            break
+        end = nl + 1
+    return end
+
+
+def _epoch_ok(when: Any) -> bool:
+    """A time datetime can take: json reads 1e400 as inf, and a float beyond year 9999 makes
+    fromtimestamp raise in whoever reads the event."""
+    try:
+        return 0 <= when <= MAX_EPOCH
+    except TypeError:
+        return False

@@ -124,7 +124,7 @@ def test_start_with_an_unencodable_profile_fails_and_forgets_the_workload(pair: 
     with pytest.raises(ZoneError, match=r"zone tz-api: .*invalid start"):
         link.start(["/bin/true"], monitor={"when": object()}, workload_id="w-bad", timeout=3)
     with pytest.raises(ZoneError, match="no workload w-bad"):
-        link.update_profile("w-bad", PROFILE)
+        link.signal("w-bad", 15)
     assert _starts(agent) == []
 
 
@@ -137,11 +137,17 @@ def test_update_profile_sends_a_profile_message(pair: Any) -> None:
     assert msg == {"type": "profile", "id": work.id, "monitor": tighter}
 
 
-def test_update_profile_of_an_unknown_workload_names_the_zone(pair: Any) -> None:
-    link, _, _ = pair
-    with pytest.raises(ZoneError, match="zone tz-api: no workload nope on this link") as e:
-        link.update_profile("nope", PROFILE)
-    assert e.value.zone_id == "tz-api"
+def test_update_profile_of_a_workload_this_link_did_not_start(pair: Any) -> None:
+    # an agent beside a cgroup zone watches what the zone's launcher started: the agent,
+    # not the link, knows whether the workload exists (it answers an error if not)
+    link, agent, problems = pair
+    link.update_profile("tz-api", PROFILE)
+    assert agent.wait_for(lambda m: m["type"] == "profile")["id"] == "tz-api"
+    agent.send({"type": "error", "id": "tz-api", "message": "no workload tz-api"})
+    deadline = time.monotonic() + 3
+    while not problems and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert problems == [("agent_error", "tz-api: no workload tz-api")]
 
 
 def test_update_profile_refuses_what_is_not_a_profile(pair: Any) -> None:
@@ -171,8 +177,9 @@ def test_update_profile_on_a_closed_link_names_the_zone(pair: Any) -> None:
     while not link.closed and time.monotonic() < deadline:
         time.sleep(0.01)
     # the workload's exit is unknown, so the profile is still due, and cannot be sent
-    with pytest.raises(ZoneError, match="zone tz-api: the guest agent link is closed"):
+    with pytest.raises(ZoneError, match="zone tz-api: the guest agent link is closed") as e:
         link.update_profile(work.id, PROFILE)
+    assert e.value.zone_id == "tz-api"
 
 
 def test_a_refused_profile_comes_back_as_a_workload_error(pair: Any) -> None:
