@@ -775,6 +775,14 @@ class Monitor:
             return Finding("fork-rate", f"{len(forks)} process creations in the last second "
                            f"(limit {limit:g})", name,
                            {"raw": [hex(a) for a in n.args]}, rate=True)
+        # under a slow CPU (a TCG guest) a fork loop may stay below any sane rate, but
+        # its processes pile up: the last sample's count says so
+        alive = len(watch.rss)
+        most = watch.profile.max_processes
+        if most and alive >= most:
+            return Finding("fork-rate", f"{alive} processes alive while another is created "
+                           f"(limit {most:g})", name,
+                           {"raw": [hex(a) for a in n.args]}, rate=True)
         return None
 
     def _open_args(self, n: seccomp.Notification, mem: Mem) -> tuple[dict, int]:

@@ -149,6 +149,7 @@ class Profile:
     network: str = "full"
     egress: tuple[str, ...] = ()
     max_forks_per_s: float = 0
+    max_processes: float = 0
     max_syscalls_per_s: float = 0
     max_new_files_per_s: float = 0
     memory_spike_mib_per_s: float = 0

@@ -38,10 +38,12 @@ _PHASE_FIELDS = (
 )
 _ANOMALY_FIELDS = (
     "monitor", "deny_syscalls", "sensitive_paths", "allow_exec", "deny_exec",
-    "max_forks_per_s", "max_syscalls_per_s", "max_new_files_per_s", "memory_spike_mib_per_s",
+    "max_forks_per_s", "max_processes", "max_syscalls_per_s", "max_new_files_per_s",
+    "memory_spike_mib_per_s",
     "contain", "drops_are_anomalies", "reaction", "factor", "escalate", "on",
 )
-_RATE_FIELDS = ("max_forks_per_s", "max_syscalls_per_s", "max_new_files_per_s",
+_RATE_FIELDS = ("max_forks_per_s", "max_processes", "max_syscalls_per_s",
+                "max_new_files_per_s",
                 "memory_spike_mib_per_s")
 #: categories the host itself raises about the agent link (hvtsm.monitor.anomalies)
 _LINK_CATEGORIES = ("agent-lost", "heartbeat-lost", "malformed-message", "message-flood",

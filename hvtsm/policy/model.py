@@ -48,6 +48,7 @@ class AnomalyRules:
     allow_exec: tuple[str, ...] = ()
     deny_exec: tuple[str, ...] = ()
     max_forks_per_s: float = 0
+    max_processes: float = 0
     max_syscalls_per_s: float = 0
     max_new_files_per_s: float = 0
     memory_spike_mib_per_s: float = 0
@@ -79,6 +80,7 @@ class AnomalyRules:
             "allow_exec": list(self.allow_exec),
             "deny_exec": list(self.deny_exec),
             "max_forks_per_s": self.max_forks_per_s,
+            "max_processes": self.max_processes,
             "max_syscalls_per_s": self.max_syscalls_per_s,
             "max_new_files_per_s": self.max_new_files_per_s,
             "memory_spike_mib_per_s": self.memory_spike_mib_per_s,

@@ -21,6 +21,7 @@ def test_defaults_round_trip() -> None:
     full = {"deny_syscalls": ["ptrace", "bpf"], "sensitive_paths": ["/etc/shadow"],
             "allow_exec": ["/usr/bin/*"], "deny_exec": ["/tmp/**"], "shells": ["*/sh"],
             "network": "loopback", "egress": ["10.0.0.0/8:443"], "max_forks_per_s": 10,
+            "max_processes": 64,
             "max_syscalls_per_s": 1e5, "max_new_files_per_s": 5.5,
             "memory_spike_mib_per_s": 100, "contain": "deny", "drops_are_anomalies": False,
             "sample_interval": 0.5}

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hvtsm.errors import PolicyError
 from guest_agent.profile import Profile
+from hvtsm.errors import PolicyError
 from hvtsm.policy import Reaction, load_policy, parse_policy
 from hvtsm.policy.model import Containment
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode
