@@ -17,9 +17,10 @@ for _ in range(3000):
         time.sleep(0.001)
         continue
     if pid == 0:
-        time.sleep(5)
+        time.sleep(30)  # a bomb's processes stay: they pile up
         os._exit(0)
     children.append(pid)
 for pid in children:
+    os.kill(pid, 9)
     os.waitpid(pid, 0)
 survived("fork_loop")
