@@ -437,7 +437,7 @@ class AgentLink:
         self.heartbeat_grace = heartbeat_grace
         self.on_problem: ProblemHandler | None = on_problem
         #: monitoring events (`event` messages) as they arrive; `data` is always a dict and
-        #: `time`, when present, a finite number
+        #: `time`, when present, an epoch time between 0 and MAX_EPOCH
         self.on_event: EventHandler | None = on_event
         # per-second limits (module defaults read now, so tests and callers can tune them)
         self.flood_messages = FLOOD_MESSAGES if flood_messages is None else flood_messages
@@ -546,6 +546,10 @@ class AgentLink:
         """Malformed, oversized or ill-typed lines received, and messages discarded for an
         implausible value (each also an on_problem)."""
         return self._malformed
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_in
 
     @property
     def messages(self) -> int:
@@ -944,6 +948,8 @@ class AgentLink:
             return
         if self._win_state == "discard":
             self._ask_state()
+        elif self._win_state == "pause":
+            self._resumed_at = now  # before the watchdog looks: the pause was no silence
         self._win_start = now
         self._win_messages = self._win_bytes = self._win_events = 0
         self._win_state = None
@@ -1022,15 +1028,17 @@ class AgentLink:
         with self._lock:
             works = [w for w in self._workloads.values()
                      if w._confirmed and w.poll() is None and w.id not in listed]
+        if not works:
+            return
+        # reported before any waiter wakes: whoever sees the exit can already see why
+        self._problem("flood", "the exit of {} was discarded in a flood: status unknown ({} "
+                               "recorded)".format(_short(", ".join(w.id for w in works), 200),
+                                                  MAX_STATUS))
         for work in works:
             work.exit_lost = True
             work.errors.insert(0, "its exit was discarded in a flood: the status is unknown")
             del work.errors[ERRORS_KEPT:]
             work._finish(MAX_STATUS)
-        if works:
-            self._problem("flood", "the exit of {} was discarded in a flood: status unknown "
-                                   "({} recorded)".format(_short(", ".join(w.id for w in works),
-                                                                 200), MAX_STATUS))
 
     # -- problems --------------------------------------------------------------------------
 
@@ -1309,7 +1317,9 @@ class AgentLink:
         if msg.get("data") is None:
             msg["data"] = {}
         when = msg.get("time")
-        if when is not None and not _epoch_ok(when):
+        if when is None:
+            msg.pop("time", None)
+        elif not _epoch_ok(when):
             self._bad(f"event {_short(msg['kind'])} with time {_short(when)}, which is no "
                       "time: removed")
             del msg["time"]
