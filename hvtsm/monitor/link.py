@@ -99,8 +99,9 @@ TIMED_PROBES = frozenset({"tcp_connect"})
 UNCLAIMED_KEEP = 64
 #: lines (messages, blank ones included) within one second beyond which the agent floods
 FLOOD_MESSAGES = 5000
-#: bytes within one second beyond which the agent floods
-FLOOD_BYTES = 8 * 1024 * 1024
+#: bytes within one second beyond which the agent floods (the reader pauses for the rest
+#: of the second); well above the output a workload prints (the link carries ~12 MB/s)
+FLOOD_BYTES = 64 * 1024 * 1024
 #: monitoring events passed to on_event per second; the rest of the second's are dropped
 EVENTS_PER_S = 200
 #: reports of one problem kind per second; the rest are counted and summed up afterwards

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+import hvtsm.monitor.link as link_module
 from guest_agent.protocol import AGENT_TYPES, HOST_TYPES, SCHEMAS, Decoder, ProtocolError
 from hvtsm.errors import ZoneError
 from hvtsm.monitor import link as link_mod
@@ -352,7 +353,7 @@ def test_mutated_messages_of_every_type() -> None:
 def test_a_huge_line_then_a_heartbeat(rig: Rig) -> None:
     before = rig.link.messages
     seq = rig.agent.next_seq()
-    huge = b"a" * (10 * 1024 * 1024)
+    huge = b"a" * (link_module.FLOOD_BYTES + 2 * 1024 * 1024)
     # past FLOOD_BYTES the link stops reading for the rest of the second: nothing is lost,
     # so the heartbeat behind the line arrives
     took = rig.run([*chunked(huge, random.Random(4)),
