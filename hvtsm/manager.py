@@ -104,6 +104,8 @@ class Manager:
             self.controller: Controller = register_controller(session)
         self.timeline = Timeline(store.engine, self.controller.id)
         self._started = False
+        self._held: dict[str, list[Notice]] = {}
+        self._held_lock = threading.Lock()
         # anomalies arrive on agent-link reader threads, which a reaction (terminate)
         # may need to stop: reactions run on a thread of their own, in arrival order
         self._anomalies: queue.Queue[tuple[str, AnomalyReport] | None] = queue.Queue()
@@ -191,18 +193,21 @@ class Manager:
             assert row.seq is not None
             seq = row.seq
         claim_zone(zone_id)
+        self._hold(zone_id)
         try:
             handle = driver.create(ZoneSpec(
                 zone_id=zone_id, net_index=seq, user=user, memory_dump=policy.memory_dump,
                 monitor=policy.anomaly.profile() if policy.anomaly.monitor else None), initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
+            self._release(zone_id)
             raise
         try:
             workload = driver.start(handle, argv, io or WorkloadIO())
         except HvtsmError as exc:
             driver.terminate(handle)
             self._fail(zone_id, f"could not start {argv[0]!r}: {exc}")
+            self._release(zone_id)
             raise
         started = time.time()
         zero = [p for p in policy.phases if p.at_ms == 0 and not p.terminate]
@@ -234,6 +239,7 @@ class Manager:
                                                                       started,
                                                                       phase.restrictions
                                                                       .describe()))
+        self._release(zone_id)
         threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone_id}",
                          daemon=True).start()
         return run
@@ -570,7 +576,24 @@ class Manager:
             record_event(session, zone_id=zone_id, kind=kind, detail=detail, ts=now)
         self._notify("note", zone_id, now, {"kind": kind, "detail": detail})
 
+    def _hold(self, zone_id: str) -> None:
+        """Notes a driver reports while the zone is being made (the agent's "monitor"
+        line) are audited at once but announced after the zone's "start"."""
+        with self._held_lock:
+            self._held[zone_id] = []
+
+    def _release(self, zone_id: str) -> None:
+        with self._held_lock:
+            held = self._held.pop(zone_id, [])
+        for notice in held:
+            self._notify(notice.kind, notice.zone_id, notice.ts, notice.data)
+
     def _notify(self, kind: str, zone_id: str, ts: float, data: dict[str, Any]) -> None:
+        if kind != "start":
+            with self._held_lock:
+                if zone_id in self._held:
+                    self._held[zone_id].append(Notice(kind, zone_id, ts, data))
+                    return
         if self.listener is not None:
             try:
                 self.listener(Notice(kind, zone_id, ts, data))
