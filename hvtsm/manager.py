@@ -322,6 +322,9 @@ class Manager:
 
     def _react(self, zone_id: str, report: AnomalyReport) -> Reaction | None:
         run = self._run(zone_id)
+        if report.category == "events-dropped" and not run.policy.anomaly.drops_are_anomalies:
+            self._driver_report(zone_id, "events-dropped", report.detail)  # counted, no more
+            return None
         now = time.time()
         with self.store.session() as session:
             anomaly_id = record_anomaly(session, zone_id=zone_id, kind=report.category,

@@ -5,6 +5,7 @@ contained and named in the audit trail while each benign one finishes untouched.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +14,13 @@ import pytest
 from hvtsm.host import probe_host
 from hvtsm.manager import Manager
 from hvtsm.monitor import host_agent
+from hvtsm.policy import load_policy
 from hvtsm.store import Store
+from hvtsm.store.audit import zone_trail
 from hvtsm.store.models import ZoneState
 from hvtsm.zones.cgroup.driver import CgroupDriver
 from tests.integration.monitor_corpus import (
+    DEFAULT_POLICY,
     Case,
     bad_cases,
     benign_cases,
@@ -74,3 +78,18 @@ def test_benign_program_finishes_without_anomaly(
     assert outcome.run.state is ZoneState.EXITED and outcome.run.exit_status == 0, \
         outcome.output
     assert case.output in outcome.output
+
+
+def test_a_killed_agent_ends_its_zone(setup: tuple[Manager, Store, Path]) -> None:
+    """Fail closed: an agent that goes away (killed, crashed) leaves a zone nobody watches."""
+    manager, store, _ = setup
+    policy = load_policy(DEFAULT_POLICY)
+    run = manager.launch(policy, ["/bin/sleep", "60"], user="nobody")
+    os.kill(run.handle.state["agent_pid"], signal.SIGKILL)
+    assert run.ended.wait(15)
+    manager.settle()
+    assert run.state is ZoneState.TERMINATED
+    with store.session() as session:
+        trail = zone_trail(session, zone_id=run.zone_id)
+    assert any(e.kind == "anomaly" and e.data["kind"] == "agent-lost" for e in trail)
+    assert any(e.kind == "reaction" and e.data["action"] == "terminate" for e in trail)

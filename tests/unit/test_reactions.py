@@ -180,3 +180,19 @@ def test_an_old_store_gains_the_evidence_column(tmp_path: Path) -> None:
     with store.session() as session:
         row = session.exec(select(Anomaly)).one()
     assert row.evidence == "{}"
+
+
+def test_drops_are_anomalies_only_when_the_policy_says_so(store: Store) -> None:
+    text = POLICY + "drops_are_anomalies = false\n"
+    manager = Manager(store, FakeDriver())
+    manager.start()
+    run = manager.launch(parse_policy(text.encode(), source="d.toml"), ["true"],
+                         policy_toml=text)
+    assert manager.report_anomaly(run.zone_id, kind="events-dropped", detail="3 lost",
+                                  source="agent") is None
+    assert react(manager, run.zone_id) == "accelerate"
+    manager.shutdown()
+    with store.session() as session:
+        assert [a.kind for a in session.exec(select(Anomaly))] == ["fork-rate"]
+        trail = zone_trail(session, zone_id=run.zone_id)
+    assert any(e.kind == "events-dropped" for e in trail)
