@@ -4,7 +4,9 @@
 for the child's close-on-exec error pipe), for the zone's workload and the baseline alike.
 Three figures, each against a baseline measured in the same run:
   driver      create + start of a cgroup zone (cgroups, netns with NIC, mount ns)
-  manager     the same plus the audit rows and the scheduled timeline
+  manager     the same plus the audit rows and the scheduled timeline, with and without
+              the agent that watches the zone (started beside it, the workload handed
+              over before its first instruction)
   cli         the whole `hvtsm run -- true` command, Python start-up included
 
 Run as root: python3 bench/zone_start.py [--n 50]
@@ -22,7 +24,7 @@ from pathlib import Path
 from common import cgroup_driver, percentile, progress, summary, temp_store
 
 from hvtsm.manager import Manager
-from hvtsm.policy import load_policy
+from hvtsm.policy import load_policy, parse_policy
 from hvtsm.zones.base import WorkloadIO, ZoneSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,15 +60,18 @@ def driver_starts(n: int) -> tuple[list[float], list[float]]:
     return starts, ends
 
 
-def manager_starts(n: int) -> list[float]:
+def manager_starts(n: int, *, monitor: bool) -> list[float]:
     manager = Manager(temp_store(), cgroup_driver())
     manager.start()
-    policy = load_policy(REPO / "policies" / "default.toml")
+    text = (REPO / "policies" / "default.toml").read_text()
+    if not monitor:
+        text = text.replace("monitor = true", "monitor = false")
+    policy = parse_policy(text.encode(), source="default.toml")
     out = []
     for i in range(n):
-        progress(f"manager {i + 1}/{n}")
+        progress(f"manager {'with' if monitor else 'without'} monitoring {i + 1}/{n}")
         t0 = time.perf_counter()
-        run = manager.launch(policy, COMMAND, user="root")
+        run = manager.launch(policy, COMMAND, user="root", policy_toml=text)
         out.append((time.perf_counter() - t0) * 1000)
         run.ended.wait(10)
     progress("")
@@ -98,15 +103,18 @@ def main() -> None:
     args = parser.parse_args()
     base = baseline(args.n)
     starts, ends = driver_starts(args.n)
-    managed = manager_starts(args.n)
+    managed = manager_starts(args.n, monitor=False)
+    watched = manager_starts(args.n, monitor=True)
     base_after = baseline(args.n)
     base_all = base + base_after
     b50 = percentile(base_all, 50)
     print(summary("baseline subprocess start", base_all))
     print(summary("zone start, driver (goal p50 < 100 ms)", starts)
           + f"  ratio p50 {percentile(starts, 50) / b50:.1f}x")
-    print(summary("zone start, manager with audit + timeline", managed)
+    print(summary("zone start, manager with audit + timeline, monitoring off", managed)
           + f"  ratio p50 {percentile(managed, 50) / b50:.1f}x")
+    print(summary("zone start, manager, agent beside the zone watching (default)", watched)
+          + f"  ratio p50 {percentile(watched, 50) / b50:.1f}x")
     print(summary("zone terminate + cleanup", ends))
     hv, plain = cli_runs(args.cli_n)
     print(summary("whole `hvtsm run -- true` (Python start-up included)", hv)

@@ -163,6 +163,7 @@ class Agent:
         self.heartbeat = heartbeat
         # on the host (--watch-fd) a stuck agent must not hold other programs' opens:
         # fanotify only reports there; in the guest it answers each sensitive open
+        self.host_mode = watch_fd is not None
         self.monitor = Monitor(self._emit, permission_events=watch_fd is None)
         if watch_fd is not None:
             self.monitor.attach_socket(socket.socket(fileno=watch_fd))
@@ -432,6 +433,12 @@ class Agent:
                     try:
                         data = self.port.read(generation, 0.5)
                     except Disconnected:
+                        if self.host_mode and not self.monitor.stats()["watching"]:
+                            # beside a cgroup zone with nothing left to watch (a spare
+                            # the controller never used, or a zone whose processes are
+                            # gone): no controller needs to find this agent again
+                            log.info("host gone and nothing to watch: exiting")
+                            self.stop.set()
                         break
                     if data:
                         for item in decoder.feed(data):

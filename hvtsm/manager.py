@@ -161,6 +161,10 @@ class Manager:
                 run.ended.wait(10)
         self._anomalies.put(None)
         self._reactor.join(10)
+        for driver in self.drivers.values():
+            close = getattr(driver, "close", None)
+            if close is not None:
+                close()
         self.timeline.shutdown(drop=True)
         with self.store.session() as session:
             row = session.get(Controller, self.controller.id)

@@ -2,12 +2,14 @@
 the host as root in the host's namespaces and outside the zone's cgroups (the zone's
 limits, freezer and kill never reach it), one per zone.
 
-It talks to the controller over a unix socket it connects to (`/run/hvtsm/agents/<zone>.sock`,
+It talks to the controller over a unix socket it connects to (`/run/hvtsm/agents/<name>.sock`,
 which the controller listens on), so a controller started after a crash can listen there
-again and the agent reconnects: monitoring survives the controller. The zone's launcher
-hands it each workload's seccomp listener over a second, inherited SOCK_SEQPACKET socket
-(`--watch-fd`); the workload's first exec waits in the kernel until the agent answers, so
-nothing runs unwatched.
+again and the agent reconnects: monitoring survives the controller. Python and the agent's
+imports take ~140 ms here, so a driver keeps one agent started ahead (a spare) and gives
+it to the next zone; `<zone>.agent` records which agent (name, pid) watches which zone.
+The zone's launcher hands it each workload's seccomp listener over a second, inherited
+SOCK_SEQPACKET socket (`--watch-fd`); the workload's first exec waits in the kernel until
+the agent answers, so nothing runs unwatched.
 """
 
 from __future__ import annotations
@@ -36,18 +38,22 @@ RECONNECT_WINDOW_S = 3600
 HEARTBEAT_S = 1.0
 
 
-def socket_path(zone_id: str) -> Path:
-    return AGENT_DIR / f"{zone_id}.sock"
+def socket_path(name: str) -> Path:
+    return AGENT_DIR / f"{name}.sock"
 
 
-def log_path(zone_id: str) -> Path:
-    return AGENT_DIR / f"{zone_id}.log"
+def log_path(name: str) -> Path:
+    return AGENT_DIR / f"{name}.log"
 
 
-def _listen(zone_id: str) -> socket.socket:
+def record_path(zone_id: str) -> Path:
+    return AGENT_DIR / f"{zone_id}.agent"
+
+
+def _listen(name: str) -> socket.socket:
     AGENT_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(AGENT_DIR, 0o700)
-    path = socket_path(zone_id)
+    path = socket_path(name)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -62,8 +68,11 @@ def _listen(zone_id: str) -> socket.socket:
 
 
 class HostAgent:
-    def __init__(self, zone_id: str, pid: int, server: socket.socket,
-                 hand_over: socket.socket | None, proc: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, name: str, pid: int, server: socket.socket,
+                 hand_over: socket.socket | None, proc: subprocess.Popen[bytes] | None,
+                 zone_id: str | None = None) -> None:
+        #: what its socket and log are named after (a spare has no zone yet)
+        self.name = name
         self.zone_id = zone_id
         self.pid = pid
         self._server: socket.socket | None = server
@@ -73,49 +82,57 @@ class HostAgent:
         self.link: AgentLink | None = None
 
     @classmethod
-    def launch(cls, zone_id: str) -> HostAgent:
-        """Start the agent process; `connect` later waits for it (its start-up overlaps
-        the zone's own set-up)."""
+    def launch(cls, name: str) -> HostAgent:
+        """Start an agent process; `assign` gives it a zone and `connect` takes its
+        connection (its hello waits in the socket until then)."""
         try:
-            server = _listen(zone_id)
+            server = _listen(name)
         except OSError as exc:
-            raise ZoneError(f"cannot listen for the zone's agent at {socket_path(zone_id)}: "
-                            f"{exc.strerror or exc}", zone_id=zone_id) from exc
+            raise ZoneError(f"cannot listen for a zone agent at {socket_path(name)}: "
+                            f"{exc.strerror or exc}") from exc
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         source = str(Path(protocol.__file__).resolve().parent.parent)
         argv = [sys.executable, "-s", "-m", "guest_agent",
-                "--connect", f"unix:{socket_path(zone_id)}",
+                "--connect", f"unix:{socket_path(name)}",
                 "--watch-fd", str(theirs.fileno()),
                 "--wait-port", str(RECONNECT_WINDOW_S), "--heartbeat", str(HEARTBEAT_S),
                 "--log-level", "warning"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "PYTHONPATH": source, "LANG": "C.UTF-8"}
         try:
-            with open(log_path(zone_id), "ab") as log_file:
+            with open(log_path(name), "ab") as log_file:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                         stderr=log_file, pass_fds=[theirs.fileno()], env=env,
                                         cwd="/", start_new_session=True)
         except OSError as exc:
             server.close()
             ours.close()
-            raise ZoneError(f"cannot start the zone's agent: {exc.strerror or exc}",
-                            zone_id=zone_id) from exc
+            raise ZoneError(f"cannot start a zone agent: {exc.strerror or exc}") from exc
         finally:
             theirs.close()
-        return cls(zone_id, proc.pid, server, ours, proc)
+        return cls(name, proc.pid, server, ours, proc)
+
+    def usable(self) -> bool:
+        """A spare that is still running and not yet connected."""
+        return self._server is not None and _alive(self.pid, self._proc)
+
+    def assign(self, zone_id: str) -> None:
+        self.zone_id = zone_id
+        AGENT_DIR.mkdir(parents=True, exist_ok=True)
+        record_path(zone_id).write_text(json.dumps({"name": self.name, "pid": self.pid}))
 
     @classmethod
-    def reattach(cls, zone_id: str, pid: int) -> HostAgent | None:
+    def reattach(cls, zone_id: str, pid: int, name: str) -> HostAgent | None:
         """After a controller restart: listen where the running agent reconnects to.
         None when that agent is gone."""
         if not _alive(pid):
             return None
         try:
-            server = _listen(zone_id)
+            server = _listen(name)
         except OSError as exc:
             log.warning("zone %s: cannot listen for its agent again: %s", zone_id, exc)
             return None
-        return cls(zone_id, pid, server, None, None)
+        return cls(name, pid, server, None, None, zone_id)
 
     def connect(self, *, on_problem: ProblemHandler, on_event: EventHandler,
                 timeout: float = 10.0) -> AgentLink:
@@ -137,7 +154,7 @@ class HostAgent:
         self._server.close()
         self._server = None
         with contextlib.suppress(FileNotFoundError):
-            socket_path(self.zone_id).unlink()  # the agent stays connected; none other may
+            socket_path(self.name).unlink()  # the agent stays connected; none other may
         link = AgentLink.from_socket(conn, zone_id=self.zone_id, on_problem=on_problem,
                                      on_event=on_event)
         try:
@@ -155,14 +172,15 @@ class HostAgent:
     def _failed(self, why: str) -> ZoneError:
         tail = ""
         with contextlib.suppress(OSError):
-            tail = log_path(self.zone_id).read_text(errors="replace")[-600:].strip()
+            tail = log_path(self.name).read_text(errors="replace")[-600:].strip()
         return ZoneError(f"the zone's agent (pid {self.pid}) is not usable: {why}",
                          zone_id=self.zone_id,
-                         hint=f"its log {log_path(self.zone_id)} says: {tail}" if tail else None)
+                         hint=f"its log {log_path(self.name)} says: {tail}" if tail else None)
 
     def watch_header(self, profile: dict[str, Any], *, procs_file: str,
                      oom_file: str | None) -> bytes:
         """What the launcher sends with the workload's seccomp listener."""
+        assert self.zone_id is not None
         return json.dumps({"id": self.zone_id, "profile": profile, "procs_file": procs_file,
                            "oom_file": oom_file}).encode()
 
@@ -173,7 +191,7 @@ class HostAgent:
             self.hand_over = None
 
     def update(self, profile: dict[str, Any]) -> None:
-        if self.link is not None and not self.link.closed:
+        if self.link is not None and not self.link.closed and self.zone_id is not None:
             self.link.update_profile(self.zone_id, profile)
 
     def stop(self) -> None:
@@ -195,7 +213,10 @@ class HostAgent:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(1)
-        for path in (socket_path(self.zone_id), log_path(self.zone_id)):
+        paths = [socket_path(self.name), log_path(self.name)]
+        if self.zone_id is not None:
+            paths.append(record_path(self.zone_id))
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -210,14 +231,50 @@ def _alive(pid: int, proc: subprocess.Popen[bytes] | None = None) -> bool:
         return False
 
 
-def stop_orphan(zone_id: str, pid: Any) -> list[str]:
+def recorded(zone_id: str) -> tuple[str, int] | None:
+    """(name, pid) of the agent watching `zone_id`, from its record."""
+    try:
+        data = json.loads(record_path(zone_id).read_text())
+        return str(data["name"]), int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recorded_zones() -> set[str]:
+    return {p.stem for p in AGENT_DIR.glob("*.agent")}
+
+
+def stop_orphan(zone_id: str) -> list[str]:
     """`hvtsm cleanup`: end a zone's agent left behind by a dead controller."""
     removed = []
-    if isinstance(pid, int) and _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        removed.append(f"agent pid {pid} killed")
-    for path in (socket_path(zone_id), log_path(zone_id)):
+    found = recorded(zone_id)
+    paths = [record_path(zone_id)]
+    if found is not None:
+        name, pid = found
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            removed.append(f"agent pid {pid} killed")
+        paths += [socket_path(name), log_path(name)]
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    return removed
+
+
+def sweep_spares() -> list[str]:
+    """Files of spare agents whose controller died (the spare itself exits when its host
+    goes: it had nothing to watch). Agents given to zones are kept: their records name them."""
+    if not AGENT_DIR.is_dir():
+        return []
+    assigned = {found[0] for z in recorded_zones() if (found := recorded(z)) is not None}
+    removed = []
+    for path in [*AGENT_DIR.glob("agent-*.sock"), *AGENT_DIR.glob("agent-*.log")]:
+        parts = path.stem.split("-")
+        if path.stem in assigned or len(parts) != 3 or not parts[1].isdigit():
+            continue
+        if not os.path.exists(f"/proc/{parts[1]}"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(str(path))
     return removed

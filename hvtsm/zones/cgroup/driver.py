@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -77,6 +78,10 @@ class CgroupDriver(HookedDriver):
         self.hooks = MonitorHooks()
         #: the agent beside each monitored zone
         self._agents: dict[str, HostAgent] = {}
+        #: an agent started ahead for the next zone (its start-up is Python's ~140 ms)
+        self._spare: HostAgent | None = None
+        self._spare_lock = threading.Lock()
+        self._swept = False
 
     # -- naming -------------------------------------------------------------------------
 
@@ -100,10 +105,11 @@ class CgroupDriver(HookedDriver):
                             initial)
         try:
             if spec.monitor is not None:
-                # started first: its start-up overlaps the zone's set-up
-                agent = HostAgent.launch(zone_id)
+                agent = self._take_agent()
+                agent.assign(zone_id)
                 self._agents[zone_id] = agent
-                handle.state.update(monitor=dict(spec.monitor), agent_pid=agent.pid)
+                handle.state.update(monitor=dict(spec.monitor), agent_pid=agent.pid,
+                                    agent_name=agent.name)
             cgroup.create()
             self._set_limits(cgroup, initial, Restrictions(), lambda _name, _value: None)
             nic = initial.network.has_nic
@@ -193,6 +199,30 @@ class CgroupDriver(HookedDriver):
         return launcher.Watch(installer, agent.hand_over.fileno(),
                               agent.watch_header(profile, procs_file=procs_file,
                                                  oom_file=oom_file))
+
+    def _take_agent(self) -> HostAgent:
+        """The spare (started ahead), else a new agent; either way a new spare is started
+        for the zone after this one."""
+        with self._spare_lock:
+            if not self._swept:
+                host_agent.sweep_spares()
+                self._swept = True
+            agent, self._spare = self._spare, None
+            if agent is not None and not agent.usable():
+                agent.stop()
+                agent = None
+            if agent is None:
+                agent = HostAgent.launch(f"agent-{os.getpid()}-{secrets.token_hex(4)}")
+            with contextlib.suppress(ZoneError):
+                self._spare = HostAgent.launch(f"agent-{os.getpid()}-{secrets.token_hex(4)}")
+        return agent
+
+    def close(self) -> None:
+        """The controller is done with this driver: its spare agent goes."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.stop()
 
     def _stop_agent(self, zone_id: str) -> None:
         agent = self._agents.pop(zone_id, None)
@@ -382,9 +412,11 @@ class CgroupDriver(HookedDriver):
         """Take over the zone's running agent; without one, the zone is unwatched, which
         is an anomaly (fail closed) rather than a silent gap."""
         zone_id, pid = handle.zone_id, handle.state.get("agent_pid")
-        if handle.state.get("monitor") is None or not isinstance(pid, int):
+        name = handle.state.get("agent_name")
+        if handle.state.get("monitor") is None or not isinstance(pid, int) \
+                or not isinstance(name, str):
             return
-        agent = HostAgent.reattach(zone_id, pid)
+        agent = HostAgent.reattach(zone_id, pid, name)
         on_problem, on_event = self.hooks.handlers(zone_id)
         if agent is None:
             on_problem("disconnected", f"the zone's agent (pid {pid}) is gone: its "
@@ -400,15 +432,13 @@ class CgroupDriver(HookedDriver):
         threading.Thread(target=connect, name=f"agent-{zone_id}", daemon=True).start()
 
     def leftovers(self) -> set[str]:
-        agents = {p.stem for p in host_agent.AGENT_DIR.glob("*.sock")} | {
-            p.stem for p in host_agent.AGENT_DIR.glob("*.log")}
         return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids()
-                | {z for z in agents if _ZONE_ID.match(z)})
+                | {z for z in host_agent.recorded_zones() if _ZONE_ID.match(z)})
 
     def remove(self, zone_id: str) -> list[str]:
         removed = self._teardown(_check_id(zone_id))
         self._stop_agent(zone_id)
-        return removed + host_agent.stop_orphan(zone_id, _agent_pid_of(zone_id))
+        return removed + host_agent.stop_orphan(zone_id)
 
     # -- shared host setup ----------------------------------------------------------------
 
@@ -431,17 +461,3 @@ class CgroupDriver(HookedDriver):
                     raise ZoneError(f"cannot prepare {mounts.NS_REF_DIR}: {exc}") from exc
                 self._ref_dir_ready = True
 
-
-def _agent_pid_of(zone_id: str) -> int | None:
-    """The pid of a zone's agent, found by its command line (the store may be another)."""
-    needle = f"unix:{host_agent.socket_path(zone_id)}".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                if needle in f.read():
-                    return int(entry.name)
-        except OSError:
-            continue
-    return None
