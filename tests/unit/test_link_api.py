@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from guest_agent.protocol import HOST_TYPES, Decoder, Message, ProtocolError, encode
+from guest_agent.protocol import Item, Message, ProtocolError, encode
 from hvtsm.errors import ZoneError
 from hvtsm.monitor.link import AgentLink
+from tests.unit.agent_peer import serve
 
 PROFILE = {"deny_syscalls": ["ptrace"], "network": "loopback", "egress": [],
            "max_forks_per_s": 50}
@@ -58,22 +59,16 @@ class FakeAgent:
                 self._cond.wait(left)
 
     def _serve(self) -> None:
-        decoder = Decoder(HOST_TYPES)
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            for item in decoder.feed(data):
-                if isinstance(item, ProtocolError):
-                    self.bad.append(item)
-                    continue
-                with self._cond:
-                    self.received.append(item)
-                    self._cond.notify_all()
-                self._answer(item)
+        serve(self.sock, self._take)
+
+    def _take(self, item: Item) -> None:
+        if isinstance(item, ProtocolError):
+            self.bad.append(item)
+            return
+        with self._cond:
+            self.received.append(item)
+            self._cond.notify_all()
+        self._answer(item)
 
     def _answer(self, msg: Message) -> None:
         if msg["type"] == "start":

@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-import hvtsm.monitor.link as link_module
-from guest_agent.protocol import AGENT_TYPES, HOST_TYPES, SCHEMAS, Decoder, ProtocolError
+from guest_agent.protocol import AGENT_TYPES, SCHEMAS, ProtocolError
 from hvtsm.errors import ZoneError
 from hvtsm.monitor import link as link_mod
 from hvtsm.monitor.link import AgentLink
+from tests.unit.agent_peer import serve
 
 #: every problem kind the link may report (its module docstring lists them)
 KINDS = {"malformed", "oversized", "seq_gap", "seq_regress", "heartbeat_lost", "agent_restart",
@@ -118,17 +118,8 @@ class Agent:
         self.write(b"\n" + line(reply))
 
     def _serve(self) -> None:
-        decoder = Decoder(HOST_TYPES)
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            for item in decoder.feed(data):
-                if not isinstance(item, ProtocolError):
-                    self._answer(item)
+        serve(self.sock, lambda item: None if isinstance(item, ProtocolError)
+              else self._answer(item))
 
 
 class Rig:
@@ -353,7 +344,7 @@ def test_mutated_messages_of_every_type() -> None:
 def test_a_huge_line_then_a_heartbeat(rig: Rig) -> None:
     before = rig.link.messages
     seq = rig.agent.next_seq()
-    huge = b"a" * (link_module.FLOOD_BYTES + 2 * 1024 * 1024)
+    huge = b"a" * (link_mod.FLOOD_BYTES + 2 * 1024 * 1024)
     # past FLOOD_BYTES the link stops reading for the rest of the second: nothing is lost,
     # so the heartbeat behind the line arrives
     took = rig.run([*chunked(huge, random.Random(4)),
