@@ -496,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a monitored call waits for the agent: the thread answering it must not wait out
+    # the default 5 ms GIL switch interval behind the sampler or the writer
+    sys.setswitchinterval(0.0002)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="guest_agent[%(process)d] %(levelname)s %(message)s")
     agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat,

@@ -409,7 +409,15 @@ class Monitor:
             log.warning("bad watch header (%s): %r", e, msg[:200])
             os.close(fds[0])
             return
-        self._begin(wid, profile, fds[0], header.get("procs_file"), header.get("oom_file"))
+        try:
+            self._begin(wid, profile, fds[0], header.get("procs_file"), header.get("oom_file"))
+        except Exception:
+            # a watch that cannot begin must not leave the tree waiting for ever: closing
+            # the listener fails its notified calls (ENOSYS), its first exec included
+            log.exception("cannot watch %s", wid)
+            self.internal_errors += 1
+            with contextlib.suppress(OSError):
+                os.close(fds[0])
 
     # --- watches ------------------------------------------------------------------------
 

@@ -65,6 +65,10 @@ RESP_SIZE = 24
 IOCTL_NOTIF_RECV = 0xC0502100
 IOCTL_NOTIF_SEND = 0xC0182101
 IOCTL_NOTIF_ID_VALID = 0x40082102
+#: _IOW('!', 4, __u64): SECCOMP_IOCTL_NOTIF_SET_FLAGS (Linux 6.6+)
+IOCTL_NOTIF_SET_FLAGS = 0x40082104
+#: the kernel hands the CPU straight to the agent and back (no cold wake-ups of idle CPUs)
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 NOTIF_FORMAT = "<QIIiIQ6Q"  # id, pid, flags, data.nr, data.arch, data.ip, data.args
 RESP_FORMAT = "<QqiI"  # id, val, error, flags
@@ -234,6 +238,9 @@ class Listener:
         self._buf = ctypes.create_string_buffer(NOTIF_SIZE)
         self._resp = ctypes.create_string_buffer(RESP_SIZE)
         self._id = ctypes.c_uint64(0)
+        #: whether the kernel switches synchronously between caller and agent
+        self.sync_wake_up = self._libc.ioctl(
+            fd, IOCTL_NOTIF_SET_FLAGS, ctypes.c_void_p(SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)) == 0
 
     def recv(self) -> Notification | None:
         """The next notification (poll for POLLIN first); None when it vanished (the
