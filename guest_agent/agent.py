@@ -262,6 +262,17 @@ class Agent:
             if not self._write(msg, generation):
                 self.outbox.put_back(lane, msg, size)
 
+    def _orphan_watch(self) -> None:
+        """Beside a cgroup zone: once the controller that started us is gone and nothing
+        is watched, no one will need us (a controller that resumes only looks for agents
+        that watch a zone)."""
+        parent = os.getppid()
+        while not self.stop.wait(1.0):
+            if os.getppid() != parent and not self.monitor.stats()["watching"]:
+                log.info("controller gone and nothing to watch: exiting")
+                self.stop.set()
+                self.port.close()
+
     def _heartbeats(self) -> None:
         while not self.stop.wait(self.heartbeat):
             if self.port.connected:
@@ -423,6 +434,8 @@ class Agent:
             return 2
         self._spawn_thread(self._writer, "writer")
         self._spawn_thread(self._heartbeats, "heartbeat")
+        if self.host_mode:
+            self._spawn_thread(self._orphan_watch, "orphan")
         self.monitor.start()
         code = 0
         try:
