@@ -100,7 +100,7 @@ def zone_trail(session: Session, *, zone_id: str) -> list[TrailEntry]:
         if said := evidence_text(evidence):
             summary += f" [{said}]"
         entries.append(TrailEntry(an.ts, "anomaly", summary, {
-            "id": an.id, "kind": an.kind, "detail": an.detail, "source": an.source,
+            "id": an.id, "category": an.kind, "detail": an.detail, "source": an.source,
             "evidence": evidence}))
     for re_ in session.exec(select(Reaction).where(Reaction.zone_id == zone_id)):
         entries.append(TrailEntry(re_.ts, "reaction", f"{re_.action}: {re_.reason}", {

@@ -116,6 +116,6 @@ def run_case(manager: Manager, store: Store, corpus: Path, case: Case, *,
     with store.session() as session:
         trail = zone_trail(session, zone_id=run.zone_id)
     anomalies = [e for e in trail if e.kind == "anomaly"]
-    return Outcome(run, output, [e.data["kind"] for e in anomalies],
+    return Outcome(run, output, [e.data["category"] for e in anomalies],
                    [e.data.get("evidence") or {} for e in anomalies],
                    [e.data["action"] for e in trail if e.kind == "reaction"])

@@ -19,6 +19,7 @@ from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.store.models import ZoneState
 from hvtsm.zones.cgroup.driver import CgroupDriver
+from tests.integration.cli_helpers import audit, hvtsm, json_lines
 from tests.integration.monitor_corpus import (
     DEFAULT_POLICY,
     Case,
@@ -91,5 +92,27 @@ def test_a_killed_agent_ends_its_zone(setup: tuple[Manager, Store, Path]) -> Non
     assert run.state is ZoneState.TERMINATED
     with store.session() as session:
         trail = zone_trail(session, zone_id=run.zone_id)
-    assert any(e.kind == "anomaly" and e.data["kind"] == "agent-lost" for e in trail)
+    assert any(e.kind == "anomaly" and e.data["category"] == "agent-lost" for e in trail)
     assert any(e.kind == "reaction" and e.data["action"] == "terminate" for e in trail)
+
+
+def test_hvtsm_run_shows_the_anomaly_and_audit_keeps_its_evidence(
+        setup: tuple[Manager, Store, Path], tmp_path: Path) -> None:
+    _, _, corpus = setup
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    program = str(corpus / "ptrace_attach.py")
+    result = hvtsm(db, "run", "--json", "--", "/usr/bin/python3", program)
+    events = json_lines(result.stdout)
+    anomalies = [e for e in events if e["event"] == "anomaly"]
+    assert anomalies, (result.stdout, result.stderr)
+    anomaly = anomalies[0]
+    assert anomaly["kind"] == "denied-syscall" and anomaly["evidence"]["syscall"] == "ptrace"
+    assert anomaly["evidence"]["contained"] == "killed"
+    assert any(e["event"] == "reaction" for e in events)
+    text = hvtsm(db, "run", "--", "/usr/bin/python3", program)
+    assert "ANOMALY denied-syscall" in text.stderr and "REACTION" in text.stderr
+    trail = audit(db, anomaly["zone"])
+    stored = next(e for e in trail if e["kind"] == "anomaly")
+    assert stored["evidence"]["args"]["request"] and stored["evidence"]["pid"]
+    table = hvtsm(db, "audit", anomaly["zone"]).stdout
+    assert "ptrace()" in table and "killed" in table
