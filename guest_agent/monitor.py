@@ -44,6 +44,8 @@ log = logging.getLogger("guest_agent")
 Emit = Callable[[str, str, dict], None]
 
 STATS_PERIOD = 5.0
+#: seconds over which memory growth is judged
+MEMORY_WINDOW = 1.0
 #: a rate anomaly (and events-dropped) is emitted at most once per this many seconds
 RATE_EMIT_PERIOD = 1.0
 #: other anomalies of one watch beyond this many per second are counted as dropped
@@ -234,6 +236,8 @@ class Watch:
     last_emit: dict[str, float] = field(default_factory=dict)
     emitted_window: collections.deque = field(default_factory=collections.deque)
     rss: dict[int, int] = field(default_factory=dict)
+    #: (time, per-process RSS) over the last MEMORY_WINDOW seconds
+    rss_history: collections.deque = field(default_factory=collections.deque)
     io: dict[int, int] = field(default_factory=dict)
     sampled_at: float = 0.0
     oom_base: int | None = None
@@ -984,6 +988,9 @@ class Monitor:
                 watch.lost += 1
             except (OSError, ValueError):
                 continue
+        watch.rss_history.append((now, rss))
+        while now - watch.rss_history[0][0] > MEMORY_WINDOW:
+            watch.rss_history.popleft()
         if watch.rss or watch.io:
             self._check_rates(watch, profile, rss, io, dt)
         watch.rss, watch.io, watch.sampled_at = rss, io, now
@@ -997,9 +1004,13 @@ class Monitor:
                      io: dict[int, int], dt: float) -> None:
         # a process seen for the first time starts from its current figures: its start-up
         # is not growth (a child exec'ing python is not a memory spike)
-        if profile.memory_spike_mib_per_s:
-            growth = {p: rss[p] - watch.rss[p] for p in rss if p in watch.rss}
-            rate = sum(growth.values()) / dt / MIB
+        # growth over the window, not one sample: a single large allocation is no spike,
+        # growth that goes on is (and a slow CPU still gets there)
+        then, old = watch.rss_history[0]
+        now = watch.rss_history[-1][0]
+        if profile.memory_spike_mib_per_s and now - then >= MEMORY_WINDOW / 2:
+            growth = {p: rss[p] - old[p] for p in rss if p in old}
+            rate = sum(growth.values()) / (now - then) / MIB
             if rate > profile.memory_spike_mib_per_s and growth:
                 top = max(growth, key=lambda p: growth[p])
                 self._rate_anomaly(watch, "memory-spike",
