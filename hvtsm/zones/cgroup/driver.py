@@ -438,6 +438,7 @@ class CgroupDriver(HookedDriver):
     def remove(self, zone_id: str) -> list[str]:
         removed = self._teardown(_check_id(zone_id))
         self._stop_agent(zone_id)
+        host_agent.sweep_spares()
         return removed + host_agent.stop_orphan(zone_id)
 
     # -- shared host setup ----------------------------------------------------------------
