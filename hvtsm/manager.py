@@ -369,6 +369,8 @@ class Manager:
                 time.sleep(0.01)
             try:
                 self._react(zone_id, report)
+            except ZoneError as exc:  # a zone whose launch failed (audited as such)
+                log.info("no reaction to %s: %s", report.category, exc)
             except Exception:  # one failed reaction must not stop the others
                 log.exception("reaction to %s in %s failed", report.category, zone_id)
             finally:

@@ -124,8 +124,9 @@ class LibvirtDriver(HookedDriver):
 
     def guest_agent_dir(self) -> Path:
         """The directory the guest puts on PYTHONPATH (staged once per agent version)."""
-        if self._agent_dir is None:
-            self._agent_dir = _stage_agent()
+        with _STAGING:  # zones created at once must not stage into one directory together
+            if self._agent_dir is None:
+                self._agent_dir = _stage_agent()
         return self._agent_dir
 
     def guest_python(self) -> str:
@@ -571,6 +572,9 @@ def _make_zone_dir(path: Path) -> None:
     except KeyError:
         pass
     path.chmod(0o750)
+
+
+_STAGING = threading.Lock()
 
 
 def _stage_agent() -> Path:
