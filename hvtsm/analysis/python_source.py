@@ -59,10 +59,14 @@ class _Resolver:
 
     def __init__(self, tree: ast.Module) -> None:
         self.names: dict[str, str] = {}
+        #: `x = f(...)` statements, kept so that a second walk of the tree is not needed
+        self.call_assignments: list[ast.Assign] = []
         # best effort: one map for the whole file, as function-local imports rarely
         # rebind a name to something else
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                self.call_assignments.append(node)
+            elif isinstance(node, ast.Import):
                 for a in node.names:
                     if a.asname:
                         self.names[a.asname] = a.name
@@ -195,13 +199,13 @@ class _Scanner:
             yield self.reason("privileged", call, detail)
 
 
-def _native_names(tree: ast.Module, r: _Resolver) -> frozenset[str]:
+def _native_names(r: _Resolver) -> frozenset[str]:
     names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            target = r.dotted(node.value.func)
-            if target and _under(target, _NATIVE_MODULES):
-                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    for node in r.call_assignments:
+        assert isinstance(node.value, ast.Call)
+        target = r.dotted(node.value.func)
+        if target and _under(target, _NATIVE_MODULES):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
     return frozenset(names)
 
 
@@ -231,7 +235,7 @@ def analyze_python(path: Path, text: str) -> list[Segment]:
     file = str(path)
     module = path.stem
     r = _Resolver(tree)
-    scanner = _Scanner(file, r, _native_names(tree, r))
+    scanner = _Scanner(file, r, _native_names(r))
     segments: list[Segment] = []
     module_nodes: list[ast.AST] = []
 

@@ -171,7 +171,7 @@ def analyze_shell(path: Path, text: str) -> list[Segment]:
         start = i
         logical = lines[i]
         # backslash-newline continues a command; so does an open quote
-        while i + 1 < len(lines) and (logical.endswith("\\") or _open_quote(logical)):
+        while i + 1 < len(lines) and (logical.endswith("\\") or _maybe_open_quote(logical)):
             logical = logical[:-1] + " " if logical.endswith("\\") else logical + "\n"
             i += 1
             logical += lines[i]
@@ -184,6 +184,11 @@ def analyze_shell(path: Path, text: str) -> list[Segment]:
                 i += 1
             i += 1
     return [make_segment(path.name, "script", file, 1, script.reasons)]
+
+
+def _maybe_open_quote(text: str) -> bool:
+    # tokenizing is the slow part; a line without quotes cannot leave one open
+    return ("'" in text or '"' in text) and _open_quote(text)
 
 
 def _open_quote(text: str) -> bool:
