@@ -33,12 +33,12 @@ _SYMBOLS: dict[str, str] = {
 
 
 def _unpack(fmt: str, data: bytes, offset: int, file: str, what: str) -> tuple[int, ...]:
-    try:
-        return struct.unpack_from(fmt, data, offset)
-    except struct.error:
-        raise AnalysisError(f"truncated ELF file: {what} lies past the end of the file "
+    # offsets come from the file itself, so they may be anything (even past 2**63)
+    if offset + struct.calcsize(fmt) > len(data):
+        raise AnalysisError(f"truncated or damaged ELF file: {what} lies past the end "
                             f"({len(data)} bytes)", file=file,
-                            hint="the binary is damaged or was not fully copied") from None
+                            hint="the binary is damaged or was not fully copied")
+    return struct.unpack_from(fmt, data, offset)
 
 
 def imported_symbols(data: bytes, file: str) -> list[str]:
@@ -72,17 +72,23 @@ def imported_symbols(data: bytes, file: str) -> list[str]:
             raise AnalysisError(f".dynsym links to missing section {link}", file=file)
         str_off, str_size = sections[link][4], sections[link][5]
         if str_off + str_size > len(data) or offset + size > len(data):
-            raise AnalysisError("truncated ELF file: .dynsym or .dynstr lies past the end "
-                                f"of the file ({len(data)} bytes)", file=file,
+            raise AnalysisError("truncated or damaged ELF file: .dynsym or .dynstr lies past "
+                                f"the end of the file ({len(data)} bytes)", file=file,
                                 hint="the binary is damaged or was not fully copied")
         sym_fmt = end + ("IBBHQQ" if is64 else "IIIBBH")
         entsize = entsize or struct.calcsize(sym_fmt)
+        if entsize < struct.calcsize(sym_fmt):
+            raise AnalysisError(f".dynsym entries of {entsize} bytes are too small", file=file)
         for i in range(1, size // entsize):  # entry 0 is the reserved null symbol
             sym = _unpack(sym_fmt, data, offset + i * entsize, file, f"symbol {i}")
             name_off, shndx = sym[0], sym[3] if is64 else sym[5]
             if shndx != 0 or name_off == 0 or name_off >= str_size:
                 continue
-            raw = data[str_off + name_off:data.index(b"\0", str_off + name_off)]
+            stop = data.find(b"\0", str_off + name_off, str_off + str_size)
+            if stop < 0:
+                raise AnalysisError(f"symbol {i}'s name runs past the end of .dynstr",
+                                    file=file)
+            raw = data[str_off + name_off:stop]
             names.append(raw.decode("ascii", "replace").split("@", 1)[0])
     return names
 

@@ -226,6 +226,8 @@ def parse(path: Path, text: str) -> ast.Module:
         raise AnalysisError(f"Python syntax error: {exc.msg}", file=str(path),
                             line=exc.lineno,
                             hint="the file must parse as Python 3 to be analyzed") from None
+    except (RecursionError, MemoryError):
+        raise AnalysisError("Python source nested too deeply to parse", file=str(path)) from None
     except ValueError as exc:  # source with NUL bytes
         raise AnalysisError(f"not Python source: {exc}", file=str(path)) from None
 

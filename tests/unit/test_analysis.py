@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -239,3 +241,33 @@ def test_cli_broken_file_exit_1() -> None:
 def test_cli_elf() -> None:
     done = _cli("/bin/ls", "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["language"] == "elf"
+
+
+def test_damaged_elf_never_raises_anything_else(tmp_path: Path) -> None:
+    original = Path("/bin/ls").read_bytes()
+    rng = random.Random(7)
+    damaged = tmp_path / "damaged"
+    for _ in range(300):
+        data = bytearray(original)
+        # flips in the ELF header and the section headers, where the offsets live
+        for _ in range(rng.randint(1, 8)):
+            spot = rng.choice([rng.randrange(4, 64), rng.randrange(len(data) - 4096, len(data))])
+            data[spot] = rng.randrange(256)
+        damaged.write_bytes(bytes(data))
+        with contextlib.suppress(AnalysisError):
+            analyze(damaged)
+
+
+@pytest.mark.parametrize("content", [b"x = 1\x00\n", b"\xff\xfe not utf-8", b"(" * 1000])
+def test_odd_python_is_an_analysis_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "odd.py"
+    path.write_bytes(content)
+    with pytest.raises(AnalysisError):
+        analyze(path)
+
+
+def test_empty_python_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.py"
+    path.write_text("")
+    report = analyze(path)
+    assert [(s.name, s.kind, s.risk) for s in report.segments] == [("empty", "module", "low")]
