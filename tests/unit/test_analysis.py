@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,49 @@ def test_empty_python_file(tmp_path: Path) -> None:
     path.write_text("")
     report = analyze(path)
     assert [(s.name, s.kind, s.risk) for s in report.segments] == [("empty", "module", "low")]
+
+
+def _tiny_elf(is64: bool, little: bool, symbols: list[tuple[str, int]]) -> bytes:
+    """An ELF with only a null section, .dynstr and .dynsym: (name, st_shndx) per symbol."""
+    end = "<" if little else ">"
+    strtab = b"\0" + b"".join(name.encode() + b"\0" for name, _ in symbols)
+    sym_fmt = end + ("IBBHQQ" if is64 else "IIIBBH")
+    syms = [b"\0" * struct.calcsize(sym_fmt)]
+    offset = 1
+    for name, shndx in symbols:
+        if is64:
+            syms.append(struct.pack(sym_fmt, offset, 0x12, 0, shndx, 0, 0))
+        else:
+            syms.append(struct.pack(sym_fmt, offset, 0, 0, 0x12, 0, shndx))
+        offset += len(name) + 1
+    symtab = b"".join(syms)
+    eh_size = 64 if is64 else 52
+    sh_fmt = end + ("IIQQQQIIQQ" if is64 else "IIIIIIIIII")
+    sh_size = struct.calcsize(sh_fmt)
+    str_off = eh_size
+    sym_off = str_off + len(strtab)
+    sh_off = sym_off + len(symtab)
+    ident = b"\x7fELF" + bytes([2 if is64 else 1, 1 if little else 2, 1]) + b"\0" * 9
+    head_fmt = end + ("HHIQQQIHHHHHH" if is64 else "HHIIIIIHHHHHH")
+    header = ident + struct.pack(head_fmt, 3, 62 if is64 else 3, 1, 0, 0, sh_off, 0, eh_size,
+                                 0, 0, sh_size, 3, 0)
+    sections = [struct.pack(sh_fmt, *[0] * 10),
+                struct.pack(sh_fmt, 0, 3, 0, 0, str_off, len(strtab), 0, 0, 1, 0),
+                struct.pack(sh_fmt, 0, 11, 0, 0, sym_off, len(symtab), 1, 1, 8,
+                            struct.calcsize(sym_fmt))]
+    return header + strtab + symtab + b"".join(sections)
+
+
+@pytest.mark.parametrize("is64", [True, False])
+@pytest.mark.parametrize("little", [True, False])
+def test_elf_classes_and_byte_orders(tmp_path: Path, is64: bool, little: bool) -> None:
+    path = tmp_path / "tiny"
+    # st_shndx 0 is an import; 12 is defined here, so `ptrace` must not count
+    path.write_bytes(_tiny_elf(is64, little, [("execve", 0), ("dlopen", 0), ("printf", 0),
+                                              ("ptrace", 12)]))
+    (segment,) = analyze(path).segments
+    assert {r.detail for r in segment.reasons} == {"execve", "dlopen"}
+    assert segment.capabilities == {"exec", "native"}
+    path.write_bytes(path.read_bytes()[:-10])  # cuts into the last section header
+    with pytest.raises(AnalysisError, match="truncated"):
+        analyze(path)
