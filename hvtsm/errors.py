@@ -75,3 +75,26 @@ class TemplateError(HvtsmError):
         self.file = file
         self.detail = message
         super().__init__(f"{file}: {message}" if file else message, hint=hint)
+
+
+class AnalysisError(HvtsmError):
+    """Program code that cannot be analyzed, named by file (and line when the parser knows it)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.detail = message
+        super().__init__(self._render(), hint=hint)
+
+    def _render(self) -> str:
+        where = self.file or ""
+        if where and self.line is not None:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.detail}" if where else self.detail

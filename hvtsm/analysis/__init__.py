@@ -1,0 +1,64 @@
+"""Risk analysis of program code: which capabilities each part of a program uses.
+
+`analyze(path)` picks the reader by content (ELF magic, then a shebang, then the suffix)
+and returns a `Report`; input it cannot read raises `AnalysisError`, never anything else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hvtsm.analysis.elf import ELF_MAGIC, analyze_elf
+from hvtsm.analysis.model import CAPABILITIES, Reason, Report, Segment
+from hvtsm.analysis.python_source import analyze_python
+from hvtsm.analysis.risk import risk_of
+from hvtsm.analysis.shell import analyze_shell
+from hvtsm.errors import AnalysisError
+
+__all__ = ["CAPABILITIES", "AnalysisError", "Reason", "Report", "Segment", "analyze",
+           "risk_of"]
+
+_SHELL_INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash"})
+
+
+def _interpreter(first_line: str) -> str | None:
+    if not first_line.startswith("#!"):
+        return None
+    words = first_line[2:].split()
+    if not words:
+        return None
+    name = os.path.basename(words[0])
+    if name == "env":
+        rest = [w for w in words[1:] if not w.startswith("-")]
+        name = rest[0] if rest else ""
+    return name
+
+
+def analyze(path: str | os.PathLike[str]) -> Report:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise AnalysisError("is a directory; name one file", file=str(p)) from None
+    except OSError as exc:
+        raise AnalysisError(f"cannot read: {exc.strerror or exc}", file=str(p)) from None
+    if data.startswith(ELF_MAGIC):
+        return Report(str(p), "elf", tuple(analyze_elf(p, data)))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AnalysisError("unknown format: neither ELF nor UTF-8 text", file=str(p),
+                            hint="hvtsm analyze reads Python, shell scripts and ELF binaries"
+                            ) from None
+    interpreter = _interpreter(text.split("\n", 1)[0])
+    if interpreter in _SHELL_INTERPRETERS or (interpreter is None and p.suffix in (".sh",
+                                                                                   ".bash")):
+        return Report(str(p), "shell", tuple(analyze_shell(p, text)))
+    if (interpreter or "").startswith("python") or (interpreter is None and p.suffix in (
+            ".py", ".pyw")):
+        return Report(str(p), "python", tuple(analyze_python(p, text)))
+    raise AnalysisError(
+        f"unknown format (interpreter {interpreter!r})" if interpreter else
+        "unknown format: no ELF magic, no shebang, not .py or .sh", file=str(p),
+        hint="hvtsm analyze reads Python, shell scripts and ELF binaries")

@@ -1,0 +1,67 @@
+"""What an analysis finds: segments of a program, their capabilities, and why."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: the capability names; policies' [[segment]] match.capability refers to them
+CAPABILITIES = (
+    "network", "exec", "file-write", "native", "dynamic-code", "input-parsing", "ptrace",
+    "privileged",
+)
+
+SegmentKind = Literal["function", "module", "script", "binary"]
+Risk = Literal["low", "medium", "high"]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One piece of evidence for a capability: where it is and what it is."""
+
+    capability: str
+    file: str
+    line: int
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capability": self.capability, "file": self.file, "line": self.line,
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    kind: SegmentKind
+    file: str
+    line: int
+    capabilities: frozenset[str]
+    risk: Risk
+    reasons: tuple[Reason, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "file": self.file, "line": self.line,
+                # sorted so that the JSON is stable from run to run
+                "capabilities": sorted(self.capabilities), "risk": self.risk,
+                "reasons": [r.to_dict() for r in self.reasons]}
+
+
+@dataclass(frozen=True)
+class Report:
+    path: str
+    language: str
+    segments: tuple[Segment, ...]
+
+    def segment(self, name: str) -> Segment:
+        for s in self.segments:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "language": self.language,
+                "segments": [s.to_dict() for s in self.segments]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

@@ -1,0 +1,258 @@
+"""Python source -> one segment per function and method, plus one for module-level code.
+
+Calls are resolved through the file's imports (`import subprocess as sp`, `from os import
+system`), so a rule names the real target (`subprocess.run`) however the file spells it.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from hvtsm.analysis.model import Reason, Segment
+from hvtsm.analysis.risk import make_segment
+from hvtsm.errors import AnalysisError
+
+#: any call into these modules reaches the network
+_NETWORK_MODULES = ("socket", "urllib.request", "urllib3", "http.client", "requests", "httpx",
+                    "aiohttp", "ftplib", "smtplib", "telnetlib", "paramiko")
+_EXEC_MODULES = ("subprocess",)
+_EXEC_CALLS = frozenset({"os.system", "os.popen", "pty.spawn", "os.fork", "os.forkpty",
+                         "asyncio.create_subprocess_exec", "asyncio.create_subprocess_shell"})
+_EXEC_PREFIXES = ("os.exec", "os.spawn", "os.posix_spawn")
+_WRITE_CALLS = frozenset({"os.remove", "os.unlink", "os.rename", "os.renames", "os.replace",
+                          "os.rmdir", "os.removedirs", "os.truncate", "os.mkfifo",
+                          "shutil.move", "shutil.rmtree", "tempfile.mkstemp"})
+_WRITE_PREFIXES = ("shutil.copy",)
+#: method names that write whatever object they are called on (pathlib.Path mostly)
+_WRITE_METHODS = frozenset({"write_text", "write_bytes"})
+_NATIVE_MODULES = ("ctypes", "cffi", "_cffi_backend")
+_DYNAMIC_CALLS = frozenset({"eval", "exec", "compile", "__import__", "pickle.load",
+                            "pickle.loads", "pickle.Unpickler", "_pickle.loads", "marshal.load",
+                            "marshal.loads", "dill.load", "dill.loads", "cloudpickle.load",
+                            "cloudpickle.loads", "shelve.open", "types.FunctionType",
+                            "types.CodeType"})
+_INPUT_CALLS = frozenset({"json.load", "json.loads", "yaml.load", "yaml.safe_load",
+                          "yaml.full_load", "yaml.unsafe_load", "yaml.load_all", "csv.reader",
+                          "csv.DictReader", "input", "tomllib.load", "tomllib.loads",
+                          "email.message_from_string", "email.message_from_bytes",
+                          "email.message_from_file", "email.message_from_binary_file"})
+_INPUT_MODULES = ("xml", "argparse", "email.parser", "html.parser", "lxml", "defusedxml")
+_INPUT_ATTRIBUTES = frozenset({"sys.stdin", "sys.stdin.buffer"})
+_PRIVILEGED_CALLS = frozenset({"os.setuid", "os.setgid", "os.seteuid", "os.setegid",
+                               "os.setreuid", "os.setregid", "os.setresuid", "os.setresgid",
+                               "os.setgroups", "os.chroot", "os.initgroups"})
+#: libc functions reached through ctypes (libc.mount(...)) that need privilege
+_PRIVILEGED_NATIVE = frozenset({"mount", "umount", "umount2", "init_module", "finit_module",
+                                "delete_module", "setuid", "setgid", "chroot", "pivot_root",
+                                "setns", "unshare"})
+_WRITE_MODE_CHARS = frozenset("wax+")
+
+
+def _under(name: str, modules: Iterable[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+class _Resolver:
+    """Import bindings of one file: local name -> dotted target."""
+
+    def __init__(self, tree: ast.Module) -> None:
+        self.names: dict[str, str] = {}
+        #: `x = f(...)` statements, kept so that a second walk of the tree is not needed
+        self.call_assignments: list[ast.Assign] = []
+        # best effort: one map for the whole file, as function-local imports rarely
+        # rebind a name to something else
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                self.call_assignments.append(node)
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.asname:
+                        self.names[a.asname] = a.name
+                    else:
+                        top = a.name.split(".")[0]
+                        self.names[top] = top
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    if a.name != "*":
+                        self.names[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def dotted(self, node: ast.expr) -> str | None:
+        parts: list[str] = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if isinstance(node, ast.Call):
+            # ctypes.CDLL("libc.so.6").mount(...) -> ctypes.CDLL().mount
+            inner = self.dotted(node.func)
+            if inner is None:
+                return None
+            return ".".join([inner + "()", *reversed(parts)])
+        if not isinstance(node, ast.Name):
+            return None
+        base = self.names.get(node.id, node.id)
+        return ".".join([base, *reversed(parts)])
+
+
+def _mode_writes(call: ast.Call, position: int) -> str | None:
+    mode: ast.expr | None = None
+    if len(call.args) > position:
+        mode = call.args[position]
+    for kw in call.keywords:
+        if kw.arg == "mode":
+            mode = kw.value
+    if isinstance(mode, ast.Constant) and isinstance(mode.value, str) \
+            and _WRITE_MODE_CHARS & set(mode.value):
+        return mode.value
+    return None
+
+
+class _Scanner:
+    def __init__(self, file: str, resolver: _Resolver, native_names: frozenset[str]) -> None:
+        self.file = file
+        self.r = resolver
+        # names bound to something from ctypes/cffi (libc = ctypes.CDLL(...)), so that
+        # libc.ptrace(...) is known to be a native call
+        self.native_names = native_names
+
+    def reason(self, cap: str, node: ast.AST, detail: str) -> Reason:
+        return Reason(cap, self.file, getattr(node, "lineno", 0), detail)
+
+    def scan(self, nodes: Iterable[ast.AST]) -> Iterator[Reason]:
+        for root in nodes:
+            for node in ast.walk(root):
+                if isinstance(node, ast.Call):
+                    yield from self.call(node)
+                elif isinstance(node, ast.Attribute):
+                    name = self.r.dotted(node)
+                    if name in _INPUT_ATTRIBUTES:
+                        yield self.reason("input-parsing", node, name)
+                elif isinstance(node, ast.Import | ast.ImportFrom):
+                    yield from self.imported(node)
+
+    def imported(self, node: ast.Import | ast.ImportFrom) -> Iterator[Reason]:
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            targets = [f"{node.module}.{a.name}" for a in node.names] if node.module else []
+        for t in targets:
+            # loading ctypes/cffi is what gives native access; the other modules only
+            # matter when called
+            if _under(t, _NATIVE_MODULES):
+                yield self.reason("native", node, f"import {t}")
+
+    def call(self, call: ast.Call) -> Iterator[Reason]:
+        if isinstance(call.func, ast.Attribute) and call.func.attr in _WRITE_METHODS:
+            # the receiver is rarely a plain name ((OUT / "x").write_text), so the method
+            # name alone decides
+            yield self.reason("file-write", call, f"{call.func.attr}()")
+        name = self.r.dotted(call.func)
+        if name is None:
+            return
+        detail = f"{name}()"
+        last = name.rsplit(".", 1)[-1]
+        if "()" in name:
+            # a method of a call's result (urlopen(u).read()): the call itself was already
+            # judged; only a native library's functions (CDLL(...).mount) say more
+            if name.split("()", 1)[0] in ("ctypes.CDLL", "ctypes.cdll.LoadLibrary",
+                                          "ctypes.PyDLL", "cffi.FFI().dlopen"):
+                yield from self.native_call(call, detail, last)
+            return
+        if _under(name, _NETWORK_MODULES):
+            yield self.reason("network", call, detail)
+        if _under(name, _EXEC_MODULES) or name in _EXEC_CALLS or name.startswith(_EXEC_PREFIXES):
+            yield self.reason("exec", call, detail)
+        if name in ("open", "io.open", "os.fdopen", "codecs.open") or (
+                last == "open" and isinstance(call.func, ast.Attribute)):
+            # builtin open(file, mode): mode is 2nd; Path(...).open(mode): mode is 1st
+            position = 0 if last == "open" and name not in ("open", "io.open", "codecs.open",
+                                                            "os.fdopen") else 1
+            mode = _mode_writes(call, position)
+            if mode is not None:
+                yield self.reason("file-write", call, f"{name}(mode={mode!r})")
+        if name in _WRITE_CALLS or name.startswith(_WRITE_PREFIXES):
+            yield self.reason("file-write", call, detail)
+        if _under(name, _NATIVE_MODULES) or name.split(".")[0] in self.native_names:
+            yield from self.native_call(call, detail, last)
+        if name in ("importlib.util.spec_from_file_location", "importlib.machinery."
+                    "ExtensionFileLoader") and any(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) and ".so" in a.value
+                for a in call.args):
+            yield self.reason("native", call, detail)
+        if name in _DYNAMIC_CALLS:
+            yield self.reason("dynamic-code", call, detail)
+        if name == "importlib.import_module" and not (
+                call.args and isinstance(call.args[0], ast.Constant)):
+            yield self.reason("dynamic-code", call, f"{detail} with a computed name")
+        if name in _INPUT_CALLS or _under(name, _INPUT_MODULES):
+            yield self.reason("input-parsing", call, detail)
+        if name in _PRIVILEGED_CALLS:
+            yield self.reason("privileged", call, detail)
+
+
+    def native_call(self, call: ast.Call, detail: str, last: str) -> Iterator[Reason]:
+        yield self.reason("native", call, detail)
+        if last == "ptrace":
+            yield self.reason("ptrace", call, detail)
+        if last in _PRIVILEGED_NATIVE:
+            yield self.reason("privileged", call, detail)
+
+
+def _native_names(r: _Resolver) -> frozenset[str]:
+    names: set[str] = set()
+    for node in r.call_assignments:
+        assert isinstance(node.value, ast.Call)
+        target = r.dotted(node.value.func)
+        if target and _under(target, _NATIVE_MODULES):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return frozenset(names)
+
+
+def _def_header(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> list[ast.AST]:
+    """Parts of a def or class statement that run when the enclosing code runs."""
+    parts: list[ast.AST] = list(node.decorator_list)
+    if isinstance(node, ast.ClassDef):
+        parts += [*node.bases, *node.keywords]
+    else:
+        parts += [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]
+    return parts
+
+
+def parse(path: Path, text: str) -> ast.Module:
+    try:
+        return ast.parse(text, filename=str(path))
+    except SyntaxError as exc:
+        raise AnalysisError(f"Python syntax error: {exc.msg}", file=str(path),
+                            line=exc.lineno,
+                            hint="the file must parse as Python 3 to be analyzed") from None
+    except (RecursionError, MemoryError):
+        raise AnalysisError("Python source nested too deeply to parse", file=str(path)) from None
+    except ValueError as exc:  # source with NUL bytes
+        raise AnalysisError(f"not Python source: {exc}", file=str(path)) from None
+
+
+def analyze_python(path: Path, text: str) -> list[Segment]:
+    tree = parse(path, text)
+    file = str(path)
+    module = path.stem
+    r = _Resolver(tree)
+    scanner = _Scanner(file, r, _native_names(r))
+    segments: list[Segment] = []
+    module_nodes: list[ast.AST] = []
+
+    def visit_body(body: list[ast.stmt], prefix: str) -> None:
+        for stmt in body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                module_nodes.extend(_def_header(stmt))
+                segments.append(make_segment(f"{prefix}.{stmt.name}", "function", file,
+                                             stmt.lineno, scanner.scan(stmt.body)))
+            elif isinstance(stmt, ast.ClassDef):
+                module_nodes.extend(_def_header(stmt))
+                visit_body(stmt.body, f"{prefix}.{stmt.name}")
+            else:
+                module_nodes.append(stmt)
+
+    visit_body(tree.body, module)
+    module_segment = make_segment(module, "module", file, 1, scanner.scan(module_nodes))
+    return [module_segment, *segments]
