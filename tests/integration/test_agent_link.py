@@ -32,6 +32,7 @@ from guest_agent import __version__
 from guest_agent.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, encode
 from hvtsm.errors import ZoneError
 from hvtsm.monitor.link import AgentLink, RemoteWorkload
+from tests.unit.test_agent import python39
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +41,9 @@ SYSTEM_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sy
 HEARTBEAT = 0.2
 
 
-def _python39() -> str | None:
-    pyenv = Path.home() / ".pyenv" / "versions"
-    for d in sorted(pyenv.glob("3.9*")) if pyenv.is_dir() else []:
-        if (d / "bin" / "python3").exists():
-            return str(d / "bin" / "python3")
-    found = shutil.which("python3.9")
-    return found if found and "shims" not in found else None
-
-
 PYTHONS = [pytest.param(SYSTEM_PY, id="system-python")]
-if _python39():
-    PYTHONS.append(pytest.param(_python39(), id="python3.9"))
+if python39():
+    PYTHONS.append(pytest.param(python39(), id="python3.9"))
 
 
 @pytest.fixture(scope="module")
