@@ -78,6 +78,11 @@ class ZoneRun:
     end_reason: str | None = None
     #: anomalies seen so far (repeated anomalies escalate)
     anomalies: int = 0
+    #: name within its group, the group (pipeline, invocation) and the zone it was split
+    #: from (transient zones)
+    name: str | None = None
+    group: str | None = None
+    parent: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     ended: threading.Event = field(default_factory=threading.Event)
 
@@ -175,9 +180,12 @@ class Manager:
 
     def launch(self, policy: Policy, argv: Sequence[str], *, io: WorkloadIO | None = None,
                user: str | None = None, scale: float = 1.0,
-               policy_toml: str | None = None, backend: Backend | None = None) -> ZoneRun:
+               policy_toml: str | None = None, backend: Backend | None = None,
+               name: str | None = None, group: str | None = None,
+               kind: str = "zone") -> ZoneRun:
         """Make a zone, start `argv` in it and schedule its phases. Raises ZoneError with
-        nothing left behind but the zone's (failed) audit record."""
+        nothing left behind but the zone's (failed) audit record. `name` and `group` place
+        the zone among others made together (a pipeline's segments)."""
         if not argv:
             raise ZoneError("no command to run", hint="give it after '--'")
         driver = self._driver_for(backend or self.driver.backend)
@@ -189,7 +197,8 @@ class Manager:
                        policy_name=policy.name, policy_digest=policy.digest,
                        policy_source=policy.source, policy_toml=toml, lifespan_scale=scale,
                        command=json.dumps(list(argv)), user=user,
-                       controller_id=self.controller.id, created_at=time.time())
+                       controller_id=self.controller.id, created_at=time.time(),
+                       name=name, group_id=group, kind=kind)
             session.add(row)
             record_event(session, zone_id=zone_id, kind="created",
                          detail=f"policy {policy.name}, scale {scale:g}, command {list(argv)}")
@@ -218,7 +227,7 @@ class Manager:
         pending = {p.index: started + p.at_ms * scale / 1000 for p in policy.later_phases()}
         run = ZoneRun(zone_id=zone_id, policy=policy, scale=scale, handle=handle,
                       workload=workload, started_at=started, pending=pending,
-                      phase_index=zero[-1].index if zero else -1)
+                      phase_index=zero[-1].index if zero else -1, name=name, group=group)
         with self._zones_lock:
             self.zones[zone_id] = run
         # jobs first: a controller killed from here on leaves a schedule to adopt
@@ -533,7 +542,8 @@ class Manager:
         run = ZoneRun(zone_id=zone.id, policy=policy, scale=zone.lifespan_scale, handle=handle,
                       workload=workload, started_at=zone.started_at or zone.created_at,
                       pending={int(k): v for k, v in json.loads(zone.pending).items()},
-                      phase_index=zone.phase_index, state=ZoneState(zone.state))
+                      phase_index=zone.phase_index, state=ZoneState(zone.state),
+                      name=zone.name, group=zone.group_id, parent=zone.parent_id)
         now = time.time()
         run.overdue = {i for i, due in run.pending.items() if due <= now}
         with self._zones_lock:

@@ -8,7 +8,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from typing import IO, Any
 
@@ -25,14 +24,13 @@ from hvtsm.controllers import orphaned_zones
 from hvtsm.host import probe_host
 from hvtsm.manager import Manager, Notice, ZoneRun
 from hvtsm.policy import load_policy
+from hvtsm.policy.catalog import default_policy_path
 from hvtsm.store import Store
 from hvtsm.store.audit import evidence_text
 from hvtsm.store.models import ZoneState
 from hvtsm.units import format_duration_ms
 from hvtsm.zones.base import Backend, WorkloadIO
 from hvtsm.zones.factory import AVAILABLE_BACKENDS, drivers_for, make_driver
-
-DEFAULT_POLICY = "default.toml"
 
 
 def add_parsers(commands: Any) -> None:
@@ -84,16 +82,6 @@ def libvirt_options(args: argparse.Namespace) -> Any:
     from hvtsm.zones.libvirt.driver import LibvirtOptions
 
     return LibvirtOptions(uri=args.libvirt_uri, template=args.template, accel=args.accel)
-
-
-def default_policy_path() -> str:
-    """policies/ beside the package (source checkout) or under sys.prefix (installed)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for base in (here, os.path.join(sys.prefix, "share", "hvtsm")):
-        path = os.path.join(base, "policies", DEFAULT_POLICY)
-        if os.path.exists(path):
-            return path
-    return os.path.join("policies", DEFAULT_POLICY)
 
 
 class LivePrinter:

@@ -18,11 +18,13 @@ from guest_agent.protocol import ANOMALY_CATEGORIES
 from hvtsm.errors import PolicyError
 from hvtsm.policy.model import (
     AnomalyRules,
+    ChannelGrant,
     Containment,
     Phase,
     Policy,
     Reaction,
     SegmentSelector,
+    TransientRules,
 )
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode, Restrictions
 from hvtsm.units import parse_cpuset, parse_duration_ms, parse_size
@@ -30,7 +32,8 @@ from hvtsm.units import parse_cpuset, parse_duration_ms, parse_size
 #: below this a zone cannot even start a shell; a typo like '16KiB' is caught here
 MIN_MEMORY = 4 * 1024 * 1024
 
-_TOP_FIELDS = ("name", "description", "phase", "anomaly", "segment", "forensics")
+_TOP_FIELDS = ("name", "description", "phase", "anomaly", "segment", "channel", "transient",
+               "forensics")
 _FORENSICS_FIELDS = ("memory_dump",)
 _PHASE_FIELDS = (
     "at", "network", "egress", "cpu_shares", "cpu_quota", "cpus", "memory", "pids",
@@ -48,7 +51,14 @@ _RATE_FIELDS = ("max_forks_per_s", "max_processes", "max_syscalls_per_s",
 #: categories the host itself raises about the agent link (hvtsm.monitor.anomalies)
 _LINK_CATEGORIES = ("agent-lost", "heartbeat-lost", "malformed-message", "message-flood",
                     "seq-gap", "agent-error", "events-dropped")
-_SEGMENT_FIELDS = ("match", "lifespan_scale")
+_SEGMENT_FIELDS = ("match", "lifespan_scale", "policy")
+_CHANNEL_FIELDS = ("from", "to", "direction", "max_message", "max_rate", "phases",
+                   "audit_content")
+_TRANSIENT_FIELDS = ("enabled", "triggers", "expect_exec", "policy", "lifespan_scale",
+                     "max_zones")
+_TRIGGERS = ("exec", "connect")
+#: the largest channel message a grant may allow (messages travel in pieces over the link)
+MAX_CHANNEL_MESSAGE = 16 * 1024 * 1024
 _MATCH_FIELDS = ("role", "capability")
 _SYSCALL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -109,9 +119,103 @@ class _Builder:
             digest=digest,
             phases=self.phases(raw_phases),
             anomaly=self.anomaly(doc.get("anomaly", {})),
-            segments=tuple(self.segment(i, s) for i, s in enumerate(doc.get("segment", []))),
+            segments=tuple(self.segment(i, s) for i, s in enumerate(
+                self.table_list(doc, "segment"))),
+            channels=self.channels(self.table_list(doc, "channel"), len(raw_phases)),
+            transient=self.transient(doc.get("transient", {})),
             memory_dump=self.forensics(doc.get("forensics", {})),
         )
+
+    def table_list(self, doc: dict[str, Any], name: str) -> list[Any]:
+        value = doc.get(name, [])
+        if not isinstance(value, list):
+            raise self.fail(f"write [[{name}]] tables (an array of tables)", field=name)
+        return value
+
+    def channels(self, raw: list[Any], phase_count: int) -> tuple[ChannelGrant, ...]:
+        grants: list[ChannelGrant] = []
+        for index, table in enumerate(raw):
+            where = f"channel[{index}]"
+            if not isinstance(table, dict):
+                raise self.fail("each channel must be a [[channel]] table", field=where)
+            self.only_known(table, _CHANNEL_FIELDS, where=f" in {where}")
+            ends = []
+            for end in ("from", "to"):
+                value = table.get(end)
+                if not isinstance(value, str) or not _NAME_RE.match(value):
+                    raise self.fail("needs a zone name (a segment's name) of letters, digits, "
+                                    "'.', '_' or '-'", field=f"{where}.{end}")
+                ends.append(value)
+            if ends[0] == ends[1]:
+                raise self.fail("a channel joins two different zones", field=f"{where}.to")
+            direction = table.get("direction", "one-way")
+            if direction not in ("one-way", "both"):
+                raise self.fail(f"{direction!r} is not a direction; use \"one-way\" (from -> "
+                                "to) or \"both\"", field=f"{where}.direction")
+            try:
+                size = parse_size(table.get("max_message", "64KiB"))
+            except (ValueError, TypeError) as exc:
+                raise self.fail(str(exc), field=f"{where}.max_message") from None
+            if not 0 < size <= MAX_CHANNEL_MESSAGE:
+                raise self.fail(f"must be above 0 and at most {MAX_CHANNEL_MESSAGE // 2**20}MiB",
+                                field=f"{where}.max_message")
+            rate = table.get("max_rate", 100)
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
+                raise self.fail(f"{rate!r} must be a number of messages per second above 0",
+                                field=f"{where}.max_rate")
+            phases = table.get("phases")
+            if phases is not None:
+                if (not isinstance(phases, list) or not phases or not all(
+                        isinstance(p, int) and not isinstance(p, bool) for p in phases)):
+                    raise self.fail("must be a list of phase indices, e.g. [0, 1]",
+                                    field=f"{where}.phases")
+                bad = [p for p in phases if not 0 <= p < phase_count]
+                if bad:
+                    raise self.fail(f"no phase {bad[0]}: the phases are 0 to "
+                                    f"{phase_count - 1} (the sender's)",
+                                    field=f"{where}.phases")
+            content = table.get("audit_content", False)
+            if not isinstance(content, bool):
+                raise self.fail("must be true or false", field=f"{where}.audit_content")
+            grant = ChannelGrant(ends[0], ends[1], direction == "both", size, float(rate),
+                                 None if phases is None else tuple(sorted(set(phases))),
+                                 content)
+            for other in grants:
+                if other.allows(grant.source, grant.target) or (
+                        grant.both and other.allows(grant.target, grant.source)):
+                    raise self.fail(f"{grant.source} -> {grant.target} is granted twice",
+                                    field=where)
+            grants.append(grant)
+        return tuple(grants)
+
+    def transient(self, table: Any) -> TransientRules:
+        if not isinstance(table, dict):
+            raise self.fail("[transient] must be a table", field="transient")
+        self.only_known(table, _TRANSIENT_FIELDS, where=" in [transient]")
+        enabled = table.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise self.fail("must be true or false", field="transient.enabled")
+        triggers = _str_list(table.get("triggers", ["exec"]))
+        if triggers is None or not triggers or any(t not in _TRIGGERS for t in triggers):
+            raise self.fail("must be a list of \"exec\" and/or \"connect\"",
+                            field="transient.triggers")
+        expect = _str_list(table.get("expect_exec", []))
+        if expect is None or not all(v.startswith(("/", "*")) for v in expect):
+            raise self.fail("must be a list of absolute path globs",
+                            field="transient.expect_exec")
+        policy = table.get("policy")
+        if policy is not None and (not isinstance(policy, str) or not policy):
+            raise self.fail("must be a policy name or path", field="transient.policy")
+        scale = table.get("lifespan_scale", 0.25)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 1:
+            raise self.fail(f"{scale!r} must be a number in (0, 1]: a transient zone never "
+                            "outlives its parent's schedule", field="transient.lifespan_scale")
+        most = table.get("max_zones", 8)
+        if isinstance(most, bool) or not isinstance(most, int) or not 1 <= most <= 256:
+            raise self.fail(f"{most!r} must be a whole number from 1 to 256",
+                            field="transient.max_zones")
+        return TransientRules(enabled, tuple(dict.fromkeys(triggers)), tuple(expect), policy,
+                              float(scale), most)
 
     def forensics(self, table: Any) -> bool:
         if not isinstance(table, dict):
@@ -307,7 +411,11 @@ class _Builder:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 100:
             raise self.fail(f"{scale!r} must be a number in (0, 100]; 0.25 gives a quarter of "
                             "the lifespan", field=f"{field}.lifespan_scale")
-        return SegmentSelector(role, tuple(caps), float(scale))
+        policy = table.get("policy")
+        if policy is not None and (not isinstance(policy, str) or not policy):
+            raise self.fail("must be a policy name (policies/NAME.toml) or a path",
+                            field=f"{field}.policy")
+        return SegmentSelector(role, tuple(caps), float(scale), policy)
 
 
 def _str_list(value: Any) -> list[str] | None:

@@ -91,16 +91,58 @@ class AnomalyRules:
 
 @dataclass(frozen=True)
 class SegmentSelector:
-    """Segments matching role and/or capability get their lifespan scaled."""
+    """Segments matching role and/or capability get their lifespan scaled and, when `policy`
+    is set, another policy (a name in the policy directory or a path beside this file)."""
 
     role: str | None
     capabilities: tuple[str, ...]
     lifespan_scale: float
+    policy: str | None = None
 
     def matches(self, role: str | None, capabilities: frozenset[str]) -> bool:
         if self.role is not None and self.role != role:
             return False
         return all(c in capabilities for c in self.capabilities)
+
+
+@dataclass(frozen=True)
+class ChannelGrant:
+    """[[channel]]: zone `source` may send to zone `target` (and back when `both`), names as
+    in the zones' group (a pipeline's segment names)."""
+
+    source: str
+    target: str
+    both: bool = False
+    max_message: int = 64 * 1024
+    #: messages per second, per direction
+    max_rate: float = 100.0
+    #: the sender's phase indices in which the channel is open (None: every phase)
+    phases: tuple[int, ...] | None = None
+    #: keep the message bytes in the audit trail (otherwise only size and digest)
+    audit_content: bool = False
+
+    def allows(self, sender: str, receiver: str) -> bool:
+        if (sender, receiver) == (self.source, self.target):
+            return True
+        return self.both and (sender, receiver) == (self.target, self.source)
+
+
+@dataclass(frozen=True)
+class TransientRules:
+    """[transient]: when a process of the zone starts a code path the analysis did not
+    foresee, its subtree gets a transient zone of its own with a shorter policy."""
+
+    enabled: bool = False
+    #: "exec" (a program outside the expected ones) and/or "connect" (the first connect
+    #: of a process that had made none)
+    triggers: tuple[str, ...] = ("exec",)
+    #: programs the zone may exec without a transient zone (beside what analysis found)
+    expect_exec: tuple[str, ...] = ()
+    #: the transient zone's policy (name in the policy directory or path); None: this one
+    policy: str | None = None
+    lifespan_scale: float = 0.25
+    #: transient zones one zone may split off; one more is an anomaly (fail closed)
+    max_zones: int = 8
 
 
 @dataclass(frozen=True)
@@ -112,6 +154,8 @@ class Policy:
     phases: tuple[Phase, ...]
     anomaly: AnomalyRules = field(default_factory=AnomalyRules)
     segments: tuple[SegmentSelector, ...] = ()
+    channels: tuple[ChannelGrant, ...] = ()
+    transient: TransientRules = field(default_factory=TransientRules)
     #: keep the guest's memory for forensics when the zone is ended while its workload runs
     #: (libvirt zones; a cgroup zone has no memory image of its own)
     memory_dump: bool = False
@@ -136,6 +180,19 @@ class Policy:
             if selector.matches(role, capabilities):
                 return selector.lifespan_scale
         return 1.0
+
+    def selector_for(self, role: str | None = None,
+                     capabilities: frozenset[str] = frozenset()) -> SegmentSelector | None:
+        for selector in self.segments:
+            if selector.matches(role, capabilities):
+                return selector
+        return None
+
+    def grant_for(self, sender: str, receiver: str) -> ChannelGrant | None:
+        for grant in self.channels:
+            if grant.allows(sender, receiver):
+                return grant
+        return None
 
     @property
     def lifespan_ms(self) -> int | None:

@@ -66,6 +66,14 @@ class Zone(SQLModel, table=True):
     driver_state: str = "{}"  # JSON of ZoneHandle.state
     #: JSON {phase_index: due epoch} of transitions not yet applied
     pending: str = "{}"
+    #: the zone's name among its group (a pipeline segment's name): channel grants name it
+    name: str | None = None
+    #: zones made together (one pipeline or invocation) share it; channels stay within it
+    group_id: str | None = Field(default=None, index=True)
+    #: the zone a transient zone was split from
+    parent_id: str | None = Field(default=None, index=True)
+    #: "zone", "segment" (of a pipeline) or "transient"
+    kind: str = "zone"
 
 
 class ZoneEvent(SQLModel, table=True):
