@@ -255,7 +255,8 @@ class CgroupV1(ZoneCgroup):
         made: list[Path] = []
         try:
             for d in self.dirs():
-                cpuset = d.parent.parent == self.mounts.get("cpuset")
+                # a transient zone's cgroup is one level deeper (hvtsm/<zone>/<id>)
+                cpuset = self.mounts.get("cpuset") in d.parents
                 d.parent.mkdir(exist_ok=True)
                 if cpuset:
                     self._init_cpuset(d.parent, d.parent.parent)
