@@ -67,8 +67,10 @@ def tighter(a: Restrictions, b: Restrictions) -> Restrictions:
         egress = b.egress
     elif b.egress is None:
         egress = a.egress
-    else:  # a destination both allow
-        egress = tuple(r for r in a.egress if any(e.covers(r) for e in b.egress))
+    else:  # destinations both allow: each side's rules the other side covers
+        both = [r for r in a.egress if any(e.covers(r) for e in b.egress)]
+        both += [r for r in b.egress if any(e.covers(r) for e in a.egress)]
+        egress = tuple(sorted(set(both)))
     cpus = a.cpus if b.cpus is None else b.cpus if a.cpus is None else (a.cpus & b.cpus
                                                                           or b.cpus)
     return Restrictions(
