@@ -166,7 +166,7 @@ def test_unexpected_exec_gets_a_transient_zone_that_ends_on_its_own_schedule(
 
 
 def test_expected_programs_do_not_split(setup: tuple[Manager, Store, Path]) -> None:
-    manager, _store, _tmp = setup
+    _manager, _store, _tmp = setup
     # sh is the workload's own program, env the policy's, true the caller's (analysis)
     run = launch(setup, "/bin/sh -c 'echo inner'; /usr/bin/env /usr/bin/true && echo ok",
                  expect_exec=("/usr/bin/true",))
