@@ -24,6 +24,7 @@ from hvtsm.store.models import Anomaly, Zone, ZoneEvent, ZoneState
 from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup import cgroupfs
 from hvtsm.zones.cgroup.driver import CgroupDriver
+from tests.integration.cli_helpers import hvtsm, zones
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +232,24 @@ def test_parent_end_ends_its_transient_zones(setup: tuple[Manager, Store, Path])
     for kid in kids:
         zone, _events, _ = rows(store, kid.zone_id)
         assert zone.state == "terminated"
+
+
+def test_cli_run_shows_and_lists_the_transient_zone(
+        setup: tuple[Manager, Store, Path]) -> None:
+    _manager, _store, tmp = setup
+    db = f"sqlite:///{tmp / 'cli.db'}"
+    done = hvtsm(db, "run", "--policy", str(tmp / "parent8.toml"), "--", "/bin/sh", "-c",
+                 "/bin/sleep 30 & wait; echo after", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "after" in done.stdout
+    split = [line for line in done.stderr.splitlines() if "split from" in line]
+    assert split and "on exec of /bin/sleep" in split[0], done.stderr
+    assert any("transient zone of" in line and "terminated" in line
+               for line in done.stderr.splitlines()), done.stderr
+    listed = zones(db)
+    (child,) = [z for z in listed if z["kind"] == "transient"]
+    (parent,) = [z for z in listed if z["kind"] == "zone"]
+    assert child["parent"] == parent["zone"] and child["name"] == f"{parent['zone']}.t1"
+    shown = hvtsm(db, "audit", child["zone"], check=True).stdout
+    assert f"transient zone {child['name']} of zone {parent['zone']}" in shown
+    assert child["zone"] in hvtsm(db, "audit", parent["zone"], check=True).stdout
