@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import select
@@ -24,7 +26,7 @@ from hvtsm.store.models import Anomaly, Zone, ZoneEvent, ZoneState
 from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup import cgroupfs
 from hvtsm.zones.cgroup.driver import CgroupDriver
-from tests.integration.cli_helpers import hvtsm, zones
+from tests.integration.cli_helpers import audit, hvtsm, json_lines, spawn, zones
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +255,71 @@ def test_cli_run_shows_and_lists_the_transient_zone(
     shown = hvtsm(db, "audit", child["zone"], check=True).stdout
     assert f"transient zone {child['name']} of zone {parent['zone']}" in shown
     assert child["zone"] in hvtsm(db, "audit", parent["zone"], check=True).stdout
+
+
+def _start_and_kill(db: str, policy: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A controller that split a transient zone off, then died (SIGKILL)."""
+    proc = spawn(db, "run", "--policy", str(policy), "--json", "--", "/bin/sh", "-c",
+                 "/bin/sleep 60 & wait; echo after")
+    starts: list[dict[str, Any]] = []
+    while len(starts) < 2:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line, proc.stderr.read()  # type: ignore[union-attr]
+        starts += [e for e in json_lines(line) if e["event"] == "start"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    parent, child = starts
+    assert child["parent"] == parent["zone"]
+    return parent, child
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper whose shell was killed with it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _gone(caps: Any, parent: str, child: str) -> bool:
+    return parent not in cgroupfs.zone_ids(caps) and child not in cgroupfs.transient_ids(caps)
+
+
+def test_cleanup_removes_a_dead_controllers_transient_zones(
+        setup: tuple[Manager, Store, Path]) -> None:
+    _manager, _store, tmp = setup
+    db = f"sqlite:///{tmp / 'cleanup.db'}"
+    parent, child = _start_and_kill(db, tmp / "parent8.toml")
+    caps = probe_host()
+    assert cgroupfs.transient_ids(caps)[child["zone"]] == parent["zone"]
+    assert _alive(child["pid"])
+    dry = hvtsm(db, "cleanup", "--dry-run", "--json", check=True).stdout
+    assert child["zone"] in dry and parent["zone"] in dry
+    hvtsm(db, "cleanup", check=True)
+    assert not _alive(child["pid"])
+    assert _gone(caps, parent["zone"], child["zone"])
+    assert {z["state"] for z in zones(db)} == {"cleaned"}
+
+
+def test_resume_adopts_transient_zones_with_their_parent(
+        setup: tuple[Manager, Store, Path]) -> None:
+    _manager, _store, tmp = setup
+    db = f"sqlite:///{tmp / 'resume.db'}"
+    parent, child = _start_and_kill(db, tmp / "parent8.toml")
+    time.sleep(2.2)  # the transient zone's end (2 s) falls due while no controller runs
+    assert _alive(child["pid"]), "nothing may change while no controller runs"
+    resume = spawn(db, "resume", "--json")
+    out, err = resume.communicate(timeout=60)
+    assert resume.returncode == 0, err
+    adopted = {e["zone"] for e in json_lines(out) if e["event"] == "adopt"}
+    assert adopted == {parent["zone"], child["zone"]}
+    assert not _alive(child["pid"])
+    trail = audit(db, child["zone"])
+    assert trail[-1]["kind"] == "terminated"
+    late = [t for t in trail if t["kind"] == "phase" and t.get("late")]
+    assert late, trail
+    listed = {z["zone"]: z for z in zones(db)}
+    assert listed[child["zone"]]["state"] == "terminated"
+    assert listed[parent["zone"]]["state"] == "exited"
+    assert _gone(probe_host(), parent["zone"], child["zone"])
