@@ -495,6 +495,10 @@ class CgroupDriver(HookedDriver):
             # now, everything it runs or forks from here on is in the transient zone
             cgroup.move(request.pid)
         except BaseException as exc:
+            # back where it was (a move may have got through some hierarchies): the caller
+            # refuses its call, and the process goes on in its zone without the exec
+            with contextlib.suppress(HvtsmError, OSError):
+                self.cgroup(parent.zone_id).move(request.pid)
             with contextlib.suppress(HvtsmError, OSError):
                 self._end_transient(cgroup)
             if isinstance(exc, OSError):
