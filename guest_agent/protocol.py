@@ -126,10 +126,11 @@ PROFILE_FIELDS = {
                  "reported as a code-path event (empty or absent: off)",
 }
 
-#: ``event`` kind ``anomaly``: data fields. category is one of ANOMALY_CATEGORIES; zone (only
-#: when the process is in a transient zone) names that zone.
+#: ``event`` kind ``anomaly``: data fields. category is one of ANOMALY_CATEGORIES. Optional
+#: beyond these: zone (ANOMALY_ZONE), the transient zone the process is in.
 ANOMALY_FIELDS = ("category", "detail", "pid", "program", "syscall", "args", "contained",
-                  "act_time", "act_mono", "contained_mono", "zone")
+                  "act_time", "act_mono", "contained_mono")
+ANOMALY_ZONE = "zone"
 ANOMALY_CATEGORIES = (
     "denied-syscall", "sensitive-path", "unexpected-exec", "reverse-shell", "connect-out",
     "fork-rate", "syscall-rate", "new-file-rate", "memory-spike", "oom-kill",
