@@ -57,7 +57,8 @@ from guest_agent.workload import StartError, Workload, spawn
 log = logging.getLogger("guest_agent")
 
 CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
-    "events:anomaly", "events:monitor", "events:stats"]
+    "events:anomaly", "events:monitor", "events:stats", "events:code-path",
+    "events:transient", "transient"]
 MAX_PROBES = 8
 MAX_QUEUED = 10000
 OUTPUT_QUEUE = 1 << 20
@@ -368,6 +369,11 @@ class Agent:
             self.monitor.update(msg["id"], profile)
         except KeyError:
             self._error(msg["id"], "no monitored workload {}".format(msg["id"]))
+
+    def _on_transient(self, msg: Message) -> None:
+        """Place a held process in a transient zone (or refuse it), or act on a zone's
+        cgroup: the monitor does it on its poll loop and answers with an event."""
+        self.monitor.transient(msg)
 
     def _ended(self, work: Workload, queued: bool) -> None:
         """The workload ended and its exit is queued (it stays listed in hellos until the

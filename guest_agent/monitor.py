@@ -11,9 +11,21 @@ Threads:
 * ``monitor-sample``: every sample interval reads the watched processes' RSS and read/write
   syscall counts from /proc, OOM kills, and sends ``stats`` every STATS_PERIOD seconds.
 
-Membership: with a ``procs_file`` (host mode: the zone's cgroup.procs) that file says which
-processes are the zone's. Without it (guest mode) a process is a watch's when it notified
-on that watch's listener, or descends from one that did, and has a seccomp filter.
+Transient zones (the profile's ``transient``): an exec of a program the host did not
+foresee, or the first connect off the host of a process, is *held*: the caller stays blocked
+in the kernel while a ``code-path`` event goes to the host, and the poll loop goes on
+answering everything else. The host's ``transient`` message (op split or deny) releases it;
+with no answer within hold_timeout the call fails with EPERM and a ``transient-timeout``
+anomaly is sent (fail closed: an unforeseen path never runs unplaced). In a guest the agent
+makes the transient zone's cgroup and moves the caller into it before letting the call
+proceed (tcgroup.py); beside a cgroup zone the host has placed it already. Processes of a
+transient zone do not split again; their anomalies carry the zone's id (``zone``), and a
+connect off the host while the zone's network is not ``full`` is a connect-out anomaly.
+
+Membership: with a ``procs_file`` (host mode: the zone's cgroup.procs, plus those of the
+transient zones' child cgroups beside it) those files say which processes are the zone's.
+Without it (guest mode) a process is a watch's when it notified on that watch's listener, or
+descends from one that did, and has a seccomp filter.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -33,9 +46,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from guest_agent import fanotify, seccomp
-from guest_agent.profile import Profile, ProfileError, first_match, normalize
-from guest_agent.protocol import EVENT_ANOMALY, EVENT_MONITOR, EVENT_STATS
+from guest_agent import fanotify, seccomp, tcgroup
+from guest_agent.profile import Profile, ProfileError, _is_local, first_match, normalize
+from guest_agent.protocol import (
+    EVENT_ANOMALY,
+    EVENT_CODE_PATH,
+    EVENT_MONITOR,
+    EVENT_STATS,
+    EVENT_TRANSIENT,
+)
 from guest_agent.syscalls import X32_SYSCALL_BIT, X86_64, numbers
 from guest_agent.syscalls import name as syscall_name
 
@@ -212,6 +231,33 @@ class Finding:
     args: dict
     #: rate anomalies are emitted at most once per RATE_EMIT_PERIOD, contained every time
     rate: bool = False
+    #: not an anomaly: an unforeseen code path ("exec" | "connect") whose call is held
+    hold: str | None = None
+
+
+@dataclass
+class Hold:
+    """A call held until the host places its process in a transient zone (or refuses)."""
+
+    id: int
+    notif_id: int
+    pid: int
+    trigger: str
+    program: str
+    syscall: str | None
+    args: dict
+    act_time: float
+    act_mono: float
+    deadline: float
+
+
+@dataclass
+class Transient:
+    """A transient zone split from a watch: its cgroup when the agent manages it (guest),
+    and the network it may use (judged at connect: it shares its parent's network)."""
+
+    cgroup: str | None
+    network: str = "full"
 
 
 @dataclass
@@ -245,6 +291,10 @@ class Watch:
     last_stats: float = 0.0
     next_sample: float = 0.0
     recent_sensitive: dict[tuple[int, str], float] = field(default_factory=dict)
+    #: the workload's first process (its own exec is never a code path)
+    root_pid: int = 0
+    holds: dict[int, Hold] = field(default_factory=dict)
+    transients: dict[str, Transient] = field(default_factory=dict)
 
 
 class Monitor:
@@ -269,6 +319,7 @@ class Monitor:
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._poller = select.poll()
         self.internal_errors = 0
+        self._next_hold = 1
 
     # --- public ---------------------------------------------------------------------------
 
@@ -307,6 +358,12 @@ class Monitor:
         elif warnings:
             self._send(EVENT_MONITOR, watch, {"mechanisms": self._mechanisms(watch),
                                               "warnings": warnings})
+
+    def transient(self, msg: dict) -> None:
+        """A host ``transient`` message: carried out on the poll loop, which owns the
+        held calls; the answer goes out as a ``transient`` event."""
+        self._ops.append(lambda: self._on_transient(msg))
+        self._wake()
 
     def stats(self) -> dict:
         with self._lock:
@@ -367,7 +424,7 @@ class Monitor:
                     log.exception("monitor operation failed")
                     self.internal_errors += 1
             try:
-                ready = self._poller.poll(1000)
+                ready = self._poller.poll(self._poll_timeout())
             except InterruptedError:
                 continue
             for fd, ev in ready:
@@ -379,6 +436,19 @@ class Monitor:
                 except Exception:
                     log.exception("monitor handler failed")
                     self.internal_errors += 1
+            try:
+                self._expire_holds()
+            except Exception:
+                log.exception("expiring held calls failed")
+                self.internal_errors += 1
+
+    def _poll_timeout(self) -> int:
+        """ms until the nearest held call's deadline, at most a second."""
+        with self._lock:
+            deadlines = [h.deadline for w in self._watches.values() for h in w.holds.values()]
+        if not deadlines:
+            return 1000
+        return max(0, min(1000, int((min(deadlines) - time.monotonic()) * 1000) + 1))
 
     def _on_wake(self, _ev: int) -> None:
         with contextlib.suppress(OSError):
@@ -556,6 +626,9 @@ class Monitor:
                 self._answer(watch, notif.id, allow=True, killed=False)
         if gone or finding is None:
             return
+        if finding.hold is not None:
+            self._hold(watch, notif, finding, act_time, act_mono)
+            return
         answered = []
 
         def answer(allow: bool, killed: bool) -> None:
@@ -582,6 +655,155 @@ class Monitor:
         except OSError as e:
             log.warning("watch %s: %s", watch.id, e)
             watch.lost += 1
+
+    # --- transient zones: held code paths --------------------------------------------
+
+    def _hold(self, watch: Watch, n: seccomp.Notification, finding: Finding,
+              act_time: float, act_mono: float) -> None:
+        """Keep the caller blocked and ask the host where its subtree goes."""
+        profile = watch.profile.transient
+        timeout = profile.hold_timeout if profile is not None else 0.0
+        args = finding.args
+        trigger = finding.hold or "exec"
+        program = args.get("path") if trigger == "exec" else program_of(n.pid)
+        hold = Hold(self._next_hold, n.id, n.pid, trigger, str(program or ""),
+                    finding.syscall, args, act_time, act_mono, act_mono + timeout)
+        self._next_hold += 1
+        watch.holds[hold.id] = hold
+        data = {"hold": hold.id, "pid": n.pid, "ppid": ppid_of(n.pid), "trigger": trigger,
+                "program": hold.program}
+        if trigger == "exec":
+            data["argv"] = args.get("argv", [])
+        else:
+            data.update(family=args.get("family"), address=args.get("address"),
+                        port=args.get("port"))
+        try:
+            sent = self.emit(EVENT_CODE_PATH, watch.id, data)
+        except Exception:
+            log.exception("emitting a code-path event")
+            sent = False
+        if sent is False:
+            # the host will never hear of it: refuse now rather than wait for nothing
+            watch.dropped += 1
+            hold.deadline = act_mono
+
+    def _expire_holds(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            watches = list(self._watches.values())
+        for watch in watches:
+            for hold in [h for h in watch.holds.values() if h.deadline <= now]:
+                del watch.holds[hold.id]
+                self._answer(watch, hold.notif_id, allow=False, killed=False)
+                waited = now - hold.act_mono
+                what = f"exec of {hold.program}" if hold.trigger == "exec" else \
+                    f"connect of pid {hold.pid}"
+                finding = Finding("transient-timeout",
+                                  f"the host did not place the {what} in a transient zone "
+                                  f"within {waited:.1f} s: the call was refused",
+                                  hold.syscall, hold.args)
+                self._anomaly(watch, finding, hold.pid, program_of(hold.pid), "denied",
+                              hold.act_time, hold.act_mono, time.monotonic())
+
+    def _on_transient(self, msg: dict) -> None:
+        op, wid, zone = msg.get("op"), msg.get("id"), msg.get("zone")
+        reply: dict[str, Any] = {"op": op, "zone": zone, "hold": msg.get("hold"), "ok": True}
+        with self._lock:
+            watch = self._watches.get(wid) if isinstance(wid, str) else None
+        try:
+            if watch is None:
+                raise tcgroup.CgroupError(f"no watched workload {wid}")
+            if op in ("split", "deny"):
+                self._release(watch, msg, reply)
+            else:
+                self._zone_op(watch, op, zone, msg, reply)
+        except (tcgroup.CgroupError, OSError) as e:
+            reply.update(ok=False, error=str(e))
+        if watch is not None:
+            self._send(EVENT_TRANSIENT, watch, reply)
+        elif isinstance(wid, str):
+            with contextlib.suppress(Exception):
+                self.emit(EVENT_TRANSIENT, wid, reply)
+
+    def _release(self, watch: Watch, msg: dict, reply: dict) -> None:
+        hold = watch.holds.pop(msg.get("hold"), None)  # type: ignore[arg-type]
+        if hold is None:
+            raise tcgroup.CgroupError(f"no held call {msg.get('hold')} (it timed out, or its "
+                                      "process ended)")
+        reply.update(pid=hold.pid, held_ms=round((time.monotonic() - hold.act_mono) * 1000, 3))
+        zone = msg.get("zone")
+        if msg["op"] == "deny" or not isinstance(zone, str):
+            self._answer(watch, hold.notif_id, allow=False, killed=False)
+            if msg["op"] != "deny":
+                raise tcgroup.CgroupError("split without a zone: the call was refused")
+            return
+        path = None
+        try:
+            if msg.get("cgroup"):
+                path = tcgroup.create(str(msg["cgroup"]), msg.get("limits") or {})
+                tcgroup.move(path, hold.pid)
+        except (tcgroup.CgroupError, OSError):
+            # fail closed: a subtree that could not be placed does not run
+            self._answer(watch, hold.notif_id, allow=False, killed=False)
+            if path is not None:
+                with contextlib.suppress(tcgroup.CgroupError, OSError):
+                    tcgroup.kill(path)
+            raise
+        watch.transients[zone] = Transient(path, str(msg.get("network") or "full"))
+        self._answer(watch, hold.notif_id, allow=True, killed=False)
+        if path is not None:
+            reply["cgroup"] = path
+
+    def _zone_op(self, watch: Watch, op: Any, zone: Any, msg: dict, reply: dict) -> None:
+        transient = watch.transients.get(zone) if isinstance(zone, str) else None
+        if transient is None:
+            raise tcgroup.CgroupError(f"no transient zone {zone} in {watch.id}")
+        path = transient.cgroup
+        if op == "update":
+            if msg.get("network"):
+                transient.network = str(msg["network"])
+            if path is not None:
+                reply["set"] = tcgroup.set_limits(path, msg.get("limits") or {})
+        elif path is None:
+            raise tcgroup.CgroupError(f"the agent does not manage transient zone {zone}'s "
+                                      "cgroup (the host does)")
+        elif op == "kill":
+            reply["procs"] = tcgroup.kill(path)
+            del watch.transients[zone]
+        elif op in ("freeze", "thaw"):
+            tcgroup.freeze(path, op == "freeze")
+        elif op == "stats":
+            reply.update(tcgroup.stats(path))
+
+    def _check_transients(self, watch: Watch) -> None:
+        """Guest: a transient cgroup whose processes are all gone ends its zone."""
+        for zone, transient in list(watch.transients.items()):
+            if transient.cgroup is None:
+                continue
+            populated = tcgroup.populated(transient.cgroup)
+            if populated:
+                continue
+            watch.transients.pop(zone, None)
+            if populated is False:
+                with contextlib.suppress(tcgroup.CgroupError, OSError):
+                    tcgroup.kill(transient.cgroup)
+                self._send(EVENT_TRANSIENT, watch, {"op": "ended", "zone": zone, "ok": True})
+
+    def _transient_of(self, watch: Watch, pid: int) -> str | None:
+        """The transient zone `pid` is in, from its cgroup path, or None."""
+        if not watch.transients:
+            return None
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            parts = line.split(":", 2)[-1].split("/")
+            for zone in watch.transients:
+                if zone in parts:
+                    return zone
+        return None
 
     def _contain(self, watch: Watch, finding: Finding, pid: int, act_time: float,
                  act_mono: float, answer: Callable[[bool, bool], None] | None) -> None:
@@ -627,6 +849,9 @@ class Monitor:
                 "program": program, "syscall": finding.syscall, "args": finding.args,
                 "contained": contained, "act_time": act_time, "act_mono": act_mono,
                 "contained_mono": contained_mono}
+        zone = self._transient_of(watch, pid) if pid else None
+        if zone is not None:
+            data["zone"] = zone  # the host reacts in the transient zone, not its parent
         log.warning("anomaly in %s: %s: %s (%s)", watch.id, finding.category, finding.detail,
                     contained)
         self._send(EVENT_ANOMALY, watch, data)
@@ -702,6 +927,7 @@ class Monitor:
         if not watch.first_exec_done:
             # the workload's own program: always allowed (the agent chose it)
             watch.first_exec_done = True
+            watch.root_pid = n.pid
             return None
         name = syscall_name(n.nr)
         args = self._exec_args(n, mem)
@@ -731,6 +957,12 @@ class Monitor:
                 verdict = None
         if verdict is not None:
             return Finding("unexpected-exec", verdict, name, args)
+        transient = profile.transient
+        if transient is not None and transient.on("exec") \
+                and not transient.expected(path, real) \
+                and self._transient_of(watch, n.pid) is None:
+            return Finding("code-path", f"exec of {path}, which was not foreseen", name, args,
+                           hold="exec")
         return None
 
     def _sockaddr(self, n: seccomp.Notification, mem: Mem) -> dict:
@@ -767,9 +999,31 @@ class Monitor:
             verdict = watch.profile.connect_verdict(family, args["address"], args["port"])
         else:
             return None  # netlink, AF_UNSPEC (disconnect), ...: not a destination
-        if verdict is None:
+        if verdict is not None:
+            return Finding("connect-out", verdict, "connect", args)
+        if family == "unix" or self._local(args["address"]):
             return None
-        return Finding("connect-out", verdict, "connect", args)
+        zone = self._transient_of(watch, n.pid)
+        if zone is not None:
+            network = watch.transients[zone].network
+            if network != "full":
+                return Finding("connect-out", f"connect to {args['address']}:{args['port']} "
+                               f"while transient zone {zone}'s network is {network}",
+                               "connect", args)
+            return None
+        transient = watch.profile.transient
+        if transient is not None and transient.on("connect") and n.pid != watch.root_pid:
+            return Finding("code-path", f"first connect of pid {n.pid}, to "
+                           f"{args['address']}:{args['port']}", "connect", args,
+                           hold="connect")
+        return None
+
+    @staticmethod
+    def _local(address: str) -> bool:
+        try:
+            return _is_local(ipaddress.ip_address(address.split("%", 1)[0]))
+        except ValueError:
+            return False
 
     def _judge_fork(self, watch: Watch, n: seccomp.Notification, mem: Mem) -> Finding | None:
         name = syscall_name(n.nr)
@@ -917,10 +1171,19 @@ class Monitor:
     def _procs(self, watch: Watch) -> set[int]:
         try:
             with open(watch.procs_file or "") as f:
-                return {int(x) for x in f.read().split()}
+                pids = {int(x) for x in f.read().split()}
         except (OSError, ValueError):
             watch.lost += 1
             return set()
+        if watch.transients:
+            # the transient zones' child cgroups beside the zone's own procs file
+            base = os.path.dirname(watch.procs_file or "")
+            name = os.path.basename(watch.procs_file or "")
+            for zone in list(watch.transients):
+                with contextlib.suppress(OSError, ValueError), \
+                        open(os.path.join(base, zone, name)) as f:
+                    pids.update(int(x) for x in f.read().split())
+        return pids
 
     def _members(self, watch: Watch) -> set[int]:
         if watch.procs_file is not None:
@@ -996,6 +1259,9 @@ class Monitor:
         watch.rss, watch.io, watch.sampled_at = rss, io, now
         self._check_oom(watch)
         self._check_drops(watch, now)
+        if watch.transients:
+            self._ops.append(lambda: self._check_transients(watch))
+            self._wake()
         if now - watch.last_stats >= STATS_PERIOD:
             watch.last_stats = now
             self._send_stats(watch)

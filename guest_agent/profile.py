@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Union
 
-from guest_agent.protocol import PROFILE_FIELDS
+from guest_agent.protocol import CODE_PATH_TRIGGERS, PROFILE_FIELDS
 from guest_agent.syscalls import numbers
 
 NETWORKS = ("full", "loopback", "none")
@@ -23,6 +23,9 @@ DEFAULT_SHELLS = ("*/sh", "*/bash", "*/dash", "*/zsh", "*/ash", "*/ksh", "*/busy
 #: bounds of sample_interval (s): faster would cost more than it tells, slower misses spikes
 MIN_SAMPLE = 0.05
 MAX_SAMPLE = 10.0
+#: how long a held code path may wait for the host (s), and the default
+MAX_HOLD = 60.0
+DEFAULT_HOLD = 5.0
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -140,6 +143,65 @@ def _is_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 @dataclass(frozen=True)
+class TransientWatch:
+    """The profile's ``transient``: which code paths are unforeseen. The expected programs
+    are the host's list (the workload's own program, the policy's expect_exec, what the
+    analysis found); any other exec, or a process's first connect off the host, is held
+    and reported so the host can give the process subtree a transient zone."""
+
+    triggers: tuple[str, ...] = ()
+    expect_exec: tuple[str, ...] = ()
+    hold_timeout: float = DEFAULT_HOLD
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TransientWatch | None:
+        """None when off (absent, empty, or no trigger); ProfileError names the field."""
+        if d is None or d == {}:
+            return None
+        if not isinstance(d, dict):
+            raise ProfileError("monitor.transient: must be an object")
+        for key in d:
+            if key not in ("triggers", "expect_exec", "hold_timeout"):
+                raise ProfileError(f"monitor.transient.{key}: unknown field (known: "
+                                   "expect_exec, hold_timeout, triggers)")
+        values: dict[str, Any] = {}
+        for name in ("triggers", "expect_exec"):
+            v = d.get(name, [])
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x
+                                                            for x in v):
+                raise ProfileError(f"monitor.transient.{name}: must be a list of non-empty "
+                                   "strings")
+            values[name] = tuple(dict.fromkeys(v))
+        for t in values["triggers"]:
+            if t not in CODE_PATH_TRIGGERS:
+                raise ProfileError(f"monitor.transient.triggers: {t!r} is not one of "
+                                   + ", ".join(CODE_PATH_TRIGGERS))
+        hold = d.get("hold_timeout", DEFAULT_HOLD)
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) \
+                or not 0 < hold <= MAX_HOLD:
+            raise ProfileError(f"monitor.transient.hold_timeout: must be a number in "
+                               f"(0, {MAX_HOLD:g}] seconds")
+        if not values["triggers"]:
+            return None
+        return cls(values["triggers"], values["expect_exec"], float(hold))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"triggers": list(self.triggers), "expect_exec": list(self.expect_exec),
+                "hold_timeout": self.hold_timeout}
+
+    def on(self, trigger: str) -> bool:
+        return trigger in self.triggers
+
+    def expected(self, path: str, real: str = "") -> bool:
+        """Whether exec'ing `path` (which resolves to `real`) is a foreseen code path: it
+        or its resolved form matches an expect_exec glob."""
+        path = normalize(path)
+        if first_match(self.expect_exec, path) is not None:
+            return True
+        return bool(real) and first_match(self.expect_exec, normalize(real)) is not None
+
+
+@dataclass(frozen=True)
 class Profile:
     deny_syscalls: tuple[str, ...] = ()
     sensitive_paths: tuple[str, ...] = ()
@@ -156,6 +218,7 @@ class Profile:
     contain: str = "kill"
     drops_are_anomalies: bool = True
     sample_interval: float = 0.2
+    transient: TransientWatch | None = None
 
     def __post_init__(self) -> None:
         # parsed once: verdicts run for every notified call
@@ -173,8 +236,11 @@ class Profile:
                 raise ProfileError("monitor.{}: unknown field (known: {})".format(
                     key, ", ".join(sorted(known))))
         values: dict[str, Any] = {}
+        transient = TransientWatch.from_dict(d.get("transient"))
+        if transient is not None:
+            values["transient"] = transient
         for f in fields(cls):
-            if f.name not in d:
+            if f.name not in d or f.name == "transient":
                 continue
             v = d[f.name]
             where = "monitor." + f.name
@@ -229,6 +295,10 @@ class Profile:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, TransientWatch):
+                v = v.to_dict()
+            elif f.name == "transient":
+                continue  # off: absent
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -280,5 +350,6 @@ class Profile:
 # every protocol field is a Profile field (sample_interval is the agent's own addition)
 assert set(PROFILE_FIELDS) <= {f.name for f in fields(Profile)}
 
-__all__ = ["CONTAINS", "NETWORKS", "EgressRule", "Profile", "ProfileError", "first_match",
+__all__ = ["CONTAINS", "NETWORKS", "EgressRule", "Profile", "ProfileError", "TransientWatch",
+           "first_match",
            "glob_match", "glob_regex", "normalize", "parse_egress"]

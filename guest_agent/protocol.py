@@ -35,6 +35,14 @@ agent -> host
                   kind ``monitor``: data = {mechanisms[str], warnings[str]} when a
                   workload's monitoring began; kind ``stats``: data = {notifications,
                   file_events, lost, dropped} counters, periodic.
+                  kind ``code-path``: data = CODE_PATH_FIELDS: a process started a code
+                  path the profile's ``transient`` did not foresee; its call is held until
+                  a ``transient`` message (op split or deny) answers ``hold``, or until
+                  ``transient.hold_timeout`` passes (then it fails with EPERM and a
+                  ``transient-timeout`` anomaly follows: fail closed);
+                  kind ``transient``: data = {op, ok, zone, hold, pid, error, held_ms,
+                  procs, memory}: the agent's answer to a ``transient`` message, or op
+                  ``ended`` when a transient zone's cgroup it manages became empty.
 
 host -> agent
     start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
@@ -46,6 +54,14 @@ host -> agent
     signal        id (workload), signal (number)
     probe         id, kind; optional args{}
     ping          optional id, hello (true: answer with a hello instead of a heartbeat)
+    transient     id (workload), op (TRANSIENT_OPS); optional hold (code-path event it
+                  answers), zone (the transient zone), cgroup (a cgroup the agent makes and
+                  manages under its transient root: in a guest), limits{} (TRANSIENT_LIMITS),
+                  network (full|loopback|none: judged at connect for the zone's processes),
+                  reason. split: the held process goes to `zone` (into `cgroup` first when
+                  given, else the host placed it already) and its call proceeds; deny: the
+                  held call fails (EPERM); update: new limits/network; kill, freeze, thaw,
+                  stats: on the zone's cgroup. Answered by an event of kind ``transient``.
 """
 
 from __future__ import annotations
@@ -68,12 +84,24 @@ OUTPUT_CHUNK_BYTES = 8192
 AGENT_TYPES = frozenset(
     ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event"]
 )
-HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile"])
+HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile", "transient"])
 
 #: event kinds
 EVENT_ANOMALY = "anomaly"
 EVENT_MONITOR = "monitor"
 EVENT_STATS = "stats"
+EVENT_CODE_PATH = "code-path"
+EVENT_TRANSIENT = "transient"
+
+#: ``event`` kind ``code-path``: data fields. trigger is "exec" (program, argv) or
+#: "connect" (address, port, family); hold numbers the held call for the answer.
+CODE_PATH_FIELDS = ("hold", "pid", "ppid", "trigger", "program", "argv", "family", "address",
+                    "port")
+CODE_PATH_TRIGGERS = ("exec", "connect")
+TRANSIENT_OPS = ("split", "deny", "update", "kill", "freeze", "thaw", "stats")
+#: ``transient.limits``: field -> meaning (None/absent: not limited by the transient zone)
+TRANSIENT_LIMITS = {"memory": "bytes", "pids": "processes", "cpu_quota": "percent of a CPU",
+                    "cpu_shares": "relative weight (1024 = default)"}
 
 #: a monitoring profile (``start.monitor``, ``profile.monitor``): field -> meaning. The agent
 #: validates it (guest_agent.profile); unknown fields are refused there.
@@ -93,15 +121,23 @@ PROFILE_FIELDS = {
     "memory_spike_mib_per_s": "resident memory growth per second (0: no limit)",
     "contain": "none | deny | kill: what the agent does to the offending process",
     "drops_are_anomalies": "lost or dropped monitoring events are an anomaly",
+    "transient": "{triggers: [exec|connect], expect_exec: [globs], hold_timeout: s}: a "
+                 "program outside expect_exec (or a process's first connect) is held and "
+                 "reported as a code-path event (empty or absent: off)",
 }
 
-#: ``event`` kind ``anomaly``: data fields. category is one of ANOMALY_CATEGORIES.
+#: ``event`` kind ``anomaly``: data fields. category is one of ANOMALY_CATEGORIES. Optional
+#: beyond these: zone (ANOMALY_ZONE), the transient zone the process is in.
 ANOMALY_FIELDS = ("category", "detail", "pid", "program", "syscall", "args", "contained",
                   "act_time", "act_mono", "contained_mono")
+ANOMALY_ZONE = "zone"
 ANOMALY_CATEGORIES = (
     "denied-syscall", "sensitive-path", "unexpected-exec", "reverse-shell", "connect-out",
     "fork-rate", "syscall-rate", "new-file-rate", "memory-spike", "oom-kill",
     "events-dropped", "foreign-abi",
+    # transient zones: a held code path the host did not answer in time (the agent), one
+    # split too many for the policy's max_zones (raised by the host itself)
+    "transient-timeout", "transient-limit",
 )
 STREAMS = ("stdout", "stderr")
 
@@ -260,6 +296,9 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     "signal": ({"id": _ident, "signal": _signal}, {}),
     "probe": ({"id": _ident, "kind": _str}, {"args": _dict}),
     "ping": ({}, {"id": _ident, "hello": _bool}),
+    "transient": ({"id": _ident, "op": _choice(*TRANSIENT_OPS)},
+                  {"hold": _seq, "zone": _ident, "cgroup": _str, "limits": _dict,
+                   "network": _choice("full", "loopback", "none"), "reason": _str}),
 }
 
 

@@ -25,6 +25,7 @@ from hvtsm.controllers import (
 )
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.monitor.anomalies import AnomalyReport
+from hvtsm.monitor.code_path import CodePath
 from hvtsm.policy import Policy, Reaction, parse_policy
 from hvtsm.restrictions import Restrictions
 from hvtsm.store import Store
@@ -37,6 +38,7 @@ from hvtsm.store.audit import (
 )
 from hvtsm.store.models import Controller, Zone, ZoneState
 from hvtsm.timeline import Timeline, job_id
+from hvtsm.transient import Transients, monitor_transient, transient_policy
 from hvtsm.zones.base import Backend, Workload, WorkloadIO, ZoneDriver, ZoneHandle, ZoneSpec
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,13 @@ class ZoneRun:
     name: str | None = None
     group: str | None = None
     parent: str | None = None
+    #: "zone", "segment" or "transient"
+    kind: str = "zone"
+    #: the policy its transient zones get (None: they are off), their ids, and how many
+    #: were ever split off (max_zones counts those)
+    transient_policy: Policy | None = None
+    children: list[str] = field(default_factory=list)
+    splits: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
     ended: threading.Event = field(default_factory=threading.Event)
 
@@ -101,6 +110,8 @@ class Manager:
                 driver.report = self._driver_report
             if hasattr(driver, "anomaly"):
                 driver.anomaly = self._driver_anomaly
+            if hasattr(driver, "code_path"):
+                driver.code_path = self._driver_code_path
         self.listener = listener
         self.actor = actor
         self.zones: dict[str, ZoneRun] = {}
@@ -113,7 +124,11 @@ class Manager:
         self._held_lock = threading.Lock()
         # anomalies arrive on agent-link reader threads, which a reaction (terminate)
         # may need to stop: reactions run on a thread of their own, in arrival order
-        self._anomalies: queue.Queue[tuple[str, AnomalyReport] | None] = queue.Queue()
+        # held code paths (transient zones) go the same way, so an anomaly reported after
+        # a split finds the transient zone made
+        self._anomalies: queue.Queue[tuple[str, AnomalyReport | CodePath] | None] = \
+            queue.Queue()
+        self.transients = Transients(self)
         self._reactor = threading.Thread(target=self._react_loop, name="reactions",
                                          daemon=True)
         self._reactor.start()
@@ -139,6 +154,7 @@ class Manager:
             for zone in orphans:
                 if self._adopt(zone):
                     adopted.append(zone.id)
+            self.transients.relink()
         self.timeline.start(self._phase_due, adopt_tables=tables)
         scheduled = self.timeline.pending()
         for zone_id in adopted:
@@ -182,15 +198,23 @@ class Manager:
                user: str | None = None, scale: float = 1.0,
                policy_toml: str | None = None, backend: Backend | None = None,
                name: str | None = None, group: str | None = None,
-               kind: str = "zone") -> ZoneRun:
+               kind: str = "zone", expect_exec: Sequence[str] = ()) -> ZoneRun:
         """Make a zone, start `argv` in it and schedule its phases. Raises ZoneError with
         nothing left behind but the zone's (failed) audit record. `name` and `group` place
-        the zone among others made together (a pipeline's segments)."""
+        the zone among others made together (a pipeline's segments). `expect_exec`: the
+        programs the analysis found, which run without a transient zone (hvtsm.transient)."""
         if not argv:
             raise ZoneError("no command to run", hint="give it after '--'")
         driver = self._driver_for(backend or self.driver.backend)
         zone_id = "z" + secrets.token_hex(4)
         initial = policy.initial()
+        tpolicy = transient_policy(policy) if policy.anomaly.monitor else None
+        monitor: dict[str, Any] | None = None
+        if policy.anomaly.monitor:
+            monitor = policy.anomaly.profile()
+            watch = monitor_transient(policy, argv, expect_exec)
+            if watch is not None:
+                monitor["transient"] = watch
         toml = policy_toml if policy_toml is not None else _read_text(policy.source)
         with self.store.session() as session:
             row = Zone(id=zone_id, backend=str(driver.backend), state=ZoneState.CREATING,
@@ -210,7 +234,7 @@ class Manager:
         try:
             handle = driver.create(ZoneSpec(
                 zone_id=zone_id, net_index=seq, user=user, memory_dump=policy.memory_dump,
-                monitor=policy.anomaly.profile() if policy.anomaly.monitor else None), initial)
+                monitor=monitor, expect_exec=tuple(expect_exec)), initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
             self._release(zone_id)
@@ -227,7 +251,8 @@ class Manager:
         pending = {p.index: started + p.at_ms * scale / 1000 for p in policy.later_phases()}
         run = ZoneRun(zone_id=zone_id, policy=policy, scale=scale, handle=handle,
                       workload=workload, started_at=started, pending=pending,
-                      phase_index=zero[-1].index if zero else -1, name=name, group=group)
+                      phase_index=zero[-1].index if zero else -1, name=name, group=group,
+                      kind=kind, transient_policy=tpolicy)
         with self._zones_lock:
             self.zones[zone_id] = run
         # jobs first: a controller killed from here on leaves a schedule to adopt
@@ -253,9 +278,12 @@ class Manager:
                                                                       phase.restrictions
                                                                       .describe()))
         self._release(zone_id)
-        threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone_id}",
-                         daemon=True).start()
+        self._watch(run)
         return run
+
+    def _watch(self, run: ZoneRun) -> None:
+        threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{run.zone_id}",
+                         daemon=True).start()
 
     def wait(self, zone_id: str, timeout: float | None = None) -> ZoneRun:
         run = self.zones[zone_id]
@@ -334,6 +362,10 @@ class Manager:
         return self._react(zone_id, AnomalyReport(kind, detail, source, evidence or {}))
 
     def _react(self, zone_id: str, report: AnomalyReport) -> Reaction | None:
+        zone_id = self.transients.attribute(zone_id, report)
+        return self._react_in(zone_id, report)
+
+    def _react_in(self, zone_id: str, report: AnomalyReport) -> Reaction | None:
         run = self._run(zone_id)
         if report.category == "events-dropped" and not run.policy.anomaly.drops_are_anomalies:
             self._driver_report(zone_id, "events-dropped", report.detail)  # counted, no more
@@ -369,6 +401,10 @@ class Manager:
         """From a driver's agent link (any thread): queued for the reactions thread."""
         self._anomalies.put((zone_id, report))
 
+    def _driver_code_path(self, zone_id: str, request: CodePath) -> None:
+        """From a driver's agent link: a held code path, queued for the reactions thread."""
+        self._anomalies.put((zone_id, request))
+
     def _react_loop(self) -> None:
         while (item := self._anomalies.get()) is not None:
             zone_id, report = item
@@ -377,6 +413,9 @@ class Manager:
             while zone_id not in self.zones and time.monotonic() < deadline:
                 time.sleep(0.01)
             try:
+                if isinstance(report, CodePath):
+                    self.transients.split(zone_id, report)
+                    continue
                 self._react(zone_id, report)
             except ZoneError as exc:  # a zone whose launch failed (audited as such)
                 log.info("no reaction to %s: %s", report.category, exc)
@@ -428,9 +467,9 @@ class Manager:
                 self._end(run, f"policy {run.policy.name}: lifespan ended (phase {phase_index})",
                           due=due, phase_index=phase_index)
                 return
+            target = self.transients.bound(run, phase.restrictions)
             try:
-                report = self._driver_for(run.handle.backend).apply(run.handle,
-                                                                    phase.restrictions)
+                report = self._driver_for(run.handle.backend).apply(run.handle, target)
             except HvtsmError as exc:
                 applied = time.time()
                 with self.store.session() as session:
@@ -442,8 +481,9 @@ class Manager:
                           applied=applied)
                 return
             applied = time.time()
-            changes = phase.restrictions.changes_from(previous)
+            changes = target.changes_from(previous)
             self._mark_applied(run, phase_index, due, applied, changes, "; ".join(report.notes))
+            self.transients.follow_parent(run)
         self._notify("phase", zone_id, applied, self._phase_data(run, phase_index, due, applied,
                                                                  changes))
 
@@ -482,6 +522,7 @@ class Manager:
         run.state = ZoneState.TERMINATED
         run.end_reason = reason
         self.timeline.cancel(run.zone_id, [i for i in run.pending if i != phase_index])
+        self.transients.end_children(run)
         self._driver_for(run.handle.backend).terminate(run.handle)
         done = applied or time.time()
         if phase_index is not None and due is not None:
@@ -504,7 +545,9 @@ class Manager:
             if run.state is not ZoneState.TERMINATED:
                 run.state = ZoneState.EXITED
                 self.timeline.cancel(run.zone_id, list(run.pending))
-                # the workload's children die with the zone, as in a container
+                # the workload's children die with the zone, as in a container, and so do
+                # its transient zones
+                self.transients.end_children(run)
                 self._driver_for(run.handle.backend).terminate(run.handle)
             self._finish(run, status)
 
@@ -521,8 +564,11 @@ class Manager:
             self._save(session, run, ended_at=now, exit_status=status, end_reason=run.end_reason)
         release_zone(run.zone_id)
         run.ended.set()
-        self._notify("exit", run.zone_id, now, {"status": status, "state": str(run.state),
-                                                "reason": run.end_reason})
+        data: dict[str, Any] = {"status": status, "state": str(run.state),
+                                "reason": run.end_reason}
+        if run.parent is not None:
+            data.update(parent=run.parent, kind=run.kind, name=run.name)
+        self._notify("exit", run.zone_id, now, data)
 
     def _fail(self, zone_id: str, detail: str) -> None:
         release_zone(zone_id)
@@ -543,7 +589,8 @@ class Manager:
                       workload=workload, started_at=zone.started_at or zone.created_at,
                       pending={int(k): v for k, v in json.loads(zone.pending).items()},
                       phase_index=zone.phase_index, state=ZoneState(zone.state),
-                      name=zone.name, group=zone.group_id, parent=zone.parent_id)
+                      name=zone.name, group=zone.group_id, parent=zone.parent_id,
+                      kind=zone.kind)
         now = time.time()
         run.overdue = {i for i, due in run.pending.items() if due <= now}
         with self._zones_lock:
@@ -560,8 +607,7 @@ class Manager:
                 driver.terminate(handle)
                 self._finish(run, None)
             return False
-        threading.Thread(target=self._wait_exit, args=(run,), name=f"wait-{zone.id}",
-                         daemon=True).start()
+        self._watch(run)
         return True
 
     def _audit_steer(self, session: Any, run: ZoneRun, action: str, args: dict[str, Any],

@@ -58,16 +58,17 @@ def cmd_zones(args: argparse.Namespace) -> int:
                 "phase": z.phase_index, "command": json.loads(z.command),
                 "created": iso(z.created_at), "started": iso(z.started_at),
                 "ended": iso(z.ended_at), "exit_status": z.exit_status,
-                "reason": z.end_reason, "controller": z.controller_id}))
+                "reason": z.end_reason, "controller": z.controller_id, "kind": z.kind,
+                "name": z.name, "parent": z.parent_id}))
         return EXIT_OK
     if not zones:
         say("no zones" + ("" if args.all else " running (--all shows ended ones)"))
         return EXIT_OK
     now = time.time()
-    print(table(["ZONE", "STATE", "BACKEND", "POLICY", "PHASE", "AGE", "COMMAND"], [
+    print(table(["ZONE", "STATE", "BACKEND", "POLICY", "PHASE", "AGE", "PARENT", "COMMAND"], [
         [z.id, z.state, z.backend, z.policy_name, z.phase_index,
          _age((z.ended_at or now) - (z.started_at or z.created_at)),
-         " ".join(json.loads(z.command))[:40]] for z in zones]))
+         z.parent_id or "-", " ".join(json.loads(z.command))[:40]] for z in zones]))
     return EXIT_OK
 
 
@@ -87,6 +88,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             raise StoreError(f"no zone {args.zone!r} in {store.safe_url}",
                              hint="`hvtsm zones --all` lists them")
         trail = zone_trail(session, zone_id=zone.id)
+        kids = list(session.exec(select(Zone).where(Zone.parent_id == zone.id)
+                                 .order_by(Zone.created_at)))
     if args.json:
         for e in trail:
             print(json.dumps({"ts": iso(e.ts), "kind": e.kind, **e.data}))
@@ -94,6 +97,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print(f"zone {zone.id}: {zone.state}, backend {zone.backend}, policy {zone.policy_name} "
           f"({zone.policy_source}, sha256 {zone.policy_digest[:12]}), "
           f"command {' '.join(json.loads(zone.command))}")
+    if zone.parent_id:
+        print(f"{zone.kind} zone {zone.name or ''} of zone {zone.parent_id}")
+    if kids:
+        print("transient zones: " + ", ".join(f"{k.id} ({k.name}, {k.state})" for k in kids))
     print(table(["TIME", "KIND", "WHAT"], [[iso(e.ts), e.kind, e.summary] for e in trail]))
     return EXIT_OK
 

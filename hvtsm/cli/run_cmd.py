@@ -93,7 +93,7 @@ class LivePrinter:
         self.started: dict[str, float] = {}
 
     def __call__(self, notice: Notice) -> None:
-        if notice.kind == "exit":
+        if notice.kind == "exit" and "parent" not in notice.data:
             return  # printed by the main thread once the output is drained
         if notice.kind == "start":
             self.started[notice.zone_id] = notice.ts
@@ -107,6 +107,11 @@ class LivePrinter:
             life = "no lifespan limit" if data["lifespan_ms"] is None else (
                 f"lifespan {format_duration_ms(data['lifespan_ms'])}")
             extra = "".join(f", {k} {data[k]}" for k in ("accel", "boot_ms") if k in data)
+            if "parent" in data:  # a transient zone split off a running one
+                say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} ({data['name']}) split "
+                    f"from {data['parent']} on {data['split_on']}: policy {data['policy']} "
+                    f"({life}), pid {data['pid']}, placed in {data['placed_ms']:.1f} ms")
+                return
             say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} started: backend "
                 f"{data['backend']}{extra}, policy {data['policy']} ({life}), "
                 f"pid {data['pid']}")
@@ -123,6 +128,9 @@ class LivePrinter:
                 + (f" [{said}]" if said else ""))
         elif notice.kind == "reaction":
             say(f"{prefix} REACTION {data['action']}: {data['reason']}")
+        elif notice.kind == "exit":
+            say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} ({data['name']}, transient "
+                f"zone of {data['parent']}) {data['state']}: {data['reason']}")
         else:
             say(f"{prefix} {notice.kind} {data}")
 

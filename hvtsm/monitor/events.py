@@ -9,14 +9,26 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from guest_agent.protocol import EVENT_ANOMALY, EVENT_MONITOR, EVENT_STATS, Message
+from guest_agent.protocol import (
+    EVENT_ANOMALY,
+    EVENT_CODE_PATH,
+    EVENT_MONITOR,
+    EVENT_STATS,
+    EVENT_TRANSIENT,
+    Message,
+)
 from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem
+from hvtsm.monitor.code_path import CodePath, from_event
 from hvtsm.monitor.link import EventHandler, ProblemHandler
 
 log = logging.getLogger(__name__)
 
 AnomalySink = Callable[[str, AnomalyReport], None]
 NoteSink = Callable[[str, str, str], None]
+#: (zone id, request): a held code path for the manager (transient zones)
+CodePathSink = Callable[[str, CodePath], None]
+#: (zone id, event data): the agent's answer to a `transient` message, for the driver
+TransientSink = Callable[[str, dict[str, Any]], None]
 
 
 class MonitorHooks:
@@ -26,6 +38,9 @@ class MonitorHooks:
     def __init__(self) -> None:
         self.anomaly: AnomalySink | None = None
         self.report: NoteSink | None = None
+        self.code_path: CodePathSink | None = None
+        #: set by the driver itself: acknowledgements of `transient` messages
+        self.transient: TransientSink | None = None
         #: last `stats` event data per zone (counters the agent keeps)
         self.stats: dict[str, dict[str, Any]] = {}
 
@@ -67,11 +82,33 @@ class MonitorHooks:
                 self.note(zone_id, "monitor", text)
             elif kind == EVENT_STATS:
                 self.stats[zone_id] = data
+            elif kind == EVENT_CODE_PATH:
+                self._code_path(zone_id, msg, data)
+            elif kind == EVENT_TRANSIENT:
+                if self.transient is not None:
+                    self.transient(zone_id, data)
             else:
                 self.raise_anomaly(zone_id, AnomalyReport(
                     "malformed-message", f"agent sent an event of unknown kind {str(kind)[:40]}",
                     "link", {"problem": "unknown_event"}))
         return on_problem, on_event
+
+
+    def _code_path(self, zone_id: str, msg: Message, data: dict[str, Any]) -> None:
+        workload = msg.get("id") if isinstance(msg.get("id"), str) else None
+        request = from_event(data, workload)
+        if request is None:
+            self.raise_anomaly(zone_id, AnomalyReport(
+                "malformed-message", "agent sent a code-path event without a usable hold, "
+                "pid or trigger", "link", {"problem": "invalid_code_path"}))
+            return
+        sink = self.code_path
+        if sink is None:
+            # nobody can place it: the agent's hold times out and refuses the call
+            log.warning("zone %s: code path %s with no manager to place it", zone_id,
+                        request.describe())
+            return
+        sink(zone_id, request)
 
 
 class HookedDriver:
@@ -94,3 +131,11 @@ class HookedDriver:
     @report.setter
     def report(self, sink: NoteSink | None) -> None:
         self.hooks.report = sink
+
+    @property
+    def code_path(self) -> CodePathSink | None:
+        return self.hooks.code_path
+
+    @code_path.setter
+    def code_path(self, sink: CodePathSink | None) -> None:
+        self.hooks.code_path = sink

@@ -844,6 +844,14 @@ class AgentLink:
             return
         self._send({"type": "profile", "id": workload_id, "monitor": _plain(monitor)})
 
+    def transient(self, workload_id: str, op: str, **fields: Any) -> None:
+        """Send a `transient` message (guest_agent.protocol): place a held process in a
+        transient zone or refuse it, or act on a transient zone's cgroup in the guest. The
+        agent answers with an event of kind `transient` (on_event)."""
+        msg: Message = {"type": "transient", "id": workload_id, "op": op}
+        msg.update({k: _plain(v) for k, v in fields.items() if v is not None})
+        self._send(msg)
+
     def close(self) -> None:
         """End the link: the reader stops, waiting requests fail, running workloads are
         marked `link_lost` and their output pipes closed. Idempotent."""

@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hvtsm.restrictions import Restrictions
+
+if TYPE_CHECKING:
+    from hvtsm.monitor.code_path import CodePath
 
 
 class Backend(StrEnum):
@@ -36,6 +39,12 @@ class ZoneSpec:
     #: the policy's part of the monitoring profile (AnomalyRules.profile()); None: the
     #: workload is not watched
     monitor: Mapping[str, Any] | None = None
+    #: programs the workload may exec without being split into a transient zone, beside
+    #: its own and the policy's [transient] expect_exec (what `hvtsm analyze` found); the
+    #: manager puts them into the monitoring profile's `transient`
+    expect_exec: tuple[str, ...] = ()
+    #: a transient zone: the zone it is split from
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,17 @@ class ZoneDriver(Protocol):
     ]:
         """Rebuild a handle from stored state after a controller restart. The workload is
         None when nothing runs in the zone any more."""
+
+    def split(self, parent: ZoneHandle, spec: ZoneSpec, request: CodePath,
+              initial: Restrictions) -> tuple[ZoneHandle, Workload]:
+        """Make transient zone `spec` inside `parent` with `initial` in force, put the
+        process of `request` (held by the parent's agent) in it, then let its held call
+        proceed. Its later children are in it by inheritance. The workload ends when the
+        zone holds no process. Raises ZoneError (nothing made; the caller then `refuse`s).
+        `apply`, `freeze`, `thaw`, `terminate` and `stats` take the returned handle."""
+
+    def refuse(self, parent: ZoneHandle, request: CodePath, reason: str) -> None:
+        """Fail the held call of `request` (EPERM): its code path does not run."""
 
     def leftovers(self) -> set[str]:
         """Zone ids that still have resources (cgroups, namespaces, domains) on this host."""

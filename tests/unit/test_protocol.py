@@ -44,6 +44,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
               "args": {"host": "127.0.0.1", "port": 80}},
     "ping": {"type": "ping", "id": "k1", "hello": True},
     "profile": {"type": "profile", "id": "w1", "monitor": {"network": "none"}},
+    "transient": {"type": "transient", "id": "w1", "op": "split", "hold": 3, "zone": "zt1",
+                  "cgroup": "zt1", "limits": {"memory": 1 << 26}, "network": "none"},
 }
 
 

@@ -1,7 +1,12 @@
 """A zone's cgroup on cgroup v1 or v2, behind one interface.
 
 Each zone gets `hvtsm/<zone_id>`: on v1 under every hierarchy a zone uses, on v2 once
-under the unified root. Paths are injected so unit tests can use a fake tree; on a fake
+under the unified root. A transient zone split from it is the child `hvtsm/<zone_id>/<id>`
+(`child_cgroup`): on v1 in every hierarchy, so its limits nest inside the parent's; on v2
+without controllers of its own (a cgroup that holds processes cannot delegate them), so
+there it is held to the parent's limits and only kill, freeze and membership are its own.
+
+Paths are injected so unit tests can use a fake tree; on a fake
 tree the control files must exist beforehand, as the kernel would create them.
 """
 
@@ -116,6 +121,15 @@ class ZoneCgroup(ABC):
         for f in self.procs_files():
             out |= _pids_in(f)
         return out
+
+    def move(self, pid: int) -> None:
+        """Put process `pid` in this cgroup (every hierarchy); its later children follow."""
+        for f in self.procs_files():
+            try:
+                write_file(f, str(pid))
+            except OSError as exc:
+                raise self._error(f"cannot move pid {pid} into {f.parent}: "
+                                  f"{exc.strerror or exc}") from exc
 
     def remove(self) -> list[str]:
         """rmdir the zone's directories; returns those removed. The zone must be empty."""
@@ -241,7 +255,8 @@ class CgroupV1(ZoneCgroup):
         made: list[Path] = []
         try:
             for d in self.dirs():
-                cpuset = d.parent.parent == self.mounts.get("cpuset")
+                # a transient zone's cgroup is one level deeper (hvtsm/<zone>/<id>)
+                cpuset = self.mounts.get("cpuset") in d.parents
                 d.parent.mkdir(exist_ok=True)
                 if cpuset:
                     self._init_cpuset(d.parent, d.parent.parent)
@@ -523,6 +538,36 @@ def zone_cgroup(caps: HostCapabilities, zone_id: str) -> ZoneCgroup:
     if caps.cgroup_version == 2 and caps.cgroup_root:
         return CgroupV2(caps.cgroup_root, caps.cgroup_controllers, zone_id)
     return CgroupV1(caps.cgroup_mounts, zone_id)
+
+
+def child_cgroup(caps: HostCapabilities, parent_id: str, child_id: str) -> ZoneCgroup:
+    """Transient zone `child_id`'s cgroup inside zone `parent_id`'s."""
+    if caps.cgroup_version == 2 and caps.cgroup_root:
+        return CgroupV2(caps.cgroup_root, (), f"{parent_id}/{child_id}")
+    return CgroupV1(caps.cgroup_mounts, f"{parent_id}/{child_id}")
+
+
+def _parents(caps: HostCapabilities) -> list[Path]:
+    if caps.cgroup_version == 2 and caps.cgroup_root:
+        return [Path(caps.cgroup_root) / PARENT]
+    return [Path(m) / PARENT for m in set(caps.cgroup_mounts.values())]
+
+
+def children(caps: HostCapabilities, parent_id: str) -> set[str]:
+    """Transient zones that have a cgroup directory inside zone `parent_id`'s."""
+    out: set[str] = set()
+    for parent in _parents(caps):
+        try:
+            out.update(e.name for e in os.scandir(parent / parent_id)
+                       if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return out
+
+
+def transient_ids(caps: HostCapabilities) -> dict[str, str]:
+    """Every transient zone with a cgroup directory on this host -> its parent zone."""
+    return {child: parent for parent in zone_ids(caps) for child in children(caps, parent)}
 
 
 def zone_ids(caps: HostCapabilities) -> set[str]:

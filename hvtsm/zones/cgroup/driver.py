@@ -4,6 +4,12 @@ private mount namespace on this host.
 Every resource name derives from the zone id (cgroup `hvtsm/<id>`, netns `hvtsm-<id>`,
 veth `hz...`, namespace reference `/run/hvtsm/ns/<id>`), so a zone can be found and
 removed from its id alone, even when the controller that made it is gone.
+
+A transient zone (hvtsm/transient.py) is only a child cgroup `hvtsm/<parent>/<id>`: it
+shares its parent's network and mount namespaces and agent. The driver writes the cgroup
+itself (it owns the zone's cgroup tree, v1 or v2, limits and kill) while the agent holds the
+process's call; the agent only lets the call go on and judges the zone's connects against
+its network mode, since in a shared namespace only the agent can tell its processes apart.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.monitor import host_agent
 from hvtsm.monitor.anomalies import zone_profile
+from hvtsm.monitor.code_path import CodePath
 from hvtsm.monitor.events import HookedDriver, MonitorHooks
 from hvtsm.monitor.host_agent import HostAgent
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
+from hvtsm.transient import agent_network
 from hvtsm.zones import netslots
 from hvtsm.zones.base import (
     ApplyReport,
@@ -76,6 +84,7 @@ class CgroupDriver(HookedDriver):
         #: store persists, because environments carry secrets
         self._envs: dict[str, dict[str, str]] = {}
         self.hooks = MonitorHooks()
+        self.hooks.transient = self._on_transient_ack
         #: the agent beside each monitored zone
         self._agents: dict[str, HostAgent] = {}
         #: an agent started ahead for the next zone (its start-up is Python's ~140 ms)
@@ -87,6 +96,13 @@ class CgroupDriver(HookedDriver):
 
     def cgroup(self, zone_id: str) -> ZoneCgroup:
         return cgroupfs.zone_cgroup(self.caps, zone_id)
+
+    def handle_cgroup(self, handle: ZoneHandle) -> ZoneCgroup:
+        """The cgroup of a zone or of a transient zone."""
+        parent = handle.state.get("parent")
+        if isinstance(parent, str):
+            return cgroupfs.child_cgroup(self.caps, parent, handle.zone_id)
+        return self.cgroup(handle.zone_id)
 
     def zone_net(self, zone_id: str, net_index: int) -> netns.ZoneNet:
         return netns.ZoneNet.for_zone(zone_id, net_index, self.pool)
@@ -242,6 +258,9 @@ class CgroupDriver(HookedDriver):
         return None if ref is None else str(ref)
 
     def terminate(self, handle: ZoneHandle) -> None:
+        if handle.state.get("parent"):
+            self._end_transient(self.handle_cgroup(handle))
+            return
         self._envs.pop(handle.zone_id, None)
         try:
             self._teardown(handle.zone_id)
@@ -262,6 +281,10 @@ class CgroupDriver(HookedDriver):
             except (HvtsmError, OSError) as exc:
                 errors.append(str(exc).removeprefix(f"zone {zone_id}: "))
 
+        for child in sorted(cgroupfs.children(self.caps, zone_id)):
+            # transient zones first: a cgroup with children cannot be removed
+            step(lambda c=child: self._end_transient(cgroupfs.child_cgroup(self.caps,
+                                                                           zone_id, c)))
         if cgroup.exists():
             def kill() -> list[str]:
                 count = len(cgroup.pids())
@@ -279,6 +302,8 @@ class CgroupDriver(HookedDriver):
     # -- tightening -----------------------------------------------------------------------
 
     def apply(self, handle: ZoneHandle, restrictions: Restrictions) -> ApplyReport:
+        if handle.state.get("parent"):
+            return self._apply_transient(handle, restrictions)
         old = handle.applied
         changed = restrictions.changes_from(old)
         notes: list[str] = []
@@ -378,15 +403,15 @@ class CgroupDriver(HookedDriver):
     # -- freezing and statistics ----------------------------------------------------------
 
     def freeze(self, handle: ZoneHandle) -> None:
-        self.cgroup(handle.zone_id).freeze()
+        self.handle_cgroup(handle).freeze()
         handle.state["frozen"] = True
 
     def thaw(self, handle: ZoneHandle) -> None:
-        self.cgroup(handle.zone_id).thaw()
+        self.handle_cgroup(handle).thaw()
         handle.state["frozen"] = False
 
     def stats(self, handle: ZoneHandle) -> ZoneStats:
-        cgroup = self.cgroup(handle.zone_id)
+        cgroup = self.handle_cgroup(handle)
         return ZoneStats(procs=len(cgroup.pids()), memory_bytes=cgroup.memory_usage(),
                          cpu_usage_ns=cgroup.cpu_usage_ns(), frozen=cgroup.frozen())
 
@@ -397,10 +422,13 @@ class CgroupDriver(HookedDriver):
     ]:
         _check_id(zone_id)
         handle = ZoneHandle(zone_id, self.backend, dict(state), applied)
-        cgroup = self.cgroup(zone_id)
+        cgroup = self.handle_cgroup(handle)
         pids = cgroup.pids()
         if not pids:
             return handle, None
+        if handle.state.get("parent"):
+            # its processes are watched by its parent's agent, adopted with the parent
+            return handle, launcher.AdoptedWorkload(cgroup, min(pids))
         pid = state.get("pid")
         if not isinstance(pid, int) or pid not in pids:
             pid = min(pids)
@@ -433,13 +461,111 @@ class CgroupDriver(HookedDriver):
 
     def leftovers(self) -> set[str]:
         return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids()
-                | {z for z in host_agent.recorded_zones() if _ZONE_ID.match(z)})
+                | {z for z in host_agent.recorded_zones() if _ZONE_ID.match(z)}
+                | set(cgroupfs.transient_ids(self.caps)))
 
     def remove(self, zone_id: str) -> list[str]:
+        parent = cgroupfs.transient_ids(self.caps).get(_check_id(zone_id))
+        if parent is not None:
+            return self._end_transient(cgroupfs.child_cgroup(self.caps, parent, zone_id))
         removed = self._teardown(_check_id(zone_id))
         self._stop_agent(zone_id)
         host_agent.sweep_spares()
         return removed + host_agent.stop_orphan(zone_id)
+
+    # -- transient zones ------------------------------------------------------------------
+
+    def split(self, parent: ZoneHandle, spec: ZoneSpec, request: CodePath,
+              initial: Restrictions) -> tuple[ZoneHandle, Workload]:
+        zone_id = _check_id(spec.zone_id)
+        agent = self._agents.get(parent.zone_id)
+        if agent is None or agent.link is None or agent.link.closed:
+            raise ZoneError("the zone's agent is not connected: nobody can release the "
+                            "held call", zone_id=parent.zone_id)
+        cgroup = cgroupfs.child_cgroup(self.caps, parent.zone_id, zone_id)
+        notes: list[str] = []
+        try:
+            cgroup.create()
+            if cgroup.version == 2:
+                notes.append("cgroup v2: held to its parent's resource limits (a cgroup "
+                             "that holds processes cannot delegate controllers)")
+            else:
+                self._set_limits(cgroup, initial, Restrictions(), lambda _n, _v: None)
+            # the process is blocked in its exec/connect until the agent answers: moved
+            # now, everything it runs or forks from here on is in the transient zone
+            cgroup.move(request.pid)
+        except BaseException as exc:
+            # back where it was (a move may have got through some hierarchies): the caller
+            # refuses its call, and the process goes on in its zone without the exec
+            with contextlib.suppress(HvtsmError, OSError):
+                self.cgroup(parent.zone_id).move(request.pid)
+            with contextlib.suppress(HvtsmError, OSError):
+                self._end_transient(cgroup)
+            if isinstance(exc, OSError):
+                raise ZoneError(f"cannot make the transient zone's cgroup: {exc}",
+                                zone_id=zone_id) from exc
+            raise
+        if initial.filesystem is FilesystemMode.RO \
+                and parent.applied.filesystem is not FilesystemMode.RO:
+            notes.append("filesystem ro is not enforced for the subtree alone: it shares "
+                         "its parent's mount namespace")
+        agent.link.transient(parent.zone_id, "split", hold=request.hold, zone=zone_id,
+                             network=agent_network(initial))
+        state = {"version": STATE_VERSION, "parent": parent.zone_id, "transient": True,
+                 "cgroup_version": cgroup.version, "cgroups": [str(d) for d in cgroup.dirs()],
+                 "pid": request.pid, "user": parent.state.get("user"), "frozen": False,
+                 "notes": notes}
+        handle = ZoneHandle(zone_id, self.backend, state, initial)
+        return handle, launcher.AdoptedWorkload(cgroup, request.pid)
+
+    def refuse(self, parent: ZoneHandle, request: CodePath, reason: str) -> None:
+        agent = self._agents.get(parent.zone_id)
+        if agent is None or agent.link is None:
+            raise ZoneError("the zone's agent is not connected; its hold times out",
+                            zone_id=parent.zone_id)
+        agent.link.transient(parent.zone_id, "deny", hold=request.hold, reason=reason[:500])
+
+    def _apply_transient(self, handle: ZoneHandle, restrictions: Restrictions) -> ApplyReport:
+        old = handle.applied
+        changed = restrictions.changes_from(old)
+        notes: list[str] = []
+
+        def done(name: str, value: object) -> None:
+            handle.applied = replace(handle.applied, **{name: value})
+
+        cgroup = self.handle_cgroup(handle)
+        if cgroup.version == 1:
+            self._set_limits(cgroup, restrictions, old, done)
+        network = agent_network(restrictions)
+        if network != agent_network(old):
+            agent = self._agents.get(str(handle.state["parent"]))
+            if agent is None or agent.link is None:
+                raise ZoneError("the parent's agent is gone: the network cut cannot be "
+                                "judged", zone_id=handle.zone_id)
+            agent.link.transient(str(handle.state["parent"]), "update", zone=handle.zone_id,
+                                 network=network)
+            notes.append(f"network {network}: the agent refuses its connects off the host")
+        if restrictions.filesystem is not old.filesystem:
+            notes.append("filesystem ro is not enforced for the subtree alone")
+        handle.applied = restrictions
+        return ApplyReport(changed, tuple(notes))
+
+    def _on_transient_ack(self, zone_id: str, data: dict[str, Any]) -> None:
+        """The agent's answer to a `transient` message. The host placed the process before
+        it asked for the release, so only a failure is news (a hold that timed out first:
+        the call was refused and the transient zone ends empty)."""
+        if data.get("ok") is not True:
+            self.hooks.note(zone_id, "transient-refused",
+                            f"the agent could not {str(data.get('op'))[:20]} for transient "
+                            f"zone {str(data.get('zone'))[:40]}: {str(data.get('error'))[:300]}")
+
+    def _end_transient(self, cgroup: ZoneCgroup) -> list[str]:
+        if not cgroup.exists():
+            return []
+        count = len(cgroup.pids())
+        cgroup.kill()
+        removed = [f"{count} process(es) killed"] if count else []
+        return removed + cgroup.remove()
 
     # -- shared host setup ----------------------------------------------------------------
 

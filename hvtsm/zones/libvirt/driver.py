@@ -30,6 +30,7 @@ from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
 from hvtsm.monitor.anomalies import zone_profile
+from hvtsm.monitor.code_path import CodePath
 from hvtsm.monitor.events import HookedDriver, MonitorHooks
 from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
@@ -48,6 +49,7 @@ from hvtsm.zones.libvirt import egress
 from hvtsm.zones.libvirt.accel import AccelChoice, choose_accel
 from hvtsm.zones.libvirt.connection import Connection
 from hvtsm.zones.libvirt.templates import DomainParams, render, to_xml
+from hvtsm.zones.libvirt.transient import GuestTransients
 from hvtsm.zones.libvirt.workload import DomainWorkload, GuestWorkload
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,9 @@ class LibvirtDriver(HookedDriver):
         #: the manager's sinks: anomalies, and facts that arrive after `apply` returned
         #: (the unplug completing, the guest seeing its new memory), which it audits
         self.hooks = MonitorHooks()
+        #: transient zones: cgroups the guest agent manages (zones/libvirt/transient.py)
+        self.transients = GuestTransients()
+        self.hooks.transient = self.transients.on_event
 
     @property
     def accel(self) -> AccelChoice:
@@ -230,6 +235,9 @@ class LibvirtDriver(HookedDriver):
         return GuestWorkload(remote, self._gone[handle.state["domain"]])
 
     def terminate(self, handle: ZoneHandle) -> None:
+        if handle.state.get("parent"):
+            self.transients.terminate(self._parent_link(handle), handle)
+            return
         remote = self._workloads.get(handle.zone_id)
         # a dump only when the zone is ended under a running workload (policy, reaction,
         # operator), not when cleaning up after the workload finished
@@ -243,18 +251,28 @@ class LibvirtDriver(HookedDriver):
         handle.state.update(nic=False)
 
     def freeze(self, handle: ZoneHandle) -> None:
+        if handle.state.get("parent"):
+            self.transients.act(self._parent_link(handle), handle, "freeze")
+            handle.state["frozen"] = True
+            return
         dom = self._domain(handle)
         if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
             dom.suspend()
         handle.state["frozen"] = True
 
     def thaw(self, handle: ZoneHandle) -> None:
+        if handle.state.get("parent"):
+            self.transients.act(self._parent_link(handle), handle, "thaw")
+            handle.state["frozen"] = False
+            return
         dom = self._domain(handle)
         if dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
             dom.resume()
         handle.state["frozen"] = False
 
     def stats(self, handle: ZoneHandle) -> ZoneStats:
+        if handle.state.get("parent"):
+            return self.transients.stats(self._parent_link(handle), handle)
         dom = self._domain(handle)
         info = dom.info()
         memory = dom.memoryStats()
@@ -266,6 +284,8 @@ class LibvirtDriver(HookedDriver):
 
     def apply(self, handle: ZoneHandle, restrictions: Restrictions, *,
               first: bool = False) -> ApplyReport:
+        if handle.state.get("parent"):
+            return self.transients.apply(self._parent_link(handle), handle, restrictions)
         old = handle.applied
         changed = restrictions.changes_from(old)
         notes: list[str] = []
@@ -440,6 +460,20 @@ class LibvirtDriver(HookedDriver):
             raise ZoneError("no workload runs in the guest yet", zone_id=handle.zone_id)
         return int(remote.pid)
 
+    # -- transient zones (a cgroup the guest agent manages) -----------------------------------
+
+    def split(self, parent: ZoneHandle, spec: ZoneSpec, request: CodePath,
+              initial: Restrictions) -> tuple[ZoneHandle, Workload]:
+        gone = self._gone.get(str(parent.state.get("domain")), threading.Event())
+        return self.transients.split(self._links.get(parent.zone_id), parent, spec,
+                                     request, initial, gone)
+
+    def refuse(self, parent: ZoneHandle, request: CodePath, reason: str) -> None:
+        self.transients.refuse(self._links.get(parent.zone_id), parent, request, reason)
+
+    def _parent_link(self, handle: ZoneHandle) -> AgentLink | None:
+        return self._links.get(str(handle.state["parent"]))
+
     def agent_link(self, zone_id: str) -> AgentLink | None:
         """The link to a zone's guest agent (probes, administrative commands)."""
         return self._links.get(zone_id)
@@ -521,6 +555,16 @@ class LibvirtDriver(HookedDriver):
     def adopt(self, zone_id: str, state: dict[str, Any],
               applied: Restrictions) -> tuple[ZoneHandle, Workload | None]:
         handle = ZoneHandle(zone_id, self.backend, state, applied)
+        if state.get("parent"):
+            # its agent link is its parent's, adopted with it; its end is the agent's
+            # "ended" event or the guest's
+            gone = self._gone.get(str(state.get("domain")))
+            if gone is None or gone.is_set():
+                return handle, None
+            from hvtsm.zones.libvirt.transient import TransientGuestWorkload
+
+            return handle, TransientGuestWorkload(int(state.get("pid") or 0),
+                                                  self.transients.ended(zone_id), gone)
         name = domain_name(zone_id)
         try:
             dom = self.connection.get().lookupByName(name)
