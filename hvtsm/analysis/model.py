@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,6 +15,12 @@ CAPABILITIES = (
 
 SegmentKind = Literal["function", "module", "script", "binary"]
 Risk = Literal["low", "medium", "high"]
+
+
+def exec_globs(programs: Iterable[str]) -> tuple[str, ...]:
+    """Programs as exec globs: a path stays itself, a bare name (found on PATH) matches that
+    name in any directory."""
+    return tuple(sorted({p if p.startswith("/") else f"*/{p}" for p in programs}))
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,7 @@ class Report:
         return tuple(sorted({p for s in self.segments for p in s.programs}))
 
     def exec_globs(self) -> tuple[str, ...]:
-        """The programs as exec globs: a path stays itself, a bare name (found on PATH)
-        matches that name in any directory."""
-        return tuple(p if p.startswith("/") else f"*/{p}" for p in self.programs())
+        return exec_globs(self.programs())
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "language": self.language,

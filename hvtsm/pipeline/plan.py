@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtsm.analysis import analyze
-from hvtsm.analysis.model import Reason, Report
+from hvtsm.analysis.model import Reason, Report, exec_globs
 from hvtsm.errors import AnalysisError, PipelineError, PolicyError
 from hvtsm.pipeline.entry import read_chain
 from hvtsm.policy import Policy
@@ -54,6 +54,8 @@ class Stage:
     #: ... or a command whose stdin/stdout carry the data (command stages)
     command: tuple[str, ...] = ()
     reasons: tuple[Reason, ...] = ()
+    #: exec globs of the programs the analysis found in the stage (no transient zone for them)
+    expect_exec: tuple[str, ...] = ()
     #: where the policy and scale came from, for the plan's printout
     chosen_by: str = "pipeline policy"
 
@@ -68,6 +70,7 @@ class Stage:
                 "command": list(self.command), "policy": self.policy.name,
                 "policy_source": self.policy.source, "scale": self.scale,
                 "lifespan_ms": self.lifespan_ms, "chosen_by": self.chosen_by,
+                "expect_exec": list(self.expect_exec),
                 "reasons": [r.to_dict() for r in self.reasons]}
 
 
@@ -130,7 +133,7 @@ def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> P
     data = path.read_bytes()
     chain = read_chain(path, data.decode("utf-8"), entry)
     module = path.stem
-    groups: list[tuple[str, list[str], set[str], list[Reason]]] = []
+    groups: list[tuple[str, list[str], set[str], list[Reason], set[str]]] = []
     for step in chain.steps:
         segment = report.segment(f"{module}.{step.function}")
         role = role_of(segment.capabilities)
@@ -138,13 +141,15 @@ def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> P
             groups[-1][1].append(step.function)
             groups[-1][2].update(segment.capabilities)
             groups[-1][3].extend(segment.reasons)
+            groups[-1][4].update(segment.programs)
         else:
             groups.append((role, [step.function], set(segment.capabilities),
-                           list(segment.reasons)))
+                           list(segment.reasons), set(segment.programs)))
     module_caps = _module_capabilities(report, module)
     stages: list[Stage] = []
     seen: dict[str, int] = {}
-    for role, functions, caps, reasons in groups:
+    module_programs = _module_programs(report, module)
+    for role, functions, caps, reasons, programs in groups:
         seen[role] = seen.get(role, 0) + 1
         name = role if seen[role] == 1 else f"{role}-{seen[role]}"
         # module-level code (imports, constants) runs in every zone that loads the program
@@ -152,12 +157,20 @@ def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> P
         policy, scale, chosen = _stage_policy(pipeline, role, capabilities)
         stages.append(Stage(name=name, role=role, capabilities=capabilities, policy=policy,
                             scale=scale, functions=tuple(functions), reasons=tuple(reasons),
+                            expect_exec=exec_globs(programs | module_programs),
                             chosen_by=chosen))
     plan = Plan(name=module, program=str(path.resolve()), policy=pipeline,
                 stages=tuple(stages), params=chain.params, first_args=chain.first_args,
                 program_digest=hashlib.sha256(data).hexdigest())
     check_channels(plan)
     return plan
+
+
+def _module_programs(report: Report, module: str) -> frozenset[str]:
+    try:
+        return frozenset(report.segment(module).programs)
+    except KeyError:
+        return frozenset()
 
 
 def _module_capabilities(report: Report, module: str) -> frozenset[str]:
@@ -261,6 +274,7 @@ def _manifest_stage(source: str, index: int, table: Any, pipeline: Policy,
                             file=source, field=where)
     capabilities: set[str] = set()
     reasons: list[Reason] = []
+    programs: set[str] = set(command[:1])
     if functions:
         if report is None or program is None:
             raise PipelineError("function segments need program = \"file.py\" in the manifest",
@@ -274,7 +288,9 @@ def _manifest_stage(source: str, index: int, table: Any, pipeline: Policy,
                                     field=f"{where}.functions") from None
             capabilities |= segment.capabilities
             reasons.extend(segment.reasons)
+            programs.update(segment.programs)
         capabilities |= _module_capabilities(report, module)
+        programs |= _module_programs(report, module)
     role = table.get("role", role_of(frozenset(capabilities)))
     if not isinstance(role, str) or not role:
         raise PipelineError("must be a role name", file=source, field=f"{where}.role")
@@ -292,7 +308,7 @@ def _manifest_stage(source: str, index: int, table: Any, pipeline: Policy,
                                                field=f"{where}.policy")
     return Stage(name=name, role=role, capabilities=frozenset(capabilities), policy=policy,
                  scale=used_scale, functions=tuple(functions), command=tuple(command),
-                 reasons=tuple(reasons), chosen_by=chosen)
+                 reasons=tuple(reasons), expect_exec=exec_globs(programs), chosen_by=chosen)
 
 
 def check_channels(plan: Plan) -> None:

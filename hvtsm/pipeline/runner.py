@@ -141,7 +141,7 @@ def _run_stage(manager: Manager, stage: Stage, argv: list[str], group: str, *,
     try:
         run = manager.launch(stage.policy, argv, io=WorkloadIO(stdout=out_w, stderr=err_w),
                              user=user, scale=stage.scale, backend=backend, name=stage.name,
-                             group=group, kind="segment")
+                             group=group, kind="segment", expect_exec=stage.expect_exec)
     finally:
         # the zone holds its own copies: the readers see EOF when the workload ends
         os.close(out_w)
