@@ -17,7 +17,7 @@ from hvtsm.analysis.shell import analyze_shell
 from hvtsm.errors import AnalysisError
 
 __all__ = ["CAPABILITIES", "AnalysisError", "Reason", "Report", "Segment", "analyze",
-           "risk_of"]
+           "command_exec_globs", "risk_of"]
 
 _SHELL_INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash"})
 
@@ -62,3 +62,30 @@ def analyze(path: str | os.PathLike[str]) -> Report:
         f"unknown format (interpreter {interpreter!r})" if interpreter else
         "unknown format: no ELF magic, no shebang, not .py or .sh", file=str(p),
         hint="hvtsm analyze reads Python, shell scripts and ELF binaries")
+
+
+_INTERPRETERS = _SHELL_INTERPRETERS | {"python", "python3"}
+
+
+def command_exec_globs(argv: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Exec globs of the programs a command's script runs, as far as analysis can tell:
+    the script is argv[0] itself (a shebang script) or the file an interpreter is given
+    (`sh deploy.sh`, `python3 job.py`). Nothing when there is no script to read."""
+    import shutil
+
+    if not argv:
+        return ()
+    first = shutil.which(argv[0]) or argv[0]
+    name = os.path.basename(argv[0])
+    script: str | None = None
+    if name in _INTERPRETERS or name.startswith("python3."):
+        script = next((a for a in argv[1:] if not a.startswith("-")), None)
+    elif os.path.isfile(first):
+        script = first
+    if script is None or not os.path.isfile(script):
+        return ()
+    try:
+        report = analyze(script)
+    except AnalysisError:
+        return ()
+    return report.exec_globs()

@@ -11,6 +11,7 @@ import subprocess
 import threading
 from typing import IO, Any
 
+from hvtsm.analysis import command_exec_globs
 from hvtsm.cli.exits import (
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
@@ -160,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             index = policy.segments.index(selector)
             policy = load_referenced(selector.policy, beside=policy.source,
                                      field=f"segment[{index}].policy")
+    # what the command's script runs is foreseen: only other programs get a transient zone
+    expected = command_exec_globs(argv) if policy.transient.enabled else ()
     caps = probe_host()
     backend = Backend(args.backend)
     driver = make_driver(backend, caps, net_pool=args.net_pool,
@@ -171,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _Interrupts() as interrupts:
         manager.start()
         try:
-            run = manager.launch(policy, argv, io=io, user=args.user, scale=scale)
+            run = manager.launch(policy, argv, io=io, user=args.user, scale=scale,
+                                 expect_exec=expected)
             relays = _relay_output(run) if args.json else []
             interrupted = _wait(manager, run, interrupts)
             for relay in relays:

@@ -323,3 +323,24 @@ def test_resume_adopts_transient_zones_with_their_parent(
     assert listed[child["zone"]]["state"] == "terminated"
     assert listed[parent["zone"]]["state"] == "exited"
     assert _gone(probe_host(), parent["zone"], child["zone"])
+
+
+def test_cli_run_expects_what_the_analysis_of_the_script_found(
+        setup: tuple[Manager, Store, Path]) -> None:
+    """`hvtsm run -- sh job.sh`: the programs job.sh names run in its zone; one it computes
+    at run time (not in the analysis) gets a transient zone."""
+    _manager, _store, tmp = setup
+    db = f"sqlite:///{tmp / 'analysis.db'}"
+    script = tmp / "job.sh"
+    script.write_text("#!/bin/sh\n/bin/sleep 0.1\nset -- /usr/bin/ true\n"
+                      "\"$1$2\"; echo \"done $?\"\n")
+    # root: the test's temporary directory is closed to nobody
+    done = hvtsm(db, "run", "--policy", str(tmp / "parent8.toml"), "--user", "root", "--json",
+                 "--", "/bin/sh", str(script), timeout=60)
+    assert done.returncode == 0, done.stderr
+    starts = [e for e in json_lines(done.stdout) if e["event"] == "start"]
+    # the parent, and one transient zone: for the computed /usr/bin/true only
+    assert len(starts) == 2, done.stdout
+    assert "done 0" in done.stdout
+    listed = zones(db)
+    assert [z["kind"] for z in listed].count("transient") == 1

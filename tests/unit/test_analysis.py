@@ -346,3 +346,21 @@ def test_programs_the_code_runs(tmp_path: Path) -> None:
     assert report.segment("runs.d").programs == ("ls", "sh")
     assert report.segment("runs.e").programs == ("/bin/true",)
     assert report.to_dict()["segments"][1]["programs"] == ["/usr/bin/git"]
+
+
+def test_command_exec_globs(tmp_path: Path) -> None:
+    from hvtsm.analysis import command_exec_globs
+
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nsort -u x\n/bin/sleep 1\n")
+    script.chmod(0o755)
+    assert command_exec_globs(["sh", str(script)]) == ("*/sort", "/bin/sleep")
+    assert command_exec_globs([str(script), "arg"]) == ("*/sort", "/bin/sleep")
+    program = tmp_path / "job.py"
+    program.write_text("import subprocess\nsubprocess.run(['/usr/bin/git', 'pull'])\n")
+    assert command_exec_globs(["python3", "-u", str(program)]) == ("/usr/bin/git",)
+    assert command_exec_globs(["/bin/true"]) == ()  # a binary names no programs
+    assert command_exec_globs(["sh", "-c", "ls"]) == ()  # no script file to read
+    broken = tmp_path / "broken.py"
+    broken.write_text("def (:\n")
+    assert command_exec_globs(["python3", str(broken)]) == ()
