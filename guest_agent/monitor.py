@@ -269,6 +269,9 @@ class Monitor:
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._poller = select.poll()
         self.internal_errors = 0
+        #: sensitive-path marks reused by the next workload while their directories stay
+        #: unchanged (a warm guest's start would spend most of its time walking them)
+        self._expanded = fanotify.ExpandCache()
 
     # --- public ---------------------------------------------------------------------------
 
@@ -458,7 +461,7 @@ class Monitor:
     def _make_group(self, watch: Watch, warnings: list[str]) -> None:
         if not watch.profile.sensitive_paths:
             return
-        marks, notes = fanotify.expand(watch.profile.sensitive_paths)
+        marks, notes = self._expanded.expand(watch.profile.sensitive_paths)
         warnings.extend(notes)
         if not marks:
             warnings.append("sensitive paths: nothing to mark yet (no match on disk)")

@@ -98,3 +98,8 @@ class AnalysisError(HvtsmError):
         if where and self.line is not None:
             where = f"{where}:{self.line}"
         return f"{where}: {self.detail}" if where else self.detail
+
+
+class InvokeError(HvtsmError):
+    """An invoke request that cannot be served as asked (unknown code id, runtime, trust
+    level), or a warm pool that cannot do what it was told."""
