@@ -8,7 +8,16 @@ import sys
 from collections.abc import Sequence
 
 from hvtsm import __version__
-from hvtsm.cli import admin_cmd, analyze_cmd, image_cmd, policy_cmd, run_cmd, template_cmd
+from hvtsm.cli import (
+    admin_cmd,
+    analyze_cmd,
+    image_cmd,
+    invoke_cmd,
+    policy_cmd,
+    pool_cmd,
+    run_cmd,
+    template_cmd,
+)
 from hvtsm.cli.exits import EXIT_HVTSM_ERROR, EXIT_USAGE
 from hvtsm.errors import HvtsmError
 
@@ -33,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     template_cmd.add_parsers(commands)
     image_cmd.add_parsers(commands)
     analyze_cmd.add_parsers(commands)
+    invoke_cmd.add_parsers(commands)
+    pool_cmd.add_parsers(commands)
     return parser
 
 
