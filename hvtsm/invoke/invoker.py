@@ -36,7 +36,7 @@ from hvtsm.policy.catalog import default_policy_path, resolve
 from hvtsm.pool.rules import PoolKey
 from hvtsm.pool.warm import SCRATCH, Lease, WarmPool
 from hvtsm.restrictions import Restrictions
-from hvtsm.store.models import Anomaly
+from hvtsm.store.models import Anomaly, ZoneState
 from hvtsm.zones.base import Backend, WorkloadIO, ZoneHandle, ZoneSpec
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,13 @@ class Invoker:
                 run = self.manager.launch(policy, argv, backend=backend, cwd=SCRATCH,
                                           create=bind, **launch)
             except ZoneError as exc:
-                # the guest is retired (pool.bind); the request still gets a guest
+                # a guest that failed a zone is retired (pool.bind, release); one the
+                # zone never reached goes back; the request still gets a guest
                 log.warning("warm guest %s failed (%s): booting one", lease.guest_id, exc)
+                if lease.handle is None and lease.zone_id is None:
+                    pool.give_back(lease)
+                else:
+                    pool.release(lease, zone_state=ZoneState.FAILED, request_key=key)
                 lease = None
         if run is None:
             run = self._launch_cold(policy, argv, backend, request_dir, request.user, launch)

@@ -44,13 +44,11 @@ def command(runtime: str, path: str, args: Sequence[str], *,
 
 def lifespan_scale(policy: Policy, report: Report) -> float:
     """The smallest `lifespan_scale` among the policy's [[segment]] selectors that match a
-    segment of the code (by its capabilities); 1 when none does. The riskiest part of the
+    segment of the code (by its capabilities; every matching selector counts, not only the
+    first, as `Policy.selector_for` would pick); 1 when none does. The riskiest part of the
     program decides how long the whole zone may live."""
-    scales = []
-    for segment in report.segments:
-        selector = policy.selector_for(role=None, capabilities=segment.capabilities)
-        if selector is not None:
-            scales.append(selector.lifespan_scale)
+    scales = [selector.lifespan_scale for selector in policy.segments
+              if any(selector.matches(None, s.capabilities) for s in report.segments)]
     return min(scales) if scales else 1.0
 
 

@@ -230,6 +230,17 @@ class WarmPool:
         lease.handle = handle
         return handle
 
+    def give_back(self, lease: Lease) -> None:
+        """A lease whose zone was never made in the guest (nothing ran there)."""
+        if lease.handle is not None or lease.zone_id is not None:
+            raise ZoneError(f"guest {lease.guest_id} served zone {lease.zone_id}: release it",
+                            hint="use WarmPool.release after a zone ran")
+        if not self.hold_links:
+            self.driver.detach_guest(lease.guest_id)
+            self._held.discard(lease.guest_id)
+        registry.release(self.store, lease.guest_id, uses=lease.uses, hold=self.hold_links,
+                         detail="given back unused")
+
     def release(self, lease: Lease, *, zone_state: ZoneState, request_key: PoolKey,
                 settle: Callable[[], object] | None = None) -> str | None:
         """After the lease's zone ended: back to the pool (scrubbed) or retired. Returns the
