@@ -15,6 +15,9 @@ RUNTIMES = {"python": "python3", "shell": "sh", "elf": "native"}
 #: runtime -> interpreter (None: the code is the program)
 INTERPRETERS: dict[str, str | None] = {"python3": "/usr/bin/python3", "sh": "/bin/sh",
                                        "native": None}
+#: shell words that run the command after them
+_PREFIXES = frozenset({"exec", "eval", "command", "builtin", "nohup", "env", "nice", "setsid",
+                       "sudo", "doas", "xargs", "stdbuf"})
 #: capabilities whose shell evidence starts with the program the script runs
 _COMMAND_CAPS = frozenset({"network", "exec", "file-write", "privileged", "ptrace",
                            "input-parsing"})
@@ -64,7 +67,9 @@ def exec_targets(report: Report) -> tuple[str, ...]:
             if reason.capability not in _COMMAND_CAPS:
                 continue
             words = reason.detail.split()
-            if not words or words[0].startswith((">", "&>")) or words[0].endswith("="):
+            while words and (words[0] in _PREFIXES or words[0].startswith("-")):
+                words = words[1:]  # `exec prog`, `nohup prog`: the program is further on
+            if not words or words[0].startswith((">", "&>", "$")) or "=" in words[0]:
                 continue
             names.add(posixpath.basename(words[0]))
     return tuple(sorted(names))

@@ -98,3 +98,8 @@ def test_exec_targets_of_a_script(store: Store) -> None:
     assert exec_targets(shell) == ("curl", "jq", "rm", "tee")
     _, py = put_code(store, PY, "fetch.py")
     assert exec_targets(py) == ()
+
+
+def test_exec_targets_look_past_exec(store: Store) -> None:
+    _, shell = put_code(store, b"#!/bin/sh\nexec nohup wget -q http://192.0.2.1/\n", "w.sh")
+    assert exec_targets(shell) == ("wget",)
