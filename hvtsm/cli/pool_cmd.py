@@ -11,6 +11,7 @@ from typing import Any
 from hvtsm.cli.exits import EXIT_OK
 from hvtsm.cli.output import iso, table
 from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
+from hvtsm.errors import InvokeError
 from hvtsm.host import probe_host
 from hvtsm.invoke.invoker import DEFAULT_TRUST
 from hvtsm.pool import registry
@@ -74,11 +75,15 @@ def cmd_fill(args: argparse.Namespace) -> int:
     store = Store(args.db)
     key = PoolKey(args.runtime, args.trust)
     if key.runtime not in INTERPRETERS:
-        from hvtsm.errors import InvokeError
-
         raise InvokeError(f"unknown runtime {key.runtime!r}",
                           hint="use one of " + ", ".join(sorted(INTERPRETERS)))
-    pool = _pool(args, store, memory=parse_size(args.memory), max_uses=args.max_uses)
+    try:
+        memory = parse_size(args.memory)
+    except ValueError as exc:
+        raise InvokeError(f"--memory: {exc}") from None
+    if args.count < 0 or args.max_uses < 1:
+        raise InvokeError("--count must be 0 or more and --max-uses 1 or more")
+    pool = _pool(args, store, memory=memory, max_uses=args.max_uses)
     t0 = time.monotonic()
     try:
         booted = pool.fill(key, args.count)

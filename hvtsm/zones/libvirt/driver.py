@@ -364,7 +364,10 @@ class LibvirtDriver(HookedDriver):
         def on_event(msg: Any) -> None:
             zone = self._route.get(guest)
             if zone is None:
-                self._idle(guest, "event", str(msg.get("kind")))
+                data = msg.get("data")
+                what = data.get("category") if isinstance(data, dict) else None
+                self._idle(guest, "event", str(msg.get("kind"))[:40]
+                           + (f" {str(what)[:40]}" if what else ""))
             else:
                 self.hooks.handlers(zone)[1](msg)
 
