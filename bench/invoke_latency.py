@@ -89,7 +89,8 @@ def main() -> None:
     driver = make_driver(Backend.LIBVIRT, probe_host())
     manager = Manager(store, driver, actor="bench")
     manager.start()
-    pool = WarmPool(store, driver)
+    # one guest per runtime serves every warm run (the 20-use retirement would cut in)
+    pool = WarmPool(store, driver, max_uses=1_000_000)
     invoker = Invoker(manager, pool=pool)
     try:
         print(f"accelerator: {driver.accel.accel} ({driver.accel.reason})")  # type: ignore[attr-defined]
