@@ -13,7 +13,9 @@ import fnmatch
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from guest_agent.seccomp import libc
 
@@ -57,14 +59,17 @@ def _has_magic(part: str) -> bool:
     return any(c in part for c in "*?[")
 
 
-def expand(globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
-        list[tuple[str, bool]], list[str]]:
+def expand(globs: tuple[str, ...], limit: int = MAX_MARKS,
+           consulted: set[str] | None = None) -> tuple[list[tuple[str, bool]], list[str]]:
     """What to mark for `globs`: [(path, is_dir)] (a directory is marked with
     FAN_EVENT_ON_CHILD so files created in it later are covered too) and warnings. A glob
     whose last component is literal marks that file alone; otherwise the directories its
-    files may be in. The walk stops at `limit` marks and skips what it cannot read."""
+    files may be in. The walk stops at `limit` marks and skips what it cannot read.
+    `consulted` receives every directory whose entries decided the result (see
+    ExpandCache)."""
     out: dict[str, bool] = {}
     warnings: list[str] = []
+    seen: set[str] = set() if consulted is None else consulted
 
     def add(path: str, is_dir: bool) -> bool:
         if path not in out:
@@ -83,8 +88,11 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
             last = i == len(parts) - 1
             nxt: list[str] = []
             for base in current:
+                seen.add(base)
                 if part == "**":
-                    nxt.extend(_walk_dirs(base, limit + 1))
+                    walked = list(_walk_dirs(base, limit + 1))
+                    seen.update(walked)
+                    nxt.extend(walked)
                 elif last:
                     nxt.append(base)  # marked below: the file or its directory
                 elif _has_magic(part):
@@ -101,6 +109,7 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
                 full = False
             if last:
                 for base in current:
+                    seen.add(base)
                     if part == "**" or _has_magic(part):
                         full = add(base, True) and full
                     else:
@@ -116,6 +125,67 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
             warnings.append(f"sensitive paths: stopped at {limit} marks ({glob})")
             break
     return list(out.items()), warnings
+
+
+def _dir_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ExpandCache:
+    """`expand` results kept between workloads of one agent. Walking the sensitive globs
+    costs ~240 ms under TCG over 9p, most of a warm guest's workload start; a result is
+    reused only while every directory that decided it is unchanged (inode, mtime, ctime:
+    an entry made or removed in it changes them) and for at most `max_age` seconds (the
+    host may change its side of a 9p root without the guest's attributes showing it)."""
+
+    def __init__(self, max_age: float = 60.0, size: int = 8) -> None:
+        self.max_age = max_age
+        self.size = size
+        self._entries: dict[tuple[tuple[str, ...], int], tuple[
+            float, dict[str, Any], list[tuple[str, bool]], list[str]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def expand(self, globs: tuple[str, ...], limit: int = MAX_MARKS) -> tuple[
+            list[tuple[str, bool]], list[str]]:
+        key = (tuple(globs), limit)
+        now = time.monotonic()
+        entry = self._entries.get(key)
+        if entry is not None:
+            made, stamps, marks, warnings = entry
+            if now - made <= self.max_age and all(
+                    _dir_stamp(d) == stamp for d, stamp in stamps.items()):
+                self.hits += 1
+                return list(marks), list(warnings)
+        self.misses += 1
+        consulted: set[str] = set()
+        # stamps first: a change during the walk then invalidates the entry next time
+        stamps = {d: _dir_stamp(d) for d in _with_parents(globs)}
+        marks, warnings = expand(globs, limit, consulted)
+        for d in consulted:
+            stamps.setdefault(d, _dir_stamp(d))
+        if len(self._entries) >= self.size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (now, stamps, list(marks), list(warnings))
+        return marks, warnings
+
+
+def _with_parents(globs: tuple[str, ...]) -> set[str]:
+    """The literal leading directories of each glob: a directory made on the way to a
+    sensitive path changes one of them."""
+    out = {"/"}
+    for glob in globs:
+        path = "/"
+        for part in [p for p in glob.split("/") if p][:-1]:
+            if _has_magic(part):
+                break
+            path = os.path.join(path, part)
+            out.add(path)
+    return out
 
 
 def _listdir(path: str) -> list[str]:
@@ -219,4 +289,4 @@ def available(permission: bool) -> str | None:
     return None
 
 
-__all__ = ["Event", "Group", "available", "expand"]
+__all__ = ["Event", "ExpandCache", "Group", "available", "expand"]

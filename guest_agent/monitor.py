@@ -320,6 +320,9 @@ class Monitor:
         self._poller = select.poll()
         self.internal_errors = 0
         self._next_hold = 1
+        #: sensitive-path marks reused by the next workload while their directories stay
+        #: unchanged (a warm guest's start would spend most of its time walking them)
+        self._expanded = fanotify.ExpandCache()
 
     # --- public ---------------------------------------------------------------------------
 
@@ -528,7 +531,7 @@ class Monitor:
     def _make_group(self, watch: Watch, warnings: list[str]) -> None:
         if not watch.profile.sensitive_paths:
             return
-        marks, notes = fanotify.expand(watch.profile.sensitive_paths)
+        marks, notes = self._expanded.expand(watch.profile.sensitive_paths)
         warnings.extend(notes)
         if not marks:
             warnings.append("sensitive paths: nothing to mark yet (no match on disk)")

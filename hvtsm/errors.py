@@ -111,3 +111,8 @@ class PipelineError(HvtsmError):
         self.detail = message
         where = ", ".join(w for w in (file, field) if w)
         super().__init__(f"{where}: {message}" if where else message, hint=hint)
+
+
+class InvokeError(HvtsmError):
+    """An invoke request that cannot be served as asked (unknown code id, runtime, trust
+    level), or a warm pool that cannot do what it was told."""

@@ -10,7 +10,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,11 +198,16 @@ class Manager:
                user: str | None = None, scale: float = 1.0,
                policy_toml: str | None = None, backend: Backend | None = None,
                name: str | None = None, group: str | None = None,
-               kind: str = "zone", expect_exec: Sequence[str] = ()) -> ZoneRun:
+               kind: str = "zone", expect_exec: Sequence[str] = (),
+               cwd: str | None = None, env: Mapping[str, str] | None = None,
+               create: Callable[[ZoneSpec, Restrictions], ZoneHandle] | None = None,
+               ) -> ZoneRun:
         """Make a zone, start `argv` in it and schedule its phases. Raises ZoneError with
         nothing left behind but the zone's (failed) audit record. `name` and `group` place
         the zone among others made together (a pipeline's segments). `expect_exec`: the
-        programs the analysis found, which run without a transient zone (hvtsm.transient)."""
+        programs the analysis found, which run without a transient zone (hvtsm.transient).
+        `create` makes the zone instead of the driver's `create` (a warm pool binds an
+        already booted guest); it must behave like it (all or nothing, ZoneError)."""
         if not argv:
             raise ZoneError("no command to run", hint="give it after '--'")
         driver = self._driver_for(backend or self.driver.backend)
@@ -232,9 +237,10 @@ class Manager:
         claim_zone(zone_id)
         self._hold(zone_id)
         try:
-            handle = driver.create(ZoneSpec(
+            spec = ZoneSpec(
                 zone_id=zone_id, net_index=seq, user=user, memory_dump=policy.memory_dump,
-                monitor=monitor, expect_exec=tuple(expect_exec)), initial)
+                monitor=monitor, expect_exec=tuple(expect_exec), cwd=cwd, env=env)
+            handle = (create or driver.create)(spec, initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
             self._release(zone_id)

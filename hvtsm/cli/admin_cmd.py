@@ -15,6 +15,7 @@ from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
 from hvtsm.controllers import dead_controllers, is_alive, release_zone, zone_owner_alive
 from hvtsm.errors import HvtsmError, StoreError
 from hvtsm.host import probe_host
+from hvtsm.pool import cleanup as pool_cleanup
 from hvtsm.store import Store
 from hvtsm.store.audit import find_zone, list_zones, record_event, record_operator, zone_trail
 from hvtsm.store.models import Controller, Zone, ZoneState
@@ -111,6 +112,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
                           libvirt=libvirt_options(args), optional=True)
     actions: list[dict[str, Any]] = []
     failed = False
+    # warm pool guests are no zone's: idle ones of a live pool stay, dead ones go
+    running = {d.backend: d for d in drivers}.get(Backend.LIBVIRT)
+    keep_guests, retire_guests = pool_cleanup.plan(
+        store, running.guest_alive if running is not None else lambda _g: False)  # type: ignore[attr-defined]
+    guest_removed: dict[str, list[str]] = {}
     with store.session() as session:
         controllers = {c.id: c for c in session.exec(select(Controller)).all()}
         rows = {z.id: z for z in session.exec(select(Zone)).all()}
@@ -126,13 +132,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
         for driver in drivers:
             for zone_id in sorted(driver.leftovers()):
-                if owned_by_live_controller(zone_id):
+                if owned_by_live_controller(zone_id) or zone_id in keep_guests:
                     continue
-                entry: dict[str, Any] = {"zone": zone_id, "known": zone_id in rows,
+                entry: dict[str, Any] = {"zone": zone_id,
+                                         "known": zone_id in rows or zone_id in retire_guests,
                                          "backend": str(driver.backend)}
                 if not args.dry_run:
                     try:
                         entry["removed"] = driver.remove(zone_id)
+                        guest_removed[zone_id] = entry["removed"]
                         release_zone(zone_id)
                     except HvtsmError as exc:
                         entry["error"] = str(exc)
@@ -156,6 +164,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
                 record_operator(session, actor="cleanup", action="cleanup",
                                 args={"zones": [a["zone"] for a in actions]},
                                 reason="orphans of dead controllers")
+    if not args.dry_run:
+        pool_cleanup.apply(store, retire_guests, guest_removed)
+    for guest_id, reason in retire_guests.items():
+        if not any(a["zone"] == guest_id for a in actions):
+            actions.append({"zone": guest_id, "known": True, "removed": [],
+                            "pool": reason})
     if not args.dry_run:
         # after the session's commit: SQLite would refuse DDL beside its open write
         for controller in dead:

@@ -12,8 +12,10 @@ from hvtsm.cli import (
     admin_cmd,
     analyze_cmd,
     image_cmd,
+    invoke_cmd,
     pipeline_cmd,
     policy_cmd,
+    pool_cmd,
     run_cmd,
     template_cmd,
 )
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     template_cmd.add_parsers(commands)
     image_cmd.add_parsers(commands)
     analyze_cmd.add_parsers(commands)
+    invoke_cmd.add_parsers(commands)
     pipeline_cmd.add_parsers(commands)
+    pool_cmd.add_parsers(commands)
     return parser
 
 

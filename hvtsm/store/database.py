@@ -14,7 +14,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine
 
 from hvtsm.errors import StoreError
-from hvtsm.store import models  # noqa: F401  (registers the tables)
+from hvtsm.store import (
+    invoke_models,  # noqa: F401  (code, warm pool)
+    models,  # noqa: F401  (registers the tables)
+)
 
 
 def default_db_url() -> str:

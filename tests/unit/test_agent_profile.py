@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent.fanotify import expand
+from guest_agent.fanotify import ExpandCache, expand
 from guest_agent.profile import Profile, ProfileError, glob_match, parse_egress
 from guest_agent.protocol import PROFILE_FIELDS
 
@@ -184,3 +184,32 @@ def test_expand_marks(tmp_path: Path) -> None:
         (tmp_path / "many" / str(i)).mkdir(parents=True)
     marks, warnings = expand((f"{tmp_path}/many/**",), limit=5)
     assert len(marks) == 5 and "stopped at 5 marks" in warnings[0]
+
+
+def test_expand_cache_follows_directory_changes(tmp_path: Path) -> None:
+    """A cached expansion is reused only while the directories that decided it are
+    unchanged: a .ssh made later under /home/* must be marked for the next workload."""
+    (tmp_path / "home" / "ann").mkdir(parents=True)
+    (tmp_path / "etc").mkdir()
+    globs = (f"{tmp_path}/home/*/.ssh/**", f"{tmp_path}/etc/shadow")
+    cache = ExpandCache()
+    first, _ = cache.expand(globs)
+    again, _ = cache.expand(globs)
+    assert again == first and (cache.hits, cache.misses) == (1, 1)
+    assert dict(first) == {f"{tmp_path}/etc": True}
+    (tmp_path / "home" / "ann" / ".ssh").mkdir()
+    after, _ = cache.expand(globs)
+    assert f"{tmp_path}/home/ann/.ssh" in dict(after) and cache.misses == 2
+    (tmp_path / "etc" / "shadow").write_text("s")
+    after, _ = cache.expand(globs)
+    assert dict(after)[f"{tmp_path}/etc/shadow"] is False and cache.misses == 3
+    (tmp_path / "home" / "cid" / ".ssh" / "deep").mkdir(parents=True)
+    after, _ = cache.expand(globs)
+    assert f"{tmp_path}/home/cid/.ssh/deep" in dict(after)
+    (tmp_path / "home" / "cid" / ".ssh" / "deep" / "deeper").mkdir()
+    after, _ = cache.expand(globs)
+    assert f"{tmp_path}/home/cid/.ssh/deep/deeper" in dict(after)
+    stale = ExpandCache(max_age=0.0)
+    stale.expand(globs)
+    stale.expand(globs)
+    assert stale.hits == 0 and stale.misses == 2

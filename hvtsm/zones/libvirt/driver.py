@@ -12,12 +12,13 @@ import hashlib
 import logging
 import os
 import pwd
+import shlex
 import shutil
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,12 @@ def tap_name(zone_id: str) -> str:
     return TAP_PREFIX + zone_id.removeprefix("z")[:13]
 
 
+def guest_of(handle: ZoneHandle) -> str:
+    """The guest a zone runs in: its own (named by the zone id) unless it was bound to a
+    pooled guest."""
+    return str(handle.state.get("guest", handle.zone_id))
+
+
 def mac_address(zone_id: str) -> str:
     digest = hashlib.sha256(zone_id.encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
@@ -104,7 +111,13 @@ class LibvirtDriver(HookedDriver):
         self.pool = ipaddress.IPv4Network(self.options.net_pool)
         self.connection = Connection(self.options.uri)
         self._accel: AccelChoice | None = None
+        #: agent links by guest (a cold zone is its own guest: the zone id)
         self._links: dict[str, AgentLink] = {}
+        #: guest -> the zone it serves now, whose audit trail its link reports to
+        self._route: dict[str, str] = {}
+        #: (guest, kind, detail) of a pooled guest that serves no zone: its link's problems
+        #: and events, the domain stopping (the pool taints it)
+        self.idle_sink: Callable[[str, str, str], None] | None = None
         #: the workload each zone's agent runs, for its guest pid
         self._workloads: dict[str, Any] = {}
         self._removed: dict[str, threading.Event] = {}
@@ -141,20 +154,42 @@ class LibvirtDriver(HookedDriver):
 
     def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
         zone_id = spec.zone_id
-        name = domain_name(zone_id)
-        zone_dir = self.options.state_root / zone_id
-        state: dict[str, Any] = {"domain": name, "dir": str(zone_dir),
-                                 "memory_dump": spec.memory_dump, "accel":
-                                 self.accel.accel.domain_type, "user": spec.user, "nic": False}
-        handle = ZoneHandle(zone_id, self.backend, state, Restrictions())
+        # a cold zone is its own guest: domain, state dir and tap are named by the zone id
+        self._route[zone_id] = zone_id
+        handle = ZoneHandle(zone_id, self.backend, {}, Restrictions())
+        self._boot(handle, zone_id, spec.net_index, initial, user=spec.user,
+                   memory_dump=spec.memory_dump, monitor=spec.monitor)
+        _place(handle, spec)
+        return handle
+
+    def boot_guest(self, guest: str, net_index: int, baseline: Restrictions) -> dict[str, Any]:
+        """Boot a guest that serves no zone yet (a warm pool's): `baseline` in force, the
+        agent's hello received, no workload. Returns its driver state for `bind`. Problems
+        its link reports while it serves no zone go to `idle_sink`."""
+        handle = ZoneHandle(guest, self.backend, {"guest": guest, "pooled": True},
+                            Restrictions())
+        self._boot(handle, guest, net_index, baseline, user=None, memory_dump=False,
+                   monitor=None)
+        handle.state["baseline"] = baseline.to_json()
+        return handle.state
+
+    def _boot(self, handle: ZoneHandle, guest: str, net_index: int, initial: Restrictions, *,
+              user: str | None, memory_dump: bool,
+              monitor: Mapping[str, Any] | None) -> None:
+        zone_id = handle.zone_id
+        name = domain_name(guest)
+        zone_dir = self.options.state_root / guest
+        state = handle.state
+        state.update({"domain": name, "dir": str(zone_dir), "memory_dump": memory_dump,
+                      "accel": self.accel.accel.domain_type, "user": user, "nic": False})
         try:
             image = build_lab_image()
             _make_zone_dir(zone_dir)
             nic = initial.network.has_nic
             ip = gateway = None
-            tap = tap_name(zone_id)
+            tap = tap_name(guest)
             if nic:
-                index = netslots.reserve(zone_id, spec.net_index, self.pool,
+                index = netslots.reserve(guest, net_index, self.pool,
                                          alive=lambda z: (Path("/sys/class/net") /
                                                           tap_name(z)).exists())
                 base = self.pool.network_address + 4 * index
@@ -170,17 +205,14 @@ class LibvirtDriver(HookedDriver):
                                        agent_path=str(self.guest_agent_dir()),
                                        ip=ip, gateway=gateway),
                 host_root="/", channel_path=str(zone_dir / "agent.sock"),
-                console_log=str(zone_dir / "console.log"), tap=tap, mac=mac_address(zone_id))
+                console_log=str(zone_dir / "console.log"), tap=tap, mac=mac_address(guest))
             domain_xml = render(self.options.template, params)
             if not nic:
                 for iface in domain_xml.findall("./devices/interface"):
                     iface.getparent().remove(iface)
             state.update(channel=params.channel_path, console=params.console_log,
                          nic=nic, image=image.digest)
-            self._gone[name] = threading.Event()
-            self._removed[name] = threading.Event()
-            self.connection.lifecycle[name] = self._on_lifecycle
-            self.connection.device_removed[name] = self._on_device_removed
+            self._watch_domain(name)
             started = time.monotonic()
             dom = self.connection.get().createXML(to_xml(domain_xml), 0)
             if nic:
@@ -188,36 +220,168 @@ class LibvirtDriver(HookedDriver):
                 run(["ip", "addr", "add", str(state["host_addr"]), "dev", tap],
                     zone_id=zone_id)
                 run(["ip", "link", "set", tap, "up"], zone_id=zone_id)
-            on_problem, on_event = self.hooks.handlers(zone_id)
+            on_problem, on_event = self._handlers(guest)
             link = AgentLink.connect(params.channel_path, timeout=self.options.boot_timeout,
                                      zone_id=zone_id, on_problem=on_problem,
                                      on_event=on_event)
-            self._links[zone_id] = link
+            self._links[guest] = link
             hello = link.wait_hello(self.options.boot_timeout)
             state["boot_ms"] = round((time.monotonic() - started) * 1000, 1)
             state["agent"] = {"version": hello.agent_version, "protocol": hello.protocol,
                               "capabilities": list(hello.capabilities)}
-            if spec.monitor is not None:
-                if "monitor:seccomp" not in hello.capabilities:
-                    raise ZoneError("the guest agent cannot watch system calls (no seccomp "
-                                    "user notification in the guest kernel)", zone_id=zone_id,
-                                    hint="use a guest kernel with CONFIG_SECCOMP_FILTER, or "
-                                    "set monitor = false in the policy's [anomaly]")
-                state["monitor"] = dict(spec.monitor)
+            if monitor is not None:
+                _require_monitoring(hello.capabilities, zone_id)
+                state["monitor"] = dict(monitor)
             state["uuid"] = dom.UUIDString()
             # the same code path as a later phase: one way to put limits on a guest
             self.apply(handle, initial, first=True)
         except BaseException as exc:
             tail = _tail(Path(state.get("console", zone_dir / "console.log")))
             with contextlib.suppress(HvtsmError, OSError, libvirt.libvirtError):
-                self._teardown(zone_id)
+                self._teardown(guest)
             if isinstance(exc, libvirt.libvirtError | OSError):
                 raise ZoneError(f"cannot create the guest: {exc}", zone_id=zone_id,
                                 hint=f"console: {tail}" if tail else None) from exc
             if isinstance(exc, ZoneError) and tail and exc.hint is None:
                 exc.hint = f"guest console ends with: {tail}"
             raise
+
+    def _watch_domain(self, name: str) -> None:
+        self._gone[name] = threading.Event()
+        self._removed[name] = threading.Event()
+        self.connection.lifecycle[name] = self._on_lifecycle
+        self.connection.device_removed[name] = self._on_device_removed
+
+    # -- guests that outlive their zones (a warm pool) ----------------------------------------
+
+    def attach_guest(self, state: Mapping[str, Any], *, timeout: float = 10.0) -> None:
+        """Connect to a running pooled guest's agent (booted by this process or another,
+        whose link is closed: QEMU serves one client at a time)."""
+        guest = str(state["guest"])
+        if guest in self._links and not self._links[guest].closed:
+            return
+        name = domain_name(guest)
+        try:
+            active = self.connection.get().lookupByName(name).isActive()
+        except libvirt.libvirtError as exc:
+            raise ZoneError(f"pooled guest {guest} is gone: {exc}",
+                            hint="`hvtsm pool status` shows the pool; retire it with "
+                            "`hvtsm cleanup`") from exc
+        if not active:
+            raise ZoneError(f"pooled guest {guest} is not running")
+        self._watch_domain(name)
+        on_problem, on_event = self._handlers(guest)
+        link = AgentLink.connect(str(state["channel"]), timeout=timeout, zone_id=guest,
+                                 on_problem=on_problem, on_event=on_event)
+        try:
+            link.wait_hello(timeout)
+        except ZoneError:
+            link.close()
+            raise
+        self._links[guest] = link
+
+    def detach_guest(self, guest: str) -> None:
+        """Close this process's link to a pooled guest (it keeps running) so another
+        process can connect to it."""
+        link = self._links.pop(guest, None)
+        if link is not None:
+            link.close()
+        name = domain_name(guest)
+        self.connection.lifecycle.pop(name, None)
+        self.connection.device_removed.pop(name, None)
+
+    def bind(self, spec: ZoneSpec, initial: Restrictions, state: Mapping[str, Any],
+             baseline: Restrictions) -> ZoneHandle:
+        """Make zone `spec` in the running pooled guest `state` (from `boot_guest`): its
+        link now reports for the zone, and `initial` is applied over the guest's `baseline`
+        (only tightening: an unplugged NIC or lowered memory is never given back, so such
+        a guest must not serve again). Raises ZoneError; the guest is then unusable."""
+        guest = str(state["guest"])
+        self.attach_guest(state)
+        link = self._links[guest]
+        handle = ZoneHandle(spec.zone_id, self.backend, dict(state), baseline)
+        handle.state.update(user=spec.user, memory_dump=spec.memory_dump, bound=True)
+        _place(handle, spec)
+        hello = link.hello
+        if spec.monitor is not None:
+            _require_monitoring(hello.capabilities if hello else (), spec.zone_id)
+            handle.state["monitor"] = dict(spec.monitor)
+        self._route[guest] = spec.zone_id
+        try:
+            self.apply(handle, initial)
+        except BaseException:
+            self._route.pop(guest, None)
+            raise
         return handle
+
+    def scrub(self, guest: str, user: str, scratch: str, *, timeout: float = 30.0) -> float:
+        """Between two zones of one guest: kill every process of `user` (what a workload
+        left running), check that none survives, and give the next zone an empty
+        `scratch` directory. Returns the seconds it took; ZoneError when a process
+        survives or the guest does not answer."""
+        link = self._links.get(guest)
+        if link is None:
+            raise ZoneError(f"no agent link to guest {guest}")
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+        if uid == 0:
+            raise ZoneError("a guest whose workload ran as root cannot be scrubbed for reuse")
+        # pkill -U matches the real uid, which a setuid program keeps; a process forked
+        # between the kill and the check is caught by the next round
+        script = (f"n=0; while pgrep -U {uid} >/dev/null; do n=$((n+1)); "
+                  f"[ $n -gt 40 ] && exit 3; pkill -KILL -U {uid}; sleep 0.05; done; "
+                  f"rm -rf {shlex.quote(scratch)} && mkdir -m 0700 {shlex.quote(scratch)} "
+                  f"&& chown {uid}:{gid} {shlex.quote(scratch)}")
+        t0 = time.monotonic()
+        remote = link.start(["/bin/sh", "-c", script], stdout=None, stderr=None,
+                            workload_id="scrub-" + uuid.uuid4().hex[:12])
+        status = remote.wait(timeout)
+        if status != 0:
+            raise ZoneError(f"guest {guest}: scrub failed (status {status}): "
+                            + ("processes of the previous workload survived"
+                               if status == 3 else "the guest did not clean up"))
+        return time.monotonic() - t0
+
+    def destroy_guest(self, guest: str) -> list[str]:
+        """Destroy a pooled guest and everything of it on the host."""
+        self._route.pop(guest, None)
+        return self._teardown(guest)
+
+    def guest_alive(self, guest: str) -> bool:
+        try:
+            return bool(self.connection.get().lookupByName(domain_name(guest)).isActive())
+        except libvirt.libvirtError:
+            return False
+
+    def _handlers(self, guest: str) -> tuple[Any, Any]:
+        """Link callbacks that report for whichever zone the guest serves at the time (a
+        pooled guest serves one after another); with none, to `idle_sink`."""
+
+        def on_problem(kind: str, detail: str) -> None:
+            zone = self._route.get(guest)
+            if zone is None:
+                self._idle(guest, kind, detail)
+            else:
+                self.hooks.handlers(zone)[0](kind, detail)
+
+        def on_event(msg: Any) -> None:
+            zone = self._route.get(guest)
+            if zone is None:
+                data = msg.get("data")
+                what = data.get("category") if isinstance(data, dict) else None
+                self._idle(guest, "event", str(msg.get("kind"))[:40]
+                           + (f" {str(what)[:40]}" if what else ""))
+            else:
+                self.hooks.handlers(zone)[1](msg)
+
+        return on_problem, on_event
+
+    def _idle(self, guest: str, kind: str, detail: str) -> None:
+        sink = self.idle_sink
+        if sink is None:
+            log.warning("guest %s (no zone): %s: %s", guest, kind, detail)
+        else:
+            sink(guest, kind, detail)
 
     def start(self, handle: ZoneHandle, argv: Sequence[str], io: WorkloadIO) -> Workload:
         link = self._link(handle)
@@ -226,10 +390,15 @@ class LibvirtDriver(HookedDriver):
         stdout = sys.stdout.fileno() if io.stdout is None else io.stdout
         stderr = sys.stderr.fileno() if io.stderr is None else io.stderr
         static = handle.state.get("monitor")
+        # a pooled guest's agent outlives links of other processes, whose counters also
+        # start at w1: the zone id is the one workload id no earlier exit can carry
+        bound = bool(handle.state.get("bound"))
         remote = link.start(argv, user=handle.state.get("user"), stdout=stdout,
                             stderr=stderr,
                             monitor=None if static is None else zone_profile(static,
-                                                                             handle.applied))
+                                                                             handle.applied),
+                            workload_id=handle.zone_id if bound else None,
+                            cwd=handle.state.get("cwd"), env=handle.state.get("env"))
         handle.state["workload"] = remote.id
         self._workloads[handle.zone_id] = remote
         return GuestWorkload(remote, self._gone[handle.state["domain"]])
@@ -242,8 +411,23 @@ class LibvirtDriver(HookedDriver):
         # a dump only when the zone is ended under a running workload (policy, reaction,
         # operator), not when cleaning up after the workload finished
         running = remote is not None and remote.poll() is None
-        dumped = self._teardown(handle.zone_id,
-                                dump=bool(handle.state.get("memory_dump")) and running)
+        guest = guest_of(handle)
+        if handle.state.get("bound") and not running and not handle.state.get("destroyed"):
+            # the workload exited on its own: the pooled guest outlives the zone (its pool
+            # scrubs or retires it); the zone only lets go of it
+            self._workloads.pop(handle.zone_id, None)
+            if self._route.get(guest) == handle.zone_id:
+                del self._route[guest]
+            handle.state["released"] = True
+            return
+        if handle.state.get("bound"):
+            # ended under a running workload (policy, reaction, operator): the guest goes
+            # with the zone, never back to a pool
+            self._route.pop(guest, None)
+            handle.state["destroyed"] = True
+        dumped = self._teardown(guest, dump=bool(handle.state.get("memory_dump")) and running,
+                                dump_name=handle.zone_id)
+        self._workloads.pop(handle.zone_id, None)
         for item in dumped:
             if item.startswith("memory dump"):
                 handle.state["dump"] = item.removeprefix("memory dump ")
@@ -296,7 +480,7 @@ class LibvirtDriver(HookedDriver):
         egress_changed = first or restrictions.egress != old.egress
         if (restrictions.network is NetworkMode.FULL and state.get("nic") and egress_changed
                 and restrictions.egress is not None):
-            egress.set_egress(handle.zone_id, state["tap"], restrictions.egress,
+            egress.set_egress(guest_of(handle), state["tap"], restrictions.egress,
                               nft=self.caps.nft or "nft")
             notes.append(f"egress allow-list on tap {state['tap']}: "
                          f"{len(restrictions.egress)} destination(s)")
@@ -419,7 +603,7 @@ class LibvirtDriver(HookedDriver):
     def _watch_guest_memory(self, handle: ZoneHandle, target_kib: int, since: float,
                             timeout: float = 10.0) -> None:
         """Report what the guest says once the balloon moved (it takes it 1-3 s)."""
-        link = self._links.get(handle.zone_id)
+        link = self._links.get(guest_of(handle))
         if link is None:
             return
         seen: int | None = None
@@ -475,11 +659,15 @@ class LibvirtDriver(HookedDriver):
         return self._links.get(str(handle.state["parent"]))
 
     def agent_link(self, zone_id: str) -> AgentLink | None:
-        """The link to a zone's guest agent (probes, administrative commands)."""
+        """The link to a zone's (or a pooled guest's) agent (probes, administrative
+        commands)."""
+        for guest, zone in list(self._route.items()):
+            if zone == zone_id:
+                return self._links.get(guest)
         return self._links.get(zone_id)
 
     def _link(self, handle: ZoneHandle) -> AgentLink:
-        link = self._links.get(handle.zone_id)
+        link = self._links.get(guest_of(handle))
         if link is None:
             raise ZoneError("no agent link to the guest", zone_id=handle.zone_id)
         return link
@@ -502,8 +690,15 @@ class LibvirtDriver(HookedDriver):
                 # the audit trail, not only end the workload
                 kind = {libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
                         libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined"}.get(event, "stopped")
-                self._report(name.removeprefix(DOMAIN_PREFIX), "guest-" + kind,
-                             f"domain {name} {kind} (libvirt event {event}, detail {detail})")
+                guest = name.removeprefix(DOMAIN_PREFIX)
+                text = f"domain {name} {kind} (libvirt event {event}, detail {detail})"
+                zone = self._route.get(guest)
+                if zone is None and guest not in self._links:
+                    self._report(guest, "guest-" + kind, text)
+                elif zone is None:
+                    self._idle(guest, "guest-" + kind, text)
+                else:
+                    self._report(zone, "guest-" + kind, text)
 
     def _on_device_removed(self, name: str, alias: str) -> None:
         removed = self._removed.get(name)
@@ -512,10 +707,13 @@ class LibvirtDriver(HookedDriver):
 
     # -- teardown, adoption, leftovers --------------------------------------------------------
 
-    def _teardown(self, zone_id: str, *, dump: bool = False) -> list[str]:
+    def _teardown(self, zone_id: str, *, dump: bool = False,
+                  dump_name: str | None = None) -> list[str]:
+        """Remove guest `zone_id` (a cold zone's id, or a pooled guest's) from the host."""
         removed: list[str] = []
         name = domain_name(zone_id)
         self._workloads.pop(zone_id, None)
+        self._route.pop(zone_id, None)
         link = self._links.pop(zone_id, None)
         if link is not None:
             link.close()
@@ -532,7 +730,7 @@ class LibvirtDriver(HookedDriver):
                     dom.suspend()  # frozen at once; destroy takes a while
                     if dump:
                         self.options.dump_dir.mkdir(parents=True, exist_ok=True)
-                        path = self.options.dump_dir / f"{zone_id}.core"
+                        path = self.options.dump_dir / f"{dump_name or zone_id}.core"
                         dom.coreDumpWithFormat(str(path),
                                                libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
                                                libvirt.VIR_DUMP_MEMORY_ONLY)
@@ -565,7 +763,8 @@ class LibvirtDriver(HookedDriver):
 
             return handle, TransientGuestWorkload(int(state.get("pid") or 0),
                                                   self.transients.ended(zone_id), gone)
-        name = domain_name(zone_id)
+        guest = guest_of(handle)
+        name = domain_name(guest)
         try:
             dom = self.connection.get().lookupByName(name)
             active = dom.isActive()
@@ -573,16 +772,14 @@ class LibvirtDriver(HookedDriver):
             active = False
         if not active:
             return handle, None
-        self._gone[name] = threading.Event()
-        self._removed[name] = threading.Event()
-        self.connection.lifecycle[name] = self._on_lifecycle
-        self.connection.device_removed[name] = self._on_device_removed
+        self._watch_domain(name)
+        self._route[guest] = zone_id
         try:
-            on_problem, on_event = self.hooks.handlers(zone_id)
+            on_problem, on_event = self._handlers(guest)
             link = AgentLink.connect(state["channel"], timeout=10, zone_id=zone_id,
                                      on_problem=on_problem, on_event=on_event)
             link.wait_hello(10)
-            self._links[zone_id] = link
+            self._links[guest] = link
             remote = link.attach(state["workload"])
         except (HvtsmError, KeyError):
             # no agent to ask: the zone lives as long as its domain does
@@ -602,6 +799,22 @@ class LibvirtDriver(HookedDriver):
 
     def remove(self, zone_id: str) -> list[str]:
         return self._teardown(zone_id)
+
+
+def _place(handle: ZoneHandle, spec: ZoneSpec) -> None:
+    """Where in the guest the workload starts, and its environment (when the spec says)."""
+    if spec.cwd is not None:
+        handle.state["cwd"] = spec.cwd
+    if spec.env is not None:
+        handle.state["env"] = dict(spec.env)
+
+
+def _require_monitoring(capabilities: Sequence[str], zone_id: str) -> None:
+    if "monitor:seccomp" not in capabilities:
+        raise ZoneError("the guest agent cannot watch system calls (no seccomp "
+                        "user notification in the guest kernel)", zone_id=zone_id,
+                        hint="use a guest kernel with CONFIG_SECCOMP_FILTER, or "
+                        "set monitor = false in the policy's [anomaly]")
 
 
 def _make_zone_dir(path: Path) -> None:
