@@ -11,12 +11,14 @@ from typing import Any
 
 from guest_agent.protocol import EVENT_ANOMALY, EVENT_MONITOR, EVENT_STATS, Message
 from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem
-from hvtsm.monitor.link import EventHandler, ProblemHandler
+from hvtsm.monitor.link import ChannelFault, ChannelHandler, EventHandler, ProblemHandler
 
 log = logging.getLogger(__name__)
 
 AnomalySink = Callable[[str, AnomalyReport], None]
 NoteSink = Callable[[str, str, str], None]
+#: (zone id, channel_send or channel_ack message): the broker's `on_message`
+ChannelSink = Callable[[str, Message], None]
 
 
 class MonitorHooks:
@@ -28,6 +30,8 @@ class MonitorHooks:
         self.report: NoteSink | None = None
         #: last `stats` event data per zone (counters the agent keeps)
         self.stats: dict[str, dict[str, Any]] = {}
+        #: where a zone's channel messages go (the manager's broker)
+        self.channel: ChannelSink | None = None
 
     def raise_anomaly(self, zone_id: str, report: AnomalyReport) -> None:
         sink = self.anomaly
@@ -74,6 +78,16 @@ class MonitorHooks:
         return on_problem, on_event
 
 
+    def channel_handler(self, zone_id: str) -> ChannelHandler:
+        """The `on_channel` of a zone's link: its messages to the broker (none: a fault)."""
+        def on_channel(msg: Message) -> None:
+            sink = self.channel
+            if sink is None:
+                raise ChannelFault("this controller has no channel broker")
+            sink(zone_id, msg)
+        return on_channel
+
+
 class HookedDriver:
     """For drivers: `anomaly` and `report`, which the manager sets, live in `hooks`."""
 
@@ -94,3 +108,11 @@ class HookedDriver:
     @report.setter
     def report(self, sink: NoteSink | None) -> None:
         self.hooks.report = sink
+
+    @property
+    def channels(self) -> ChannelSink | None:
+        return self.hooks.channel
+
+    @channels.setter
+    def channels(self, sink: ChannelSink | None) -> None:
+        self.hooks.channel = sink

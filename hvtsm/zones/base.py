@@ -36,6 +36,8 @@ class ZoneSpec:
     #: the policy's part of the monitoring profile (AnomalyRules.profile()); None: the
     #: workload is not watched
     monitor: Mapping[str, Any] | None = None
+    #: the zone's name among its group: the workload gets a channel endpoint (None: none)
+    channel: str | None = None
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
               "args": {"host": "127.0.0.1", "port": 80}},
     "ping": {"type": "ping", "id": "k1", "hello": True},
     "profile": {"type": "profile", "id": "w1", "monitor": {"network": "none"}},
+    "channel_send": {"type": "channel_send", "seq": 8, "id": "m1", "to": "parse", "size": 3,
+                     "offset": 0, "data": "YWJj"},
+    "channel_ack": {"type": "channel_ack", "seq": 9, "id": "d1"},
+    "channel_deliver": {"type": "channel_deliver", "id": "d1", "from": "fetch", "size": 3,
+                        "offset": 0, "data": "YWJj"},
+    "channel_verdict": {"type": "channel_verdict", "id": "m1", "verdict": "refused",
+                        "reason": "no channel from fetch to parse is granted"},
 }
 
 

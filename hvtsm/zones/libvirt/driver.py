@@ -201,6 +201,8 @@ class LibvirtDriver(HookedDriver):
                                     hint="use a guest kernel with CONFIG_SECCOMP_FILTER, or "
                                     "set monitor = false in the policy's [anomaly]")
                 state["monitor"] = dict(spec.monitor)
+            if spec.channel is not None:
+                state["channel_name"] = spec.channel
             state["uuid"] = dom.UUIDString()
             # the same code path as a later phase: one way to put limits on a guest
             self.apply(handle, initial, first=True)
@@ -223,10 +225,14 @@ class LibvirtDriver(HookedDriver):
         stdout = sys.stdout.fileno() if io.stdout is None else io.stdout
         stderr = sys.stderr.fileno() if io.stderr is None else io.stderr
         static = handle.state.get("monitor")
+        channel = handle.state.get("channel_name")
+        if channel is not None:
+            link.on_channel = self.hooks.channel_handler(handle.zone_id)
         remote = link.start(argv, user=handle.state.get("user"), stdout=stdout,
                             stderr=stderr,
                             monitor=None if static is None else zone_profile(static,
-                                                                             handle.applied))
+                                                                             handle.applied),
+                            channel=channel)
         handle.state["workload"] = remote.id
         self._workloads[handle.zone_id] = remote
         return GuestWorkload(remote, self._gone[handle.state["domain"]])
@@ -442,6 +448,11 @@ class LibvirtDriver(HookedDriver):
             raise ZoneError("no workload runs in the guest yet", zone_id=handle.zone_id)
         return int(remote.pid)
 
+    def channel_link(self, zone_id: str) -> AgentLink | None:
+        """The link a zone's channel messages travel on (None: none, or closed)."""
+        link = self._links.get(zone_id)
+        return link if link is not None and not link.closed else None
+
     def agent_link(self, zone_id: str) -> AgentLink | None:
         """The link to a zone's guest agent (probes, administrative commands)."""
         return self._links.get(zone_id)
@@ -541,6 +552,8 @@ class LibvirtDriver(HookedDriver):
                                      on_problem=on_problem, on_event=on_event)
             link.wait_hello(10)
             self._links[zone_id] = link
+            if state.get("channel_name") is not None:
+                link.on_channel = self.hooks.channel_handler(zone_id)
             remote = link.attach(state["workload"])
         except (HvtsmError, KeyError):
             # no agent to ask: the zone lives as long as its domain does
