@@ -128,7 +128,7 @@ class Reassembler:
         if offset != part.received:
             return [self._fail(mid, part, f"a piece of message {mid} at offset {offset}, "
                                           f"expected {part.received} (out of order)",
-                               last=cancel or offset + len(data) >= size)]
+                               last=False)]
         if part.received + len(data) > size:
             return [self._fail(mid, part, f"message {mid} goes beyond its declared size of "
                                           f"{size} bytes", last=True)]
