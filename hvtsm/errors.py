@@ -98,3 +98,16 @@ class AnalysisError(HvtsmError):
         if where and self.line is not None:
             where = f"{where}:{self.line}"
         return f"{where}: {self.detail}" if where else self.detail
+
+
+class PipelineError(HvtsmError):
+    """A pipeline manifest that cannot be used, or a pipeline that cannot run, named by file
+    and field."""
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
+                 hint: str | None = None) -> None:
+        self.file = file
+        self.field = field
+        self.detail = message
+        where = ", ".join(w for w in (file, field) if w)
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)

@@ -24,10 +24,15 @@ class Reason:
     file: str
     line: int
     detail: str
+    #: programs this call or command runs, when the code names them literally
+    programs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"capability": self.capability, "file": self.file, "line": self.line,
-                "detail": self.detail}
+        out: dict[str, Any] = {"capability": self.capability, "file": self.file,
+                               "line": self.line, "detail": self.detail}
+        if self.programs:
+            out["programs"] = list(self.programs)
+        return out
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,16 @@ class Segment:
     capabilities: frozenset[str]
     risk: Risk
     reasons: tuple[Reason, ...]
+    #: programs the segment runs (named literally in the code): a transient zone's trigger
+    #: is an exec of anything else
+    programs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "file": self.file, "line": self.line,
                 # sorted so that the JSON is stable from run to run
                 "capabilities": sorted(self.capabilities), "risk": self.risk,
-                "reasons": [r.to_dict() for r in self.reasons]}
+                "reasons": [r.to_dict() for r in self.reasons],
+                "programs": list(self.programs)}
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,14 @@ class Report:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def programs(self) -> tuple[str, ...]:
+        return tuple(sorted({p for s in self.segments for p in s.programs}))
+
+    def exec_globs(self) -> tuple[str, ...]:
+        """The programs as exec globs: a path stays itself, a bare name (found on PATH)
+        matches that name in any directory."""
+        return tuple(p if p.startswith("/") else f"*/{p}" for p in self.programs())
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "language": self.language,

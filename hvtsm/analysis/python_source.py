@@ -7,6 +7,7 @@ system`), so a rule names the real target (`subprocess.run`) however the file sp
 from __future__ import annotations
 
 import ast
+import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -162,7 +163,7 @@ class _Scanner:
         if _under(name, _NETWORK_MODULES):
             yield self.reason("network", call, detail)
         if _under(name, _EXEC_MODULES) or name in _EXEC_CALLS or name.startswith(_EXEC_PREFIXES):
-            yield self.reason("exec", call, detail)
+            yield Reason("exec", self.file, call.lineno, detail, _programs(name, call))
         if name in ("open", "io.open", "os.fdopen", "codecs.open") or (
                 last == "open" and isinstance(call.func, ast.Attribute)):
             # builtin open(file, mode): mode is 2nd; Path(...).open(mode): mode is 1st
@@ -197,6 +198,37 @@ class _Scanner:
             yield self.reason("ptrace", call, detail)
         if last in _PRIVILEGED_NATIVE:
             yield self.reason("privileged", call, detail)
+
+
+def _programs(name: str, call: ast.Call) -> tuple[str, ...]:
+    """Programs an exec-family call runs, when the code names them literally: argv[0] of a
+    list, the first word of a command string (and the shell that runs a string)."""
+    position = 1 if name.startswith(("os.spawn", "os.posix_spawn")) else 0
+    if len(call.args) <= position:
+        return ()
+    first = call.args[position]
+    shell = name in ("os.system", "os.popen", "asyncio.create_subprocess_shell") or any(
+        kw.arg == "shell" and isinstance(kw.value, ast.Constant) and kw.value.value is True
+        for kw in call.keywords)
+    if isinstance(first, ast.List | ast.Tuple) and first.elts:
+        head = first.elts[0]
+        if isinstance(head, ast.Constant) and isinstance(head.value, str) and head.value:
+            return (head.value,)
+        return ()
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        try:
+            words = shlex.split(first.value)
+        except ValueError:
+            words = first.value.split()
+        if not words:
+            return ()
+        if shell:
+            return ("sh", words[0])
+        # subprocess.run("ls") without a shell runs the whole string as one program name
+        return (first.value if name.startswith(("subprocess", "os.exec", "os.spawn",
+                                                 "os.posix_spawn", "asyncio"))
+                else words[0],)
+    return ("sh",) if shell else ()
 
 
 def _native_names(r: _Resolver) -> frozenset[str]:

@@ -23,7 +23,7 @@ def risk_of(capabilities: frozenset[str]) -> Risk:
 
 
 def make_segment(name: str, kind: SegmentKind, file: str, line: int,
-                 reasons: Iterable[Reason]) -> Segment:
+                 reasons: Iterable[Reason], programs: Iterable[str] = ()) -> Segment:
     ordered: list[Reason] = []
     seen: set[Reason] = set()
     for r in sorted(reasons, key=lambda r: (r.file, r.line, r.capability, r.detail)):
@@ -31,5 +31,6 @@ def make_segment(name: str, kind: SegmentKind, file: str, line: int,
             seen.add(r)
             ordered.append(r)
     caps = frozenset(r.capability for r in ordered)
+    named = set(programs) | {p for r in ordered for p in r.programs}
     return Segment(name=name, kind=kind, file=file, line=line, capabilities=caps,
-                   risk=risk_of(caps), reasons=tuple(ordered))
+                   risk=risk_of(caps), reasons=tuple(ordered), programs=tuple(sorted(named)))

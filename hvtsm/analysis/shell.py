@@ -7,6 +7,7 @@ This is a tokenizer-level reading (shlex), not a shell parser: control flow is f
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,14 @@ _KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while"
 _WRAPPERS = frozenset({"env", "nohup", "timeout", "nice", "ionice", "stdbuf", "command",
                        "builtin", "sudo", "doas", "setsid", "chronic"})
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
+#: run by the shell itself: never an exec of a program
+_BUILTINS = frozenset({":", ".", "source", "alias", "bg", "break", "cd", "continue", "echo",
+                       "eval", "exec", "exit", "export", "false", "fg", "getopts", "hash",
+                       "jobs", "kill", "local", "printf", "pwd", "read", "readonly", "return",
+                       "set", "shift", "test", "[", "times", "trap", "true", "type", "ulimit",
+                       "umask", "unalias", "unset", "wait", "let", "declare", "typeset",
+                       "command", "builtin", "for", "case", "select"})
+_FUNCTION_DEF = re.compile(r"^\s*(?:function\s+)?([A-Za-z_][\w-]*)\s*\(\s*\)", re.MULTILINE)
 _RULES: dict[str, str] = {
     **dict.fromkeys(["curl", "wget", "nc", "ncat", "netcat", "ssh", "scp", "sftp", "telnet",
                      "ftp", "socat", "rsync"], "network"),
@@ -92,6 +101,7 @@ class _Script:
     def __init__(self, file: str) -> None:
         self.file = file
         self.reasons: list[Reason] = []
+        self.programs: set[str] = set()
 
     def add(self, cap: str, line: int, detail: str) -> None:
         self.reasons.append(Reason(cap, self.file, line, detail))
@@ -142,6 +152,8 @@ class _Script:
             return
         name = posixpath.basename(words[0])
         args = words[1:]
+        if name not in _BUILTINS and "$" not in words[0] and "SUBST" not in words[0]:
+            self.programs.add(words[0])
         summary = " ".join(words)[:80]
         cap = _RULES.get(name)
         if cap:
@@ -149,12 +161,15 @@ class _Script:
         if name in _SHELLS:
             if "-c" in args:
                 self.add("exec", lineno, summary)
+                script = args[args.index("-c") + 1:args.index("-c") + 2]
+                if script:  # the programs that command string runs
+                    self.line(script[0], lineno)
             elif piped and not [a for a in args if not a.startswith("-")]:
                 # `curl ... | sh`: the shell runs whatever came down the pipe
                 self.add("exec", lineno, f"{summary} (script from a pipe)")
         if name in ("source", ".") and args and "$" in args[0]:
             self.add("exec", lineno, summary)
-        if name in _WRAPPERS or name == "xargs":
+        if name in _WRAPPERS or name in ("xargs", "exec"):
             rest = [a for a in args if not a.startswith("-") and "=" not in a]
             if name == "timeout" and rest:
                 rest = rest[1:]
@@ -183,7 +198,9 @@ def analyze_shell(path: Path, text: str) -> list[Segment]:
             while i < len(lines) and lines[i].strip() != delimiter:
                 i += 1
             i += 1
-    return [make_segment(path.name, "script", file, 1, script.reasons)]
+    # calls of the script's own functions are not programs
+    programs = script.programs - set(_FUNCTION_DEF.findall(text))
+    return [make_segment(path.name, "script", file, 1, script.reasons, programs)]
 
 
 def _maybe_open_quote(text: str) -> bool:

@@ -47,4 +47,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print()
         for r in reasons:
             print(f"{r.file}:{r.line} {r.capability} {r.detail}")
+    if report.programs():
+        print(f"\nprograms it runs: {', '.join(report.programs())}")
     return EXIT_OK

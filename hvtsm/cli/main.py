@@ -8,7 +8,15 @@ import sys
 from collections.abc import Sequence
 
 from hvtsm import __version__
-from hvtsm.cli import admin_cmd, analyze_cmd, image_cmd, policy_cmd, run_cmd, template_cmd
+from hvtsm.cli import (
+    admin_cmd,
+    analyze_cmd,
+    image_cmd,
+    pipeline_cmd,
+    policy_cmd,
+    run_cmd,
+    template_cmd,
+)
 from hvtsm.cli.exits import EXIT_HVTSM_ERROR, EXIT_USAGE
 from hvtsm.errors import HvtsmError
 
@@ -33,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     template_cmd.add_parsers(commands)
     image_cmd.add_parsers(commands)
     analyze_cmd.add_parsers(commands)
+    pipeline_cmd.add_parsers(commands)
     return parser
 
 

@@ -34,11 +34,26 @@ def add_parsers(commands: Any) -> None:
     show.set_defaults(handler=cmd_show)
 
 
+def check_references(policy: Policy) -> None:
+    """The policies a policy names must exist and be valid too: a typo there would only
+    show when a segment or a transient zone is made."""
+    from hvtsm.policy.catalog import load_referenced
+
+    for index, selector in enumerate(policy.segments):
+        if selector.policy is not None:
+            load_referenced(selector.policy, beside=policy.source,
+                            field=f"segment[{index}].policy")
+    if policy.transient.policy is not None:
+        load_referenced(policy.transient.policy, beside=policy.source,
+                        field="transient.policy")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         try:
             policy = load_policy(path)
+            check_references(policy)
         except PolicyError as exc:
             status = EXIT_INVALID
             if args.json:

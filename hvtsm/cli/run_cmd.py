@@ -24,7 +24,7 @@ from hvtsm.controllers import orphaned_zones
 from hvtsm.host import probe_host
 from hvtsm.manager import Manager, Notice, ZoneRun
 from hvtsm.policy import load_policy
-from hvtsm.policy.catalog import default_policy_path
+from hvtsm.policy.catalog import default_policy_path, load_referenced
 from hvtsm.store import Store
 from hvtsm.store.audit import evidence_text
 from hvtsm.store.models import ZoneState
@@ -46,9 +46,10 @@ def add_parsers(commands: Any) -> None:
     run.add_argument("--user", default="nobody",
                      help="user the command runs as (default: nobody; 'root' only for trusted "
                      "code)")
-    run.add_argument("--role", help="segment role, selects the policy's lifespan scale")
+    run.add_argument("--role", help="segment role: the policy's [[segment]] selectors pick "
+                     "the lifespan scale (and the policy, when the selector names one)")
     run.add_argument("--capability", action="append", default=[],
-                     help="segment capability (repeatable), selects the lifespan scale")
+                     help="segment capability (repeatable), for the selectors as --role")
     run.add_argument("--net-pool", metavar="CIDR",
                      help="addresses for zone NICs (default 10.213.0.0/16 for cgroup zones, "
                      "10.214.0.0/16 for libvirt zones)")
@@ -143,7 +144,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         say(f"hvtsm run: error: no such user: {args.user}")
         return EXIT_USAGE
     policy = load_policy(args.policy or default_policy_path())
-    scale = policy.lifespan_scale(args.role, frozenset(args.capability))
+    scale = 1.0
+    selector = policy.selector_for(args.role, frozenset(args.capability))
+    if selector is not None:
+        scale = selector.lifespan_scale
+        if selector.policy is not None:
+            index = policy.segments.index(selector)
+            policy = load_referenced(selector.policy, beside=policy.source,
+                                     field=f"segment[{index}].policy")
     caps = probe_host()
     backend = Backend(args.backend)
     driver = make_driver(backend, caps, net_pool=args.net_pool,

@@ -318,3 +318,31 @@ def test_elf_classes_and_byte_orders(tmp_path: Path, is64: bool, little: bool) -
     path.write_bytes(path.read_bytes()[:-10])  # cuts into the last section header
     with pytest.raises(AnalysisError, match="truncated"):
         analyze(path)
+
+
+def test_programs_the_code_runs(tmp_path: Path) -> None:
+    """What a transient zone's trigger compares an exec with: programs named literally."""
+    deploy = analyze(SAMPLES / "deploy.sh")
+    # builtins (set, echo) and redirect targets are not programs; `sh -c "..."` is read too
+    assert deploy.programs() == ("bash", "cat", "curl", "date", "ls", "mv", "rm", "sh",
+                                 "systemctl", "tar")
+    assert "*/curl" in deploy.exec_globs()
+    script = tmp_path / "funcs.sh"
+    script.write_text("#!/bin/sh\nhelper() {\n  /usr/bin/sort -u\n}\nhelper\n"
+                      "exec /bin/sleep 1\n$CMD --flag\n")
+    assert analyze(script).programs() == ("/bin/sleep", "/usr/bin/sort")
+    assert analyze(script).exec_globs() == ("/bin/sleep", "/usr/bin/sort")
+    program = tmp_path / "runs.py"
+    program.write_text("import os, subprocess\n"
+                       "def a():\n    subprocess.run(['/usr/bin/git', 'pull'])\n"
+                       "def b():\n    os.system('tar -xf x.tar')\n"
+                       "def c(argv):\n    subprocess.run(argv)\n"
+                       "def d():\n    subprocess.check_output('ls -l', shell=True)\n"
+                       "def e():\n    os.execv('/bin/true', ['true'])\n")
+    report = analyze(program)
+    assert report.segment("runs.a").programs == ("/usr/bin/git",)
+    assert report.segment("runs.b").programs == ("sh", "tar")
+    assert report.segment("runs.c").programs == ()  # computed: unknown until it runs
+    assert report.segment("runs.d").programs == ("ls", "sh")
+    assert report.segment("runs.e").programs == ("/bin/true",)
+    assert report.to_dict()["segments"][1]["programs"] == ["/usr/bin/git"]

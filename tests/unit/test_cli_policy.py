@@ -51,3 +51,14 @@ def test_show_bad_file_is_an_hvtsm_error(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "show", str(tmp_path / "missing.toml")]) == 125
     assert "missing.toml: cannot read" in capsys.readouterr().err
+
+
+def test_validate_checks_the_policies_a_policy_names(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "refs.toml"
+    path.write_text('name = "refs"\n[[phase]]\nat = "0s"\nnetwork = "none"\n'
+                    '[[segment]]\nmatch = { role = "fetch" }\npolicy = "no-such-policy"\n'
+                    'lifespan_scale = 1\n')
+    assert main(["policy", "validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "segment[0].policy" in err and "no-such-policy" in err

@@ -229,3 +229,46 @@ def test_shipped_default_profile_is_accepted_by_the_agent() -> None:
     rules = load_policy(Path(__file__).parents[2] / "policies" / "default.toml").anomaly
     assert rules.monitor and rules.deny_syscalls and rules.sensitive_paths
     Profile.from_dict({**rules.profile(), "network": "none", "egress": []})
+
+
+def test_channel_grants_and_transient_rules() -> None:
+    policy = load(BASE + '[[phase]]\nat = "5s"\nnetwork = "none"\n'
+                  '[[channel]]\nfrom = "fetch"\nto = "parse"\nmax_message = "1MiB"\n'
+                  'max_rate = 5\nphases = [0]\n'
+                  '[[channel]]\nfrom = "parse"\nto = "compute"\ndirection = "both"\n'
+                  'audit_content = true\n'
+                  '[transient]\nenabled = true\ntriggers = ["exec", "connect"]\n'
+                  'expect_exec = ["/usr/bin/*"]\nlifespan_scale = 0.5\n')
+    fetch = policy.grant_for("fetch", "parse")
+    assert fetch is not None and fetch.max_message == 2**20 and fetch.max_rate == 5
+    assert fetch.phases == (0,) and not fetch.audit_content
+    assert policy.grant_for("parse", "fetch") is None  # one-way by default
+    both = policy.grant_for("compute", "parse")
+    assert both is not None and both.audit_content and both.phases is None
+    assert policy.transient.enabled and policy.transient.triggers == ("exec", "connect")
+    assert policy.transient.expect_exec == ("/usr/bin/*",)
+    assert policy.transient.lifespan_scale == 0.5 and policy.transient.max_zones == 8
+
+
+@pytest.mark.parametrize(("section", "field"), [
+    ('[[channel]]\nto = "b"\n', "channel[0].from"),
+    ('[[channel]]\nfrom = "a"\nto = "a"\n', "channel[0].to"),
+    ('[[channel]]\nfrom = "a"\nto = "b"\ndirection = "sideways"\n', "channel[0].direction"),
+    ('[[channel]]\nfrom = "a"\nto = "b"\nmax_message = "64MiB"\n', "channel[0].max_message"),
+    ('[[channel]]\nfrom = "a"\nto = "b"\nmax_rate = 0\n', "channel[0].max_rate"),
+    ('[[channel]]\nfrom = "a"\nto = "b"\nphases = [3]\n', "channel[0].phases"),
+    ('[[channel]]\nfrom = "a"\nto = "b"\nbogus = 1\n', "bogus"),
+    ('[[channel]]\nfrom = "a"\nto = "b"\n[[channel]]\nfrom = "b"\nto = "a"\n'
+     'direction = "both"\n', "channel[1]"),
+    ('channel = 3\n', "channel"),
+    ('[transient]\ntriggers = ["fork"]\n', "transient.triggers"),
+    ('[transient]\nlifespan_scale = 2\n', "transient.lifespan_scale"),
+    ('[transient]\nmax_zones = 0\n', "transient.max_zones"),
+    ('[transient]\nexpect_exec = ["bin/sh"]\n', "transient.expect_exec"),
+    ('[[segment]]\nmatch = { role = "x" }\nlifespan_scale = 1\npolicy = 3\n',
+     "segment[0].policy"),
+])
+def test_bad_channel_transient_and_segment_policy(section: str, field: str) -> None:
+    # a plain key after BASE's [[phase]] would land inside that phase
+    error = fails(section + BASE if section.startswith("channel =") else BASE + section)
+    assert error.field == field and error.file == "t.toml"

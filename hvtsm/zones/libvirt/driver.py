@@ -13,7 +13,6 @@ import logging
 import os
 import pwd
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-import guest_agent
+from hvtsm.agent_stage import stage_agent, zone_python
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
@@ -124,14 +123,13 @@ class LibvirtDriver(HookedDriver):
 
     def guest_agent_dir(self) -> Path:
         """The directory the guest puts on PYTHONPATH (staged once per agent version)."""
-        with _STAGING:  # zones created at once must not stage into one directory together
-            if self._agent_dir is None:
-                self._agent_dir = _stage_agent()
+        if self._agent_dir is None:
+            self._agent_dir = stage_agent()
         return self._agent_dir
 
     def guest_python(self) -> str:
         if self._python is None:
-            self._python = _guest_python()
+            self._python = zone_python()
         return self._python
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -585,46 +583,6 @@ def _make_zone_dir(path: Path) -> None:
     except KeyError:
         pass
     path.chmod(0o750)
-
-
-_STAGING = threading.Lock()
-
-
-def _stage_agent() -> Path:
-    """Copy the agent package where the guest (QEMU's user, over 9p) can read it: the
-    installation may live under a home directory QEMU cannot enter."""
-    source = Path(guest_agent.__file__).parent
-    files = sorted(p for p in source.glob("*.py"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
-    target = Path("/var/lib/hvtsm/agent") / digest
-    if not (target / "guest_agent" / "__init__.py").exists():
-        tmp = target.with_name(f".{digest}.{os.getpid()}")
-        (tmp / "guest_agent").mkdir(parents=True, exist_ok=True)
-        for p in files:
-            shutil.copy2(p, tmp / "guest_agent" / p.name)
-        for d in (tmp, tmp / "guest_agent"):
-            d.chmod(0o755)
-        # compiled once here, or every guest compiles it again at boot (about 1 s of TCG)
-        python = _guest_python()
-        subprocess.run([python, "-m", "compileall", "-q", str(tmp / "guest_agent")],
-                       check=False, capture_output=True)
-        for path in tmp.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        with contextlib.suppress(OSError):
-            tmp.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-    for d in (Path("/var/lib/hvtsm"), Path("/var/lib/hvtsm/agent"), target):
-        d.chmod(0o755)
-    return target
-
-
-def _guest_python() -> str:
-    """A python3 the guest can run from the shared host root (QEMU's user must read it)."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.path.exists(candidate) and os.stat(candidate).st_mode & 0o005:
-            return candidate
-    raise ZoneError("no world-readable python3 on this host for the guest agent",
-                    hint="apt-get install python3")
 
 
 def _tail(path: Path, lines: int = 3) -> str:
