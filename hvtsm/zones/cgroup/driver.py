@@ -22,6 +22,7 @@ from typing import Any
 from guest_agent.profile import Profile, ProfileError
 from guest_agent.protocol import CHANNEL_ADDRESS, CHANNEL_ENV, CHANNEL_NAME_ENV
 from guest_agent.seccomp import Installer
+from hvtsm.agent_stage import stage_agent
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.monitor import host_agent
@@ -226,7 +227,7 @@ class CgroupDriver(HookedDriver):
         finally:
             listener.close()  # the agent holds its own copy now
         out = dict(os.environ if env is None else env)
-        source = host_agent.agent_source()
+        source = str(stage_agent())  # a copy the zone's unprivileged user can read
         out["PYTHONPATH"] = source + (":" + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
         out[CHANNEL_ENV] = "unix:@" + CHANNEL_ADDRESS
         out[CHANNEL_NAME_ENV] = name
