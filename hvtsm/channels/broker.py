@@ -82,6 +82,8 @@ class _Delivery:
     told: bool = False
     #: written to the receiver's link (waiting for the workload to take it)
     written: bool = False
+    #: ended() took it over (and audited it): its outlet task must not
+    dropped: bool = False
 
 
 @dataclass
@@ -269,6 +271,7 @@ class Broker:
             records = self._drop_held(group, member.name, "receiver ended")
             for delivery in member.inflight.values():
                 group.release(member.name, len(delivery.data))
+                delivery.dropped = True
                 if delivery.written:
                     records.append(self._row(delivery, member, "dropped",
                                              "receiver ended before its workload took it"))
@@ -319,6 +322,8 @@ class Broker:
             if member is None:
                 raise ChannelFault(f"a {msg['type']} from zone {zone_id}, which has no channel")
             if msg["type"] == "channel_ack":
+                # (it may come before the outlet that wrote it has audited it: that is fine,
+                # the outlet goes on unless ended() took the delivery over)
                 delivery = member.inflight.pop(msg["id"], None)
                 if delivery is None:
                     raise ChannelFault(f"an acknowledgement of delivery {msg['id'][:40]}, "
@@ -419,8 +424,8 @@ class Broker:
         """On the receiver's outlet: write the message, audit it (once the receiver's agent
         has it, before the sender hears), tell the sender."""
         with self._lock:
-            if delivery.did not in receiver.inflight:
-                return  # ended() dropped and audited it
+            if delivery.dropped:
+                return  # ended() audited it
         link = self._link_of(receiver.zone_id)
         problem = None
         try:
@@ -431,12 +436,11 @@ class Broker:
         except HvtsmError as exc:
             problem = f"could not be written to {receiver.name}'s agent: {exc}"
         with self._lock:
-            if delivery.did not in receiver.inflight:
+            if delivery.dropped:
                 return  # the receiver ended meanwhile: ended() audited it
             if problem is None:
                 delivery.written = True
-            else:
-                del receiver.inflight[delivery.did]
+            elif receiver.inflight.pop(delivery.did, None) is not None:
                 delivery.ticket.group.release(receiver.name, len(delivery.data))
             sender = self._members.get(delivery.sender_zone)
         verdict = "delivered" if problem is None else "refused"

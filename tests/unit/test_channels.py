@@ -530,3 +530,22 @@ def test_concurrent_senders_keep_the_books_straight(rig: Rig) -> None:
     assert sorted(d for _, _, d in c.delivered if d.startswith(b"za")) == sorted(
         f"za-{i}".encode() for i in range(20))
     assert len(rig.rows()) == 40
+
+
+def test_ack_before_the_outlet_audited_still_gives_a_verdict(rig: Rig) -> None:
+    """A fast receiver acknowledges while the broker is still finishing the write: the
+    message must still be audited and its sender told (a lost verdict hangs the sender)."""
+    rig.broker.open_group("g", ["a", "b"], [ChannelGrant("a", "b")])
+    rig.zone("za", "a")
+    b = rig.zone("zb", "b")
+    plain = b.channel_deliver
+
+    def deliver_and_ack(did: str, sender: str, data: bytes, *, timeout: float = 30) -> None:
+        plain(did, sender, data, timeout=timeout)
+        rig.broker.on_message("zb", {"type": "channel_ack", "id": did})
+
+    b.channel_deliver = deliver_and_ack  # type: ignore[method-assign]
+    for i in range(5):
+        assert rig.verdict("za", rig.send("za", "b", f"fast {i}".encode()))[0] == "delivered"
+    assert [r.verdict for r in rig.rows()] == ["delivered"] * 5
+    assert rig.broker._groups["g"].load == {}
