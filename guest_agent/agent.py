@@ -5,7 +5,8 @@ Threads: the main thread reads the port and dispatches requests (never blocking 
 a writer thread owns the port's write side and numbers messages (``seq``) as it sends
 them; a heartbeat thread; three per workload (two output pumps, one waiter); one per
 running probe (at most MAX_PROBES); the monitor's two (monitor.py: its poll loop answers
-seccomp notifications and fanotify events, its sampler reads /proc).
+seccomp notifications and fanotify events, its sampler reads /proc); the channel
+endpoint's (endpoint.py: one accepting, one per client connection).
 
 A ``start`` with ``monitor`` runs the workload under watch: the profile is validated first
 (a bad one is an error reply, nothing starts), seccomp user notification must be available
@@ -13,9 +14,13 @@ A ``start`` with ``monitor`` runs the workload under watch: the profile is valid
 switch, just before its exec, handing the listener to the monitor (seccomp.py). Monitor
 events (anomaly, monitor, stats) go on the urgent lane.
 
-Outgoing messages wait in an Outbox with two lanes: *urgent* (hello answers, heartbeats,
-started, probe results, errors) always goes first; *normal* (output, exit) keeps its
-order, so a workload's ``exit`` follows its last ``output``. While the host is absent (a
+Outgoing messages wait in an Outbox with three lanes: *urgent* (hello answers, heartbeats,
+started, probe results, errors, monitor events) always goes first; *normal* (output, exit)
+keeps its order, so a workload's ``exit`` follows its last ``output``; *channel* (the
+workload's messages to other zones, acknowledgements) takes turns with normal, holds at
+most CHANNEL_QUEUE bytes (a sending client waits for room) and is paced to
+CHANNEL_LINES_PER_S, below the host's own budget for channel lines, so a busy channel
+never makes the host discard anything else. While the host is absent (a
 virtio port whose host end nobody holds) nothing is written: heartbeats are not made,
 control messages queue (at most MAX_QUEUED, beyond that they are discarded and their seq
 numbers skipped so the host sees the gap), and workload output queues up to OUTPUT_QUEUE
@@ -31,6 +36,7 @@ import collections
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -39,6 +45,7 @@ import time
 from typing import Any
 
 from guest_agent import __version__, fanotify, seccomp
+from guest_agent.endpoint import Endpoint
 from guest_agent.monitor import Monitor
 from guest_agent.port import Disconnected, Port, PortUnavailable, Stopped, make_port
 from guest_agent.probes import PROBES
@@ -58,13 +65,17 @@ log = logging.getLogger("guest_agent")
 
 CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
     "events:anomaly", "events:monitor", "events:stats", "events:code-path",
-    "events:transient", "transient"]
+    "events:transient", "transient", "channel"]
 MAX_PROBES = 8
 MAX_QUEUED = 10000
 OUTPUT_QUEUE = 1 << 20
+CHANNEL_QUEUE = 2 << 20
+#: channel lines written per second at most (the host's reader allows twice as many)
+CHANNEL_LINES_PER_S = 2000
 
 URGENT = 0
 NORMAL = 1
+CHANNEL = 2
 Lane = collections.deque[tuple[Message, int]]
 
 
@@ -75,13 +86,23 @@ def uptime() -> float:
 class Outbox:
     """Messages waiting for the writer; see the module docstring."""
 
-    def __init__(self, output_limit: int = OUTPUT_QUEUE, max_items: int = MAX_QUEUED) -> None:
+    def __init__(self, output_limit: int = OUTPUT_QUEUE, max_items: int = MAX_QUEUED,
+                 channel_limit: int = CHANNEL_QUEUE,
+                 channel_lines_per_s: int = CHANNEL_LINES_PER_S) -> None:
         self.output_limit = output_limit
         self.max_items = max_items
+        self.channel_limit = channel_limit
+        self.channel_lines_per_s = channel_lines_per_s
         self._cond = threading.Condition()
-        #: (urgent, normal) lanes of (message, output bytes it accounts for)
-        self._lanes: tuple[Lane, Lane] = (collections.deque(), collections.deque())
+        #: (urgent, normal, channel) lanes of (message, bytes it accounts for)
+        self._lanes: tuple[Lane, Lane, Lane] = (collections.deque(), collections.deque(),
+                                                collections.deque())
         self.output_bytes = 0
+        self.channel_bytes = 0
+        #: normal and channel take turns: the one served last waits
+        self._last_shared = CHANNEL
+        self._pace_start = 0.0
+        self._pace_lines = 0
         #: messages discarded since the agent started
         self.dropped = 0
         #: of those, how many no seq number has been skipped for yet
@@ -90,7 +111,7 @@ class Outbox:
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._lanes[URGENT]) + len(self._lanes[NORMAL])
+        return sum(len(lane) for lane in self._lanes)
 
     def put(self, msg: Message, lane: int = URGENT) -> bool:
         """Queue a control message; False (and counted) if the queue is full."""
@@ -120,26 +141,64 @@ class Outbox:
             self._cond.notify_all()
             return True
 
+    def put_channel(self, msg: Message, size: int, stop: threading.Event) -> bool:
+        """Queue a channel message, waiting while CHANNEL_QUEUE bytes are already queued
+        (the client's bytes stay in its socket meanwhile). Channel messages never count
+        against MAX_QUEUED: a busy channel must not make control messages be discarded."""
+        with self._cond:
+            while self.channel_bytes >= self.channel_limit and not (self.closed
+                                                                     or stop.is_set()):
+                self._cond.wait(0.5)
+            if self.closed or stop.is_set():
+                return False
+            self._lanes[CHANNEL].append((msg, size))
+            self.channel_bytes += size
+            self._cond.notify_all()
+            return True
+
+    def _paced(self) -> bool:
+        """True while this second's channel lines are used up."""
+        now = time.monotonic()
+        if now - self._pace_start >= 1.0:
+            self._pace_start, self._pace_lines = now, 0
+        return self._pace_lines >= self.channel_lines_per_s
+
     def get(self, timeout: float) -> tuple[int, Message, int] | None:
         with self._cond:
             if not len(self):
                 self._cond.wait(timeout)
-            for lane in (URGENT, NORMAL):
-                if self._lanes[lane]:
-                    msg, size = self._lanes[lane].popleft()
-                    if msg.get("type") == "heartbeat" and "id" not in msg:
-                        self.heartbeat_waiting = False
-                    if size:
+            shared = (NORMAL, CHANNEL) if self._last_shared == CHANNEL else (CHANNEL, NORMAL)
+            for lane in (URGENT, *shared):
+                if not self._lanes[lane]:
+                    continue
+                if lane == CHANNEL:
+                    if self._paced():
+                        continue
+                    self._pace_lines += 1
+                if lane != URGENT:
+                    self._last_shared = lane
+                msg, size = self._lanes[lane].popleft()
+                if msg.get("type") == "heartbeat" and "id" not in msg:
+                    self.heartbeat_waiting = False
+                if size:
+                    if lane == CHANNEL:
+                        self.channel_bytes -= size
+                    else:
                         self.output_bytes -= size
-                        self._cond.notify_all()
-                    return lane, msg, size
+                    self._cond.notify_all()
+                return lane, msg, size
+            if self._lanes[CHANNEL] and not self._lanes[URGENT] and not self._lanes[NORMAL]:
+                self._cond.wait(min(timeout, 0.05))  # paced: do not spin
             return None
 
     def put_back(self, lane: int, msg: Message, size: int) -> None:
         """A message the writer could not send goes back to the head of its lane."""
         with self._cond:
             self._lanes[lane].appendleft((msg, size))
-            self.output_bytes += size
+            if lane == CHANNEL:
+                self.channel_bytes += size
+            else:
+                self.output_bytes += size
 
     def close(self) -> None:
         with self._cond:
@@ -159,7 +218,7 @@ def capabilities(permission_events: bool = True) -> list[str]:
 
 class Agent:
     def __init__(self, port: Port, *, heartbeat: float = 1.0,
-                 watch_fd: int | None = None) -> None:
+                 watch_fd: int | None = None, channel_fd: int | None = None) -> None:
         self.port = port
         self.heartbeat = heartbeat
         # on the host (--watch-fd) a stuck agent must not hold other programs' opens:
@@ -176,6 +235,11 @@ class Agent:
         self._probes = threading.BoundedSemaphore(MAX_PROBES)
         self._seq = 0
         self.threads: list[threading.Thread] = []
+        self.endpoint = Endpoint(lambda m, size: self.outbox.put_channel(m, size, self.stop),
+                                 self.stop)
+        #: host mode: an inherited SOCK_SEQPACKET socket on which the controller hands over
+        #: the listening channel socket it bound in the zone's network namespace
+        self._channel_hand = None if channel_fd is None else socket.socket(fileno=channel_fd)
 
     # --- outgoing ---------------------------------------------------------------------
 
@@ -320,6 +384,13 @@ class Agent:
                 self._error(wid, f"workload id {wid} is already in use")
                 return
         preexec = None
+        env = msg.get("env")
+        if msg.get("channel") is not None:
+            try:
+                env = self._channel_env(msg["channel"], env)
+            except OSError as e:
+                self._error(wid, f"workload {wid} not started: no channel endpoint: {e}")
+                return
         if msg.get("monitor") is not None:
             try:
                 preexec = self._watcher(wid, msg["monitor"])
@@ -327,7 +398,7 @@ class Agent:
                 self._error(wid, f"workload {wid} not started: {e}")
                 return
         try:
-            popen = spawn(msg["argv"], msg.get("env"), msg.get("cwd"), msg.get("user"),
+            popen = spawn(msg["argv"], env, msg.get("cwd"), msg.get("user"),
                           stdout=msg.get("stdout", "stream"), stderr=msg.get("stderr", "stream"),
                           preexec_fn=preexec)
         except StartError as e:
@@ -358,6 +429,55 @@ class Agent:
             installer.install_and_hand_over(fd, header)
 
         return preexec
+
+    def _channel_env(self, name: str, env: dict[str, str] | None) -> dict[str, str]:
+        """The workload's environment with its channel: the endpoint listens (bound here,
+        in the guest's network namespace, on the first start that asks) and is named."""
+        if not self.endpoint.listening:
+            from guest_agent.endpoint import bind_listener
+            self.endpoint.add_listener(bind_listener(), name)
+        self.endpoint.name = name
+        out = dict(env or {})
+        extra = self.endpoint.env()
+        path = extra.pop("PYTHONPATH")
+        out["PYTHONPATH"] = path + (":" + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
+        out.update(extra)
+        return out
+
+    def _on_channel_deliver(self, msg: Message) -> None:
+        problem = self.endpoint.on_deliver(msg)
+        if problem is not None:
+            self.send({"type": "error", "id": msg["id"], "kind": "channel", "message": problem})
+
+    def _on_channel_verdict(self, msg: Message) -> None:
+        self.endpoint.on_verdict(msg)
+
+    def _channel_hand_loop(self) -> None:
+        """Host mode: take the listening sockets the controller hands over (one per zone
+        start with a channel), with a header naming the zone."""
+        hand = self._channel_hand
+        assert hand is not None
+        while not self.stop.is_set():
+            try:
+                if not select.select([hand], [], [], 0.5)[0]:
+                    continue
+                data, fds, _flags, _addr = socket.recv_fds(hand, 4096, 2)
+            except (OSError, ValueError):
+                return
+            if not data and not fds:
+                return  # the controller closed its end
+            try:
+                header = json.loads(data.decode("utf-8"))
+                name = header.get("name") if isinstance(header, dict) else None
+            except ValueError:
+                name = None
+            for fd in fds[1:]:
+                os.close(fd)
+            if not fds:
+                log.warning("channel hand-over without a socket: %r", data[:200])
+                continue
+            sock = socket.socket(fileno=fds[0])
+            self.endpoint.add_listener(sock, name if isinstance(name, str) else None)
 
     def _on_profile(self, msg: Message) -> None:
         try:
@@ -442,6 +562,8 @@ class Agent:
         self._spawn_thread(self._heartbeats, "heartbeat")
         if self.host_mode:
             self._spawn_thread(self._orphan_watch, "orphan")
+        if self._channel_hand is not None:
+            self._spawn_thread(self._channel_hand_loop, "channel-hand")
         self.monitor.start()
         code = 0
         try:
@@ -478,6 +600,7 @@ class Agent:
             running = list(self.workloads.values())
         for work in running:
             work.kill()
+        self.endpoint.close()
         for t in self.threads:
             t.join(2)
         self.monitor.close()
@@ -503,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="host mode: an inherited SOCK_SEQPACKET socket on which the "
                              "zone launcher sends (header, seccomp listener fd); fanotify "
                              "then only reports (never holds an open)")
+    parser.add_argument("--channel-fd", type=int, metavar="N",
+                        help="host mode: an inherited SOCK_SEQPACKET socket on which the "
+                             "controller hands over each zone's listening channel socket")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -521,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="guest_agent[%(process)d] %(levelname)s %(message)s")
     agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat,
-                  watch_fd=args.watch_fd)
+                  watch_fd=args.watch_fd, channel_fd=args.channel_fd)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)

@@ -43,6 +43,13 @@ agent -> host
                   kind ``transient``: data = {op, ok, zone, hold, pid, error, held_ms,
                   procs, memory}: the agent's answer to a ``transient`` message, or op
                   ``ended`` when a transient zone's cgroup it manages became empty.
+    channel_send  id (the sender's message id, unique per agent), to (the receiving zone's
+                  name), size (bytes of the whole message), offset (of this piece's first
+                  byte), data (base64 of at most CHANNEL_PIECE_BYTES bytes); optional cancel
+                  (true: the sender gave up, no more pieces come). A message goes as pieces
+                  of rising offset, in order, each on its own line; the host reassembles
+                  them with a bound (the grant's max_message) and answers ``channel_verdict``
+    channel_ack   id (a delivery id): the workload took that delivered message
 
 host -> agent
     start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
@@ -62,12 +69,24 @@ host -> agent
                   given, else the host placed it already) and its call proceeds; deny: the
                   held call fails (EPERM); update: new limits/network; kill, freeze, thaw,
                   stats: on the zone's cgroup. Answered by an event of kind ``transient``.
+    channel_deliver id (a delivery id), from (the sending zone's name), size, offset, data
+                  (base64): a message for the workload, in pieces as ``channel_send``; the
+                  agent answers ``channel_ack`` once the workload took it
+    channel_verdict id (the sender's message id), verdict (delivered|refused), reason (text)
+
+A ``start`` with ``channel`` (the zone's name among its group) gives the workload the channel
+endpoint: a unix stream socket at the abstract address CHANNEL_ADDRESS in the workload's
+network namespace, named in its environment as ``HVTSM_CHANNEL=unix:@<address>``
+(``guest_agent/channel.py`` is the client). The channel lines have their own accounting on
+both ends (a lane of their own in the agent's outbox, a line budget of their own in the
+host's reader), so channel traffic and monitoring events cannot starve each other.
 """
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Optional, Union
 
 PROTOCOL_VERSION = 1
@@ -81,10 +100,28 @@ MAX_ID_CHARS = 128
 #: (a control byte becomes 6 characters) one read fits in one message
 OUTPUT_CHUNK_BYTES = 8192
 
+#: raw bytes of one channel piece: base64 makes 60 KiB of it, which leaves room in a line
+#: for the other fields (ids and names are at most MAX_ID_CHARS)
+CHANNEL_PIECE_BYTES = 45 * 1024
+#: the largest channel message any grant may allow
+CHANNEL_MAX_BYTES = 16 * 1024 * 1024
+#: the abstract unix socket (per network namespace) the workload reaches its agent at
+CHANNEL_ADDRESS = "hvtsm.channel"
+#: environment variables a workload with a channel gets
+CHANNEL_ENV = "HVTSM_CHANNEL"
+CHANNEL_NAME_ENV = "HVTSM_CHANNEL_NAME"
+CHANNEL_VERDICTS = ("delivered", "refused")
+#: how every channel line begins (the agent puts ``type`` first): the host's reader counts
+#: channel lines by it before parsing, against their own budget
+CHANNEL_LINE_PREFIX = b'{"type":"channel_'
+
 AGENT_TYPES = frozenset(
-    ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event"]
+    ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event",
+     "channel_send", "channel_ack"]
 )
-HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile", "transient"])
+HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile", "transient",
+                        "channel_deliver", "channel_verdict"])
+CHANNEL_TYPES = frozenset(["channel_send", "channel_ack", "channel_deliver", "channel_verdict"])
 
 #: event kinds
 EVENT_ANOMALY = "anomaly"
@@ -262,6 +299,10 @@ def _choice(*allowed: str) -> Check:
     return check
 
 
+def _size(v: Any) -> str | None:
+    return None if _is_int(v) and 0 <= v < 2**53 else "must be an integer >= 0"
+
+
 def _workloads(v: Any) -> str | None:
     if isinstance(v, list) and all(
             isinstance(w, dict) and _ident(w.get("id")) is None and _is_int(w.get("pid"))
@@ -288,10 +329,14 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
                      {"result": _dict, "error": _str}),
     "error": ({"seq": _seq, "message": _str}, {"id": _ident, "kind": _str}),
     "event": ({"seq": _seq, "kind": _str}, {"id": _ident, "time": _num, "data": _dict}),
+    "channel_send": ({"seq": _seq, "id": _ident, "to": _ident, "size": _size,
+                      "offset": _size, "data": _str}, {"cancel": _bool}),
+    "channel_ack": ({"seq": _seq, "id": _ident}, {}),
     # host -> agent
     "start": ({"id": _ident, "argv": _argv},
               {"env": _env, "cwd": _str, "user": _user, "stdout": _choice("stream", "discard"),
-               "stderr": _choice("stream", "discard", "stdout"), "monitor": _dict}),
+               "stderr": _choice("stream", "discard", "stdout"), "monitor": _dict,
+               "channel": _ident}),
     "profile": ({"id": _ident, "monitor": _dict}, {}),
     "signal": ({"id": _ident, "signal": _signal}, {}),
     "probe": ({"id": _ident, "kind": _str}, {"args": _dict}),
@@ -299,6 +344,10 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     "transient": ({"id": _ident, "op": _choice(*TRANSIENT_OPS)},
                   {"hold": _seq, "zone": _ident, "cgroup": _str, "limits": _dict,
                    "network": _choice("full", "loopback", "none"), "reason": _str}),
+    "channel_deliver": ({"id": _ident, "from": _ident, "size": _size, "offset": _size,
+                         "data": _str}, {}),
+    "channel_verdict": ({"id": _ident, "verdict": _choice(*CHANNEL_VERDICTS),
+                         "reason": _str}, {}),
 }
 
 
@@ -482,6 +531,23 @@ class SeqTracker:
             self.last = last
             return -1
         return 0
+
+
+def channel_pieces(mtype: str, msg_id: str, peer_field: str, peer: str,
+                   data: bytes) -> Iterator[Message]:
+    """``channel_send`` (peer_field "to") or ``channel_deliver`` (peer_field "from") messages,
+    without ``seq``, carrying `data` in pieces of at most CHANNEL_PIECE_BYTES, made one at a
+    time (a big message is never all encoded at once). An empty message is one empty piece.
+    The type comes first (CHANNEL_LINE_PREFIX)."""
+    offset = 0
+    view = memoryview(data)
+    while True:
+        piece = view[offset:offset + CHANNEL_PIECE_BYTES]
+        yield {"type": mtype, "id": msg_id, peer_field: peer, "size": len(data),
+               "offset": offset, "data": base64.b64encode(piece).decode("ascii")}
+        offset += len(piece)
+        if offset >= len(data):
+            return
 
 
 def output_messages(workload_id: str, stream: str, text: str) -> list[Message]:

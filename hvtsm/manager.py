@@ -4,6 +4,7 @@ anomaly becomes a reaction. Every step is written to the store before it is anno
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -16,6 +17,7 @@ from typing import Any
 
 from sqlmodel import select
 
+from hvtsm.channels.broker import Broker
 from hvtsm.controllers import (
     claim_zone,
     dead_controllers,
@@ -26,6 +28,7 @@ from hvtsm.controllers import (
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.monitor.anomalies import AnomalyReport
 from hvtsm.monitor.code_path import CodePath
+from hvtsm.monitor.link import AgentLink
 from hvtsm.policy import Policy, Reaction, parse_policy
 from hvtsm.restrictions import Restrictions
 from hvtsm.store import Store
@@ -105,6 +108,8 @@ class Manager:
         listed = [drivers] if not isinstance(drivers, Sequence) else list(drivers)
         self.drivers: dict[Backend, ZoneDriver] = {d.backend: d for d in listed}
         self.driver = listed[0]
+        #: messages between zones (named zones of a group): see hvtsm/channels/broker.py
+        self.broker = Broker(store, link_of=self._channel_link, anomaly=self._driver_anomaly)
         for driver in listed:
             if hasattr(driver, "report"):
                 driver.report = self._driver_report
@@ -112,6 +117,8 @@ class Manager:
                 driver.anomaly = self._driver_anomaly
             if hasattr(driver, "code_path"):
                 driver.code_path = self._driver_code_path
+            if hasattr(driver, "channels"):
+                driver.channels = self.broker.on_message
         self.listener = listener
         self.actor = actor
         self.zones: dict[str, ZoneRun] = {}
@@ -182,6 +189,7 @@ class Manager:
                 run.ended.wait(10)
         self._anomalies.put(None)
         self._reactor.join(10)
+        self.broker.close()
         for driver in self.drivers.values():
             close = getattr(driver, "close", None)
             if close is not None:
@@ -220,6 +228,11 @@ class Manager:
             watch = monitor_transient(policy, argv, expect_exec)
             if watch is not None:
                 monitor["transient"] = watch
+        zero = [p for p in policy.phases if p.at_ms == 0 and not p.terminate]
+        if name is not None:
+            # a named zone gets a channel: it joins its group's broker before it exists
+            self.broker.register(zone_id, name=name, group=group, grants=policy.channels,
+                                 phase=zero[-1].index if zero else -1)
         toml = policy_toml if policy_toml is not None else _read_text(policy.source)
         with self.store.session() as session:
             row = Zone(id=zone_id, backend=str(driver.backend), state=ZoneState.CREATING,
@@ -239,7 +252,8 @@ class Manager:
         try:
             spec = ZoneSpec(
                 zone_id=zone_id, net_index=seq, user=user, memory_dump=policy.memory_dump,
-                monitor=monitor, expect_exec=tuple(expect_exec), cwd=cwd, env=env)
+                monitor=monitor, expect_exec=tuple(expect_exec), cwd=cwd, env=env,
+                channel=name)
             handle = (create or driver.create)(spec, initial)
         except HvtsmError as exc:
             self._fail(zone_id, f"could not create the zone: {exc}")
@@ -253,7 +267,6 @@ class Manager:
             self._release(zone_id)
             raise
         started = time.time()
-        zero = [p for p in policy.phases if p.at_ms == 0 and not p.terminate]
         pending = {p.index: started + p.at_ms * scale / 1000 for p in policy.later_phases()}
         run = ZoneRun(zone_id=zone_id, policy=policy, scale=scale, handle=handle,
                       workload=workload, started_at=started, pending=pending,
@@ -261,6 +274,8 @@ class Manager:
                       kind=kind, transient_policy=tpolicy)
         with self._zones_lock:
             self.zones[zone_id] = run
+        if name is not None:
+            self.broker.started(zone_id)  # what was held for it goes now
         # jobs first: a controller killed from here on leaves a schedule to adopt
         for index, due in pending.items():
             self.timeline.schedule(zone_id, index, due)
@@ -513,6 +528,7 @@ class Manager:
                          note="; ".join([*notes, note] if note else notes))
             run.phase_index = phase_index
             self._save(session, run)
+        self.broker.phase(run.zone_id, phase_index)
 
     def _phase_data(self, run: ZoneRun, index: int, due: float, applied: float,
                     changes: dict[str, str]) -> dict[str, Any]:
@@ -569,6 +585,7 @@ class Manager:
                          detail=f"{run.end_reason}; exit status {status}")
             self._save(session, run, ended_at=now, exit_status=status, end_reason=run.end_reason)
         release_zone(run.zone_id)
+        self.broker.ended(run.zone_id)
         run.ended.set()
         data: dict[str, Any] = {"status": status, "state": str(run.state),
                                 "reason": run.end_reason}
@@ -578,6 +595,7 @@ class Manager:
 
     def _fail(self, zone_id: str, detail: str) -> None:
         release_zone(zone_id)
+        self.broker.ended(zone_id)
         with self.store.session() as session:
             record_event(session, zone_id=zone_id, kind="failed", detail=detail)
             row = session.exec(select(Zone).where(Zone.id == zone_id)).one()
@@ -599,6 +617,12 @@ class Manager:
                       kind=zone.kind)
         now = time.time()
         run.overdue = {i for i, due in run.pending.items() if due <= now}
+        if zone.name is not None and workload is not None:
+            # its group's held messages died with the old controller; it can go on sending
+            with contextlib.suppress(ZoneError):
+                self.broker.register(zone.id, name=zone.name, group=zone.group_id,
+                                     grants=policy.channels, phase=zone.phase_index)
+                self.broker.started(zone.id)
         with self._zones_lock:
             self.zones[zone.id] = run
         claim_zone(zone.id)
@@ -638,6 +662,15 @@ class Manager:
         row.controller_id = self.controller.id
         for key, value in extra.items():
             setattr(row, key, value)
+
+    def _channel_link(self, zone_id: str) -> AgentLink | None:
+        """The agent link of a zone's channel, from whichever driver runs it."""
+        for driver in self.drivers.values():
+            find = getattr(driver, "channel_link", None)
+            link = find(zone_id) if find is not None else None
+            if link is not None:
+                return link
+        return None
 
     def _driver_report(self, zone_id: str, kind: str, detail: str) -> None:
         """A fact a driver learned after `apply` returned (an unplug completing, what the

@@ -19,7 +19,7 @@ from guest_agent.protocol import (
 )
 from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem
 from hvtsm.monitor.code_path import CodePath, from_event
-from hvtsm.monitor.link import EventHandler, ProblemHandler
+from hvtsm.monitor.link import ChannelFault, ChannelHandler, EventHandler, ProblemHandler
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ NoteSink = Callable[[str, str, str], None]
 CodePathSink = Callable[[str, CodePath], None]
 #: (zone id, event data): the agent's answer to a `transient` message, for the driver
 TransientSink = Callable[[str, dict[str, Any]], None]
+#: (zone id, channel_send or channel_ack message): the broker's `on_message`
+ChannelSink = Callable[[str, Message], None]
 
 
 class MonitorHooks:
@@ -43,6 +45,8 @@ class MonitorHooks:
         self.transient: TransientSink | None = None
         #: last `stats` event data per zone (counters the agent keeps)
         self.stats: dict[str, dict[str, Any]] = {}
+        #: where a zone's channel messages go (the manager's broker)
+        self.channel: ChannelSink | None = None
 
     def raise_anomaly(self, zone_id: str, report: AnomalyReport) -> None:
         sink = self.anomaly
@@ -110,6 +114,15 @@ class MonitorHooks:
             return
         sink(zone_id, request)
 
+    def channel_handler(self, zone_id: str) -> ChannelHandler:
+        """The `on_channel` of a zone's link: its messages to the broker (none: a fault)."""
+        def on_channel(msg: Message) -> None:
+            sink = self.channel
+            if sink is None:
+                raise ChannelFault("this controller has no channel broker")
+            sink(zone_id, msg)
+        return on_channel
+
 
 class HookedDriver:
     """For drivers: `anomaly` and `report`, which the manager sets, live in `hooks`."""
@@ -139,3 +152,11 @@ class HookedDriver:
     @code_path.setter
     def code_path(self, sink: CodePathSink | None) -> None:
         self.hooks.code_path = sink
+
+    @property
+    def channels(self) -> ChannelSink | None:
+        return self.hooks.channel
+
+    @channels.setter
+    def channels(self, sink: ChannelSink | None) -> None:
+        self.hooks.channel = sink

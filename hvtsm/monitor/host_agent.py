@@ -9,7 +9,9 @@ imports take ~140 ms here, so a driver keeps one agent started ahead (a spare) a
 it to the next zone; `<zone>.agent` records which agent (name, pid) watches which zone.
 The zone's launcher hands it each workload's seccomp listener over a second, inherited
 SOCK_SEQPACKET socket (`--watch-fd`); the workload's first exec waits in the kernel until
-the agent answers, so nothing runs unwatched.
+the agent answers, so nothing runs unwatched. A third (`--channel-fd`) carries the zone's
+channel socket, which the controller binds inside the zone's network namespace
+(`give_channel`): the agent serves the workload's channel on it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from guest_agent import protocol
 from hvtsm.errors import ZoneError
-from hvtsm.monitor.link import AgentLink, EventHandler, ProblemHandler
+from hvtsm.monitor.link import AgentLink, ChannelHandler, EventHandler, ProblemHandler
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ def _listen(name: str) -> socket.socket:
 class HostAgent:
     def __init__(self, name: str, pid: int, server: socket.socket,
                  hand_over: socket.socket | None, proc: subprocess.Popen[bytes] | None,
-                 zone_id: str | None = None) -> None:
+                 zone_id: str | None = None,
+                 channel_hand: socket.socket | None = None) -> None:
         #: what its socket and log are named after (a spare has no zone yet)
         self.name = name
         self.zone_id = zone_id
@@ -78,6 +81,8 @@ class HostAgent:
         self._server: socket.socket | None = server
         #: the controller's end of the launcher -> agent socket (None once handed over)
         self.hand_over = hand_over
+        #: the controller's end of the socket that carries the zone's channel socket
+        self.channel_hand = channel_hand
         self._proc = proc
         self.link: AgentLink | None = None
 
@@ -91,10 +96,12 @@ class HostAgent:
             raise ZoneError(f"cannot listen for a zone agent at {socket_path(name)}: "
                             f"{exc.strerror or exc}") from exc
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        source = str(Path(protocol.__file__).resolve().parent.parent)
+        chan_ours, chan_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        source = agent_source()
         argv = [sys.executable, "-s", "-m", "guest_agent",
                 "--connect", f"unix:{socket_path(name)}",
                 "--watch-fd", str(theirs.fileno()),
+                "--channel-fd", str(chan_theirs.fileno()),
                 "--wait-port", str(RECONNECT_WINDOW_S), "--heartbeat", str(HEARTBEAT_S),
                 "--log-level", "warning"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -102,15 +109,18 @@ class HostAgent:
         try:
             with open(log_path(name), "ab") as log_file:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                        stderr=log_file, pass_fds=[theirs.fileno()], env=env,
-                                        cwd="/", start_new_session=True)
+                                        stderr=log_file,
+                                        pass_fds=[theirs.fileno(), chan_theirs.fileno()],
+                                        env=env, cwd="/", start_new_session=True)
         except OSError as exc:
             server.close()
             ours.close()
+            chan_ours.close()
             raise ZoneError(f"cannot start a zone agent: {exc.strerror or exc}") from exc
         finally:
             theirs.close()
-        return cls(name, proc.pid, server, ours, proc)
+            chan_theirs.close()
+        return cls(name, proc.pid, server, ours, proc, channel_hand=chan_ours)
 
     def usable(self) -> bool:
         """A spare that is still running and not yet connected."""
@@ -135,7 +145,7 @@ class HostAgent:
         return cls(name, pid, server, None, None, zone_id)
 
     def connect(self, *, on_problem: ProblemHandler, on_event: EventHandler,
-                timeout: float = 10.0) -> AgentLink:
+                timeout: float = 10.0, on_channel: ChannelHandler | None = None) -> AgentLink:
         """Accept the agent's connection and wait for its hello."""
         assert self._server is not None
         deadline = time.monotonic() + timeout
@@ -156,7 +166,7 @@ class HostAgent:
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.name).unlink()  # the agent stays connected; none other may
         link = AgentLink.from_socket(conn, zone_id=self.zone_id, on_problem=on_problem,
-                                     on_event=on_event)
+                                     on_event=on_event, on_channel=on_channel)
         try:
             hello = link.wait_hello(max(0.1, deadline - time.monotonic()))
         except ZoneError:
@@ -184,6 +194,19 @@ class HostAgent:
         return json.dumps({"id": self.zone_id, "profile": profile, "procs_file": procs_file,
                            "oom_file": oom_file}).encode()
 
+    def give_channel(self, listener: socket.socket, name: str) -> None:
+        """Hand the agent the zone's listening channel socket (bound in the zone's network
+        namespace); the agent serves the workload's channel on it from now on."""
+        if self.channel_hand is None:
+            raise ZoneError("this zone's agent cannot take a channel (it was not started by "
+                            "this controller)", zone_id=self.zone_id)
+        header = json.dumps({"id": self.zone_id, "name": name}).encode()
+        try:
+            socket.send_fds(self.channel_hand, [header], [listener.fileno()])
+        except OSError as exc:
+            raise self._failed(f"it did not take the channel socket: "
+                               f"{exc.strerror or exc}") from exc
+
     def handed_over(self) -> None:
         """The workload started: the launcher no longer needs our end."""
         if self.hand_over is not None:
@@ -199,10 +222,10 @@ class HostAgent:
         if self.link is not None:
             self.link.on_problem = None  # its going away now is no anomaly
             self.link.close()
-        for sock in (self._server, self.hand_over):
+        for sock in (self._server, self.hand_over, self.channel_hand):
             if sock is not None:
                 sock.close()
-        self._server = self.hand_over = None
+        self._server = self.hand_over = self.channel_hand = None
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + 2
@@ -219,6 +242,12 @@ class HostAgent:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def agent_source() -> str:
+    """The directory holding the guest_agent package (the agent's and, for the channel
+    client, the workload's PYTHONPATH)."""
+    return str(Path(protocol.__file__).resolve().parent.parent)
 
 
 def _alive(pid: int, proc: subprocess.Popen[bytes] | None = None) -> bool:

@@ -42,8 +42,16 @@ Problem kinds (`ProblemHandler`):
     events_dropped  more than EVENTS_PER_S events within one second (once per second)
     disconnected    the channel closed, failed, or the reader itself failed
 
-on_problem and on_event run on the reader thread (keep them quick); an exception they
-raise is logged and contained.
+Channel lines (``channel_send``, ``channel_ack``: a zone's messages to other zones) have
+their own budget: they are counted apart from the others before parsing (they begin with
+CHANNEL_LINE_PREFIX), and only more than CHANNEL_LINES_PER_S of them makes a flood, so a
+busy channel never gets monitoring events discarded and a flood of events never starves a
+channel. They go to `on_channel` (the broker); one it cannot use (`ChannelFault`: a piece
+out of order, not base64, ...) is a malformed message, as is a channel line on a link with
+no `on_channel`. `channel_deliver` and `channel_verdict` send the broker's side.
+
+on_problem, on_event and on_channel run on the reader thread (keep them quick); an exception
+they raise is logged and contained.
 
 Workload output never blocks the reader: each destination (a pipe the caller reads, or a
 file descriptor such as the CLI's own stdout) gets its own writer thread, with at most
@@ -69,12 +77,14 @@ from typing import IO, Any
 
 from guest_agent.protocol import (
     AGENT_TYPES,
+    CHANNEL_LINE_PREFIX,
     OVERSIZED,
     PROTOCOL_VERSION,
     Decoder,
     Message,
     ProtocolError,
     SeqTracker,
+    channel_pieces,
     encode,
 )
 from hvtsm.errors import ZoneError
@@ -86,6 +96,12 @@ log = logging.getLogger(__name__)
 #: says what each means)
 ProblemHandler = Callable[[str, str], None]
 EventHandler = Callable[[Message], None]
+#: a validated channel_send or channel_ack message; raises ChannelFault for one it cannot use
+ChannelHandler = Callable[[Message], None]
+
+
+class ChannelFault(Exception):
+    """A channel message that cannot be used (the link counts it as malformed)."""
 
 #: bytes of one workload stream that may wait for a slow reader before output is dropped
 SINK_LIMIT = 16 * 1024 * 1024
@@ -104,6 +120,9 @@ FLOOD_MESSAGES = 5000
 FLOOD_BYTES = 64 * 1024 * 1024
 #: monitoring events passed to on_event per second; the rest of the second's are dropped
 EVENTS_PER_S = 200
+#: channel lines within one second beyond which the agent floods (counted apart from the
+#: others: twice what the agent itself sends at most, guest_agent.agent.CHANNEL_LINES_PER_S)
+CHANNEL_LINES_PER_S = 4000
 #: reports of one problem kind per second; the rest are counted and summed up afterwards
 PROBLEMS_PER_S = 10
 #: longest text from the agent kept in a problem detail or a workload's errors
@@ -431,7 +450,9 @@ class AgentLink:
                  describe: str = "agent socket", heartbeat_grace: float | None = None,
                  on_problem: ProblemHandler | None = None,
                  on_event: EventHandler | None = None, flood_messages: int | None = None,
-                 flood_bytes: int | None = None, events_per_s: int | None = None) -> None:
+                 flood_bytes: int | None = None, events_per_s: int | None = None,
+                 on_channel: ChannelHandler | None = None,
+                 channel_lines_per_s: int | None = None) -> None:
         self.zone_id = zone_id
         self.describe = describe
         #: seconds of silence before heartbeat_lost (default: 3 of the agent's periods)
@@ -444,6 +465,11 @@ class AgentLink:
         self.flood_messages = FLOOD_MESSAGES if flood_messages is None else flood_messages
         self.flood_bytes = FLOOD_BYTES if flood_bytes is None else flood_bytes
         self.events_per_s = EVENTS_PER_S if events_per_s is None else events_per_s
+        self.channel_lines_per_s = (CHANNEL_LINES_PER_S if channel_lines_per_s is None
+                                    else channel_lines_per_s)
+        #: the zone's channel messages (the broker); None: the zone has no channel
+        self.on_channel: ChannelHandler | None = on_channel
+        self._win_channel = 0
         sock.setblocking(False)
         self._sock = sock
         self._lock = threading.Lock()
@@ -500,7 +526,7 @@ class AgentLink:
     def connect(cls, path: str, *, timeout: float, zone_id: str | None = None,
                 heartbeat_grace: float | None = None,
                 on_problem: ProblemHandler | None = None,
-                on_event: EventHandler | None = None, **limits: int) -> AgentLink:
+                on_event: EventHandler | None = None, **limits: Any) -> AgentLink:
         """Connect to the channel socket libvirt binds, retrying until it exists and
         accepts (QEMU makes it while the domain starts), for at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -530,9 +556,10 @@ class AgentLink:
     def from_socket(cls, sock: socket.socket, *, zone_id: str | None = None,
                     heartbeat_grace: float | None = None,
                     on_problem: ProblemHandler | None = None,
-                    on_event: EventHandler | None = None, **limits: int) -> AgentLink:
+                    on_event: EventHandler | None = None, **limits: Any) -> AgentLink:
         """A link over a socket that is already connected (tests, relays). `limits`:
-        flood_messages, flood_bytes, events_per_s (the constructor's)."""
+        flood_messages, flood_bytes, events_per_s, channel_lines_per_s, on_channel (the
+        constructor's)."""
         return cls(sock, zone_id=zone_id, describe="socket", heartbeat_grace=heartbeat_grace,
                    on_problem=on_problem, on_event=on_event, **limits)
 
@@ -692,14 +719,16 @@ class AgentLink:
               cwd: str | None = None, user: str | int | None = None, timeout: float = 30,
               stdout: int | None = subprocess.PIPE, stderr: int | None = subprocess.PIPE,
               workload_id: str | None = None,
-              monitor: Mapping[str, Any] | None = None) -> RemoteWorkload:
+              monitor: Mapping[str, Any] | None = None,
+              channel: str | None = None) -> RemoteWorkload:
         """Start `argv` in the guest (own session and process group, stdin /dev/null) and
         return once it exec'd. Output goes, per stream: PIPE -> a pipe the caller reads
         (`workload.stdout`), a file descriptor >= 0 -> written there (not closed), None or
         DEVNULL -> discarded; stderr=STDOUT joins stdout. `env` goes on top of a small clean
         environment in the guest (PATH, HOME, LANG, TERM). `monitor` is the workload's
         monitoring profile (`guest_agent.protocol.PROFILE_FIELDS`): sent with the start so
-        the agent watches the process tree from its first instruction."""
+        the agent watches the process tree from its first instruction. `channel` (the
+        zone's name in its group) gives the workload the channel endpoint."""
         if not argv:
             raise self._error("nothing to start: empty command")
         wid = workload_id or f"w{next(self._ids)}"
@@ -717,6 +746,8 @@ class AgentLink:
             msg["user"] = user
         if monitor is not None:
             msg["monitor"] = _plain(monitor)
+        if channel is not None:
+            msg["channel"] = channel
         # what nobody reads is not sent: the agent discards (or joins) it at the source
         if stdout is None or stdout == subprocess.DEVNULL:
             msg["stdout"] = "discard"
@@ -852,6 +883,21 @@ class AgentLink:
         msg.update({k: _plain(v) for k, v in fields.items() if v is not None})
         self._send(msg)
 
+    def channel_deliver(self, delivery_id: str, sender: str, data: bytes, *,
+                        timeout: float = 30.0) -> None:
+        """Write a message for the zone's workload (in pieces); ZoneError when the link
+        cannot take it within `timeout` (the agent acknowledges it with ``channel_ack``
+        once the workload took it)."""
+        deadline = time.monotonic() + timeout
+        for piece in channel_pieces("channel_deliver", delivery_id, "from", sender, data):
+            self._send(piece, max(0.1, deadline - time.monotonic()))
+
+    def channel_verdict(self, message_id: str, verdict: str, reason: str, *,
+                        timeout: float = 10.0) -> None:
+        """Tell the sending workload what became of its message."""
+        self._send({"type": "channel_verdict", "id": message_id, "verdict": verdict,
+                    "reason": _clip(reason)}, timeout)
+
     def close(self) -> None:
         """End the link: the reader stops, waiting requests fail, running workloads are
         marked `link_lost` and their output pipes closed. Idempotent."""
@@ -961,6 +1007,7 @@ class AgentLink:
             self._resumed_at = now  # before the watchdog looks: the pause was no silence
         self._win_start = now
         self._win_messages = self._win_bytes = self._win_events = 0
+        self._win_channel = 0
         self._win_state = None
         self._win_events_over = False
 
@@ -990,16 +1037,28 @@ class AgentLink:
             self._discard(head)
             data = data[len(head):]
         lines = data.count(b"\n")
+        # channel lines have a budget of their own (a line that merely starts like one is
+        # still parsed and judged as what it is)
+        channel = data.count(b"\n" + CHANNEL_LINE_PREFIX) + (
+            1 if data.startswith(CHANNEL_LINE_PREFIX) and not self._decoder.buffered else 0)
+        channel = min(channel, lines)
+        lines -= channel
         self._win_bytes += len(data)
-        if self._win_messages + lines <= self.flood_messages:
+        if self._win_messages + lines <= self.flood_messages and \
+                self._win_channel + channel <= self.channel_lines_per_s:
             self._win_messages += lines
+            self._win_channel += channel
             if self._win_bytes > self.flood_bytes:
                 self._win_state = "pause"
                 self._flood(now, f"{self._win_messages} lines and {self._win_bytes} bytes",
                             "nothing more is read until the second is over")
             return data, False
         seen = self._win_messages + lines
-        cut = _whole_lines(data, self.flood_messages - self._win_messages)
+        if self._win_channel + channel > self.channel_lines_per_s:
+            seen += self._win_channel + channel
+            cut = 0  # which lines were the channel's is unknown unparsed: none is kept
+        else:
+            cut = _whole_lines(data, self.flood_messages - self._win_messages)
         keep = data[:cut]
         self._win_messages += keep.count(b"\n")
         self._discard(data[cut:])
@@ -1310,6 +1369,29 @@ class AgentLink:
             work.errors.insert(0, text)
             del work.errors[ERRORS_KEPT:]
         self._problem("agent_error", text if mid is None else f"{mid}: {text}")
+
+    def _on_channel_send(self, msg: Message, now: float) -> None:
+        self._channel(msg)
+
+    def _on_channel_ack(self, msg: Message, now: float) -> None:
+        self._channel(msg)
+
+    def _channel(self, msg: Message) -> None:
+        handler = self.on_channel
+        if handler is None:
+            self._bad(f"a {msg['type']} from an agent whose zone has no channel: discarded")
+            return
+        try:
+            handler(msg)
+        except ChannelFault as e:
+            self._bad(f"channel: {e}")
+        except Exception:
+            self._log_failure("the on_channel handler")
+
+    def report_bad(self, detail: str) -> None:
+        """A message found unusable after the reader passed it on (a channel message that
+        never finished): counted and reported as malformed."""
+        self._bad(detail)
 
     def _on_event(self, msg: Message, now: float) -> None:
         self._win_events += 1

@@ -48,9 +48,10 @@ _ANOMALY_FIELDS = (
 _RATE_FIELDS = ("max_forks_per_s", "max_processes", "max_syscalls_per_s",
                 "max_new_files_per_s",
                 "memory_spike_mib_per_s")
-#: categories the host itself raises about the agent link (hvtsm.monitor.anomalies)
+#: categories the host itself raises: about the agent link (hvtsm.monitor.anomalies), and a
+#: refused channel message (hvtsm.channels.broker)
 _LINK_CATEGORIES = ("agent-lost", "heartbeat-lost", "malformed-message", "message-flood",
-                    "seq-gap", "agent-error", "events-dropped")
+                    "seq-gap", "agent-error", "events-dropped", "channel-refused")
 _SEGMENT_FIELDS = ("match", "lifespan_scale", "policy")
 _CHANNEL_FIELDS = ("from", "to", "direction", "max_message", "max_rate", "phases",
                    "audit_content")

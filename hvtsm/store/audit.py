@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from hvtsm.channels import audit as channel_audit
 from hvtsm.store.models import (
     Anomaly,
     OperatorAction,
@@ -109,6 +110,9 @@ def zone_trail(session: Session, *, zone_id: str) -> list[TrailEntry]:
         entries.append(TrailEntry(op.ts, "operator", f"{op.actor}: {op.action} {op.reason}"
                                   .strip(), {"actor": op.actor, "action": op.action,
                                              "args": json.loads(op.args), "reason": op.reason}))
+    for ch in channel_audit.channel_rows(session, zone_id=zone_id):
+        entries.append(TrailEntry(ch.ts, "channel", channel_audit.summary(ch),
+                                  channel_audit.data(ch)))
     entries.sort(key=lambda e: e.ts)
     return entries
 

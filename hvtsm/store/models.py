@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from sqlalchemy import Column, LargeBinary
 from sqlmodel import Field, SQLModel
 
 
@@ -130,3 +131,30 @@ class OperatorAction(SQLModel, table=True):
     action: str
     args: str = "{}"
     reason: str = ""
+
+
+class ChannelMessage(SQLModel, table=True):
+    """One message between zones, or one refusal, as the broker judged it (hvtsm.channels).
+    `content` holds the bytes only when the grant asks for it (audit_content)."""
+
+    __tablename__ = "channel_message"
+    id: int | None = Field(default=None, primary_key=True)
+    ts: float
+    group_id: str | None = Field(default=None, index=True)
+    #: the sender's message id (unique per sending agent)
+    message_id: str
+    sender_zone: str = Field(index=True)
+    sender_name: str
+    #: None when no zone of that name was registered in the group
+    receiver_zone: str | None = Field(default=None, index=True)
+    receiver_name: str
+    size: int
+    #: sha256 (hex) of the bytes; None when they never all arrived
+    digest: str | None = None
+    #: "delivered", "held" (the receiver has not started; delivered later), "refused",
+    #: "dropped" (delivered to the receiver's agent, which ended before its workload took it)
+    verdict: str
+    reason: str = ""
+    #: the sender's phase index in force when it sent
+    sender_phase: int = -1
+    content: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))

@@ -45,6 +45,8 @@ class ZoneSpec:
     expect_exec: tuple[str, ...] = ()
     #: a transient zone: the zone it is split from
     parent: str | None = None
+    #: the zone's name among its group: the workload gets a channel endpoint (None: none)
+    channel: str | None = None
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,9 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "error": {"message": "m", "id": "w1", "kind": "invalid"},
     "event": {"kind": "anomaly", "id": "w1", "time": 1.7e9,
               "data": {"category": "connect-out", "pid": 5, "detail": "d"}},
+    "channel_send": {"id": "m1", "to": "b", "size": 3, "offset": 0, "data": "YWJj",
+                     "cancel": False},
+    "channel_ack": {"id": "d1"},
 }
 
 

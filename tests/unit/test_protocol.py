@@ -46,6 +46,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "profile": {"type": "profile", "id": "w1", "monitor": {"network": "none"}},
     "transient": {"type": "transient", "id": "w1", "op": "split", "hold": 3, "zone": "zt1",
                   "cgroup": "zt1", "limits": {"memory": 1 << 26}, "network": "none"},
+    "channel_send": {"type": "channel_send", "seq": 8, "id": "m1", "to": "parse", "size": 3,
+                     "offset": 0, "data": "YWJj"},
+    "channel_ack": {"type": "channel_ack", "seq": 9, "id": "d1"},
+    "channel_deliver": {"type": "channel_deliver", "id": "d1", "from": "fetch", "size": 3,
+                        "offset": 0, "data": "YWJj"},
+    "channel_verdict": {"type": "channel_verdict", "id": "m1", "verdict": "refused",
+                        "reason": "no channel from fetch to parse is granted"},
 }
 
 

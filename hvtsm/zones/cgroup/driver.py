@@ -26,7 +26,9 @@ from dataclasses import replace
 from typing import Any
 
 from guest_agent.profile import Profile, ProfileError
+from guest_agent.protocol import CHANNEL_ADDRESS, CHANNEL_ENV, CHANNEL_NAME_ENV
 from guest_agent.seccomp import Installer
+from hvtsm.agent_stage import stage_agent
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.host import HostCapabilities
 from hvtsm.monitor import host_agent
@@ -34,6 +36,7 @@ from hvtsm.monitor.anomalies import zone_profile
 from hvtsm.monitor.code_path import CodePath
 from hvtsm.monitor.events import HookedDriver, MonitorHooks
 from hvtsm.monitor.host_agent import HostAgent
+from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
 from hvtsm.transient import agent_network
 from hvtsm.zones import netslots
@@ -120,12 +123,15 @@ class CgroupDriver(HookedDriver):
         handle = ZoneHandle(zone_id, self.backend, self._initial_state(spec, cgroup, net, index),
                             initial)
         try:
-            if spec.monitor is not None:
+            # the agent beside the zone watches it and/or serves its channel
+            if spec.monitor is not None or spec.channel is not None:
                 agent = self._take_agent()
                 agent.assign(zone_id)
                 self._agents[zone_id] = agent
-                handle.state.update(monitor=dict(spec.monitor), agent_pid=agent.pid,
-                                    agent_name=agent.name)
+                handle.state.update(agent_pid=agent.pid, agent_name=agent.name,
+                                    channel=spec.channel)
+                if spec.monitor is not None:
+                    handle.state["monitor"] = dict(spec.monitor)
             cgroup.create()
             self._set_limits(cgroup, initial, Restrictions(), lambda _name, _value: None)
             nic = initial.network.has_nic
@@ -185,9 +191,11 @@ class CgroupDriver(HookedDriver):
             user=None if user is None else launcher.UserInfo.lookup(user, zone_id),
             watch=self._watch(handle, procs_files[0], cgroup.oom_file()),
         )
+        env = self._envs.pop(zone_id, None)
+        if handle.state.get("channel") is not None:
+            env = self._open_channel(handle, env)
         try:
-            workload = launcher.spawn(entry, argv, io, env=self._envs.pop(zone_id, None),
-                                      cwd=handle.state.get("cwd"))
+            workload = launcher.spawn(entry, argv, io, env=env, cwd=handle.state.get("cwd"))
         finally:
             agent = self._agents.get(zone_id)
             if agent is not None:
@@ -215,6 +223,37 @@ class CgroupDriver(HookedDriver):
         return launcher.Watch(installer, agent.hand_over.fileno(),
                               agent.watch_header(profile, procs_file=procs_file,
                                                  oom_file=oom_file))
+
+    def _open_channel(self, handle: ZoneHandle,
+                      env: dict[str, str] | None) -> dict[str, str]:
+        """Bind the zone's channel socket in its network namespace, hand it to the zone's
+        agent, and return the workload's environment naming it."""
+        zone_id, name = handle.zone_id, str(handle.state["channel"])
+        agent = self._agents.get(zone_id)
+        if agent is None:
+            raise ZoneError("the zone has no agent to serve its channel", zone_id=zone_id)
+        if agent.link is None:  # not watched: connect for the channel alone
+            on_problem, on_event = self.hooks.handlers(zone_id)
+            agent.connect(on_problem=on_problem, on_event=on_event)
+        assert agent.link is not None
+        agent.link.on_channel = self.hooks.channel_handler(zone_id)
+        listener = launcher.channel_listener(str(netns.netns_path(zone_id)), zone_id)
+        try:
+            agent.give_channel(listener, name)
+        finally:
+            listener.close()  # the agent holds its own copy now
+        out = dict(os.environ if env is None else env)
+        source = str(stage_agent())  # a copy the zone's unprivileged user can read
+        out["PYTHONPATH"] = source + (":" + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
+        out[CHANNEL_ENV] = "unix:@" + CHANNEL_ADDRESS
+        out[CHANNEL_NAME_ENV] = name
+        return out
+
+    def channel_link(self, zone_id: str) -> AgentLink | None:
+        """The link a zone's channel messages travel on (None: none, or closed)."""
+        agent = self._agents.get(zone_id)
+        link = agent.link if agent is not None else None
+        return link if link is not None and not link.closed else None
 
     def _take_agent(self) -> HostAgent:
         """The spare (started ahead), else a new agent; either way a new spare is started
@@ -441,8 +480,8 @@ class CgroupDriver(HookedDriver):
         is an anomaly (fail closed) rather than a silent gap."""
         zone_id, pid = handle.zone_id, handle.state.get("agent_pid")
         name = handle.state.get("agent_name")
-        if handle.state.get("monitor") is None or not isinstance(pid, int) \
-                or not isinstance(name, str):
+        watched = handle.state.get("monitor") is not None or handle.state.get("channel")
+        if not watched or not isinstance(pid, int) or not isinstance(name, str):
             return
         agent = HostAgent.reattach(zone_id, pid, name)
         on_problem, on_event = self.hooks.handlers(zone_id)
@@ -454,7 +493,8 @@ class CgroupDriver(HookedDriver):
 
         def connect() -> None:
             try:
-                agent.connect(on_problem=on_problem, on_event=on_event, timeout=15)
+                agent.connect(on_problem=on_problem, on_event=on_event, timeout=15,
+                              on_channel=self.hooks.channel_handler(zone_id))
             except ZoneError as exc:
                 on_problem("disconnected", f"the zone's agent did not come back: {exc}")
         threading.Thread(target=connect, name=f"agent-{zone_id}", daemon=True).start()

@@ -1,4 +1,5 @@
-"""Starting a program inside a zone, and reaching into a running zone's mount namespace.
+"""Starting a program inside a zone, reaching into a running zone's mount namespace, and
+binding the zone's channel socket inside its network namespace.
 
 Both fork a child that changes itself in a subprocess `preexec_fn` (cgroups, namespaces,
 mounts, user) before exec: setns(CLONE_NEWNS) and unshare(CLONE_NEWNS) refuse to work in
@@ -13,12 +14,15 @@ import contextlib
 import os
 import pwd
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from guest_agent.endpoint import bind_listener
 from hvtsm.errors import ZoneError
 from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup import libc, mounts
@@ -223,6 +227,36 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
         os.close(netns_fd)
         report.close()
     return ZoneWorkload(popen)
+
+
+def channel_listener(netns_path: str, zone_id: str) -> socket.socket:
+    """The zone's channel socket, bound at the abstract CHANNEL_ADDRESS inside the zone's
+    network namespace: abstract names belong to a namespace, so only the zone's processes
+    can connect (not other zones, not the host). Made by a short-lived thread that enters
+    the namespace, since a thread's network namespace is its own (setns(CLONE_NEWNET) moves
+    only the caller) and the controller's other threads stay where they are."""
+    result: dict[str, Any] = {}
+
+    def bind() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                libc.setns(fd, libc.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            result["sock"] = bind_listener()
+        except OSError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=bind, name=f"channel-bind-{zone_id}")
+    thread.start()
+    thread.join()
+    if "sock" not in result:
+        exc = result.get("error")
+        raise ZoneError(f"cannot bind the zone's channel socket in {netns_path}: "
+                        f"{getattr(exc, 'strerror', None) or exc}", zone_id=zone_id)
+    sock: socket.socket = result["sock"]
+    return sock
 
 
 def _remount_in(ns_fd: int, report: _ChildReport) -> Callable[[], None]:

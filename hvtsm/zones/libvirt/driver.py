@@ -393,12 +393,16 @@ class LibvirtDriver(HookedDriver):
         # a pooled guest's agent outlives links of other processes, whose counters also
         # start at w1: the zone id is the one workload id no earlier exit can carry
         bound = bool(handle.state.get("bound"))
+        channel = handle.state.get("channel_name")
+        if channel is not None:
+            link.on_channel = self.hooks.channel_handler(handle.zone_id)
         remote = link.start(argv, user=handle.state.get("user"), stdout=stdout,
                             stderr=stderr,
                             monitor=None if static is None else zone_profile(static,
                                                                              handle.applied),
                             workload_id=handle.zone_id if bound else None,
-                            cwd=handle.state.get("cwd"), env=handle.state.get("env"))
+                            cwd=handle.state.get("cwd"), env=handle.state.get("env"),
+                            channel=channel)
         handle.state["workload"] = remote.id
         self._workloads[handle.zone_id] = remote
         return GuestWorkload(remote, self._gone[handle.state["domain"]])
@@ -658,6 +662,11 @@ class LibvirtDriver(HookedDriver):
     def _parent_link(self, handle: ZoneHandle) -> AgentLink | None:
         return self._links.get(str(handle.state["parent"]))
 
+    def channel_link(self, zone_id: str) -> AgentLink | None:
+        """The link a zone's channel messages travel on (None: none, or closed)."""
+        link = self.agent_link(zone_id)
+        return link if link is not None and not link.closed else None
+
     def agent_link(self, zone_id: str) -> AgentLink | None:
         """The link to a zone's (or a pooled guest's) agent (probes, administrative
         commands)."""
@@ -780,6 +789,8 @@ class LibvirtDriver(HookedDriver):
                                      on_problem=on_problem, on_event=on_event)
             link.wait_hello(10)
             self._links[guest] = link
+            if state.get("channel_name") is not None:
+                link.on_channel = self.hooks.channel_handler(zone_id)
             remote = link.attach(state["workload"])
         except (HvtsmError, KeyError):
             # no agent to ask: the zone lives as long as its domain does
@@ -807,6 +818,8 @@ def _place(handle: ZoneHandle, spec: ZoneSpec) -> None:
         handle.state["cwd"] = spec.cwd
     if spec.env is not None:
         handle.state["env"] = dict(spec.env)
+    if spec.channel is not None:
+        handle.state["channel_name"] = spec.channel
 
 
 def _require_monitoring(capabilities: Sequence[str], zone_id: str) -> None:
