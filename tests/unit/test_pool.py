@@ -281,7 +281,13 @@ def test_idle_guest_problem_taints_it(store: Store) -> None:
     fake.idle_sink(guest, "event", "stats")  # routine: nothing happens
     fake.idle_sink(guest, "heartbeat_lost", "no heartbeat for 3 s")
     deadline = time.monotonic() + 5
-    while guest not in fake.destroyed and time.monotonic() < deadline:
+
+    def retired() -> bool:
+        [row] = registry.guests(store, include_retired=True)
+        return row.tainted is not None
+
+    # the row is retired after the guest is destroyed, on the taint thread
+    while not retired() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fake.destroyed == [guest]
     assert pool.acquire(KEY, Restrictions()) is None
