@@ -78,6 +78,14 @@ def command_exec_globs(argv: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     first = shutil.which(argv[0]) or argv[0]
     name = os.path.basename(argv[0])
     script: str | None = None
+    if name in _SHELL_INTERPRETERS and "-c" in argv[1:-1]:
+        # `sh -c 'command string'`: the string is the script
+        text = argv[argv.index("-c", 1) + 1]
+        try:
+            segments = analyze_shell(Path("<sh -c>"), text)
+        except AnalysisError:
+            return ()
+        return Report("<sh -c>", "shell", tuple(segments)).exec_globs()
     if name in _INTERPRETERS or name.startswith("python3."):
         script = next((a for a in argv[1:] if not a.startswith("-")), None)
     elif os.path.isfile(first):

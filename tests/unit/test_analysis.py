@@ -360,7 +360,8 @@ def test_command_exec_globs(tmp_path: Path) -> None:
     program.write_text("import subprocess\nsubprocess.run(['/usr/bin/git', 'pull'])\n")
     assert command_exec_globs(["python3", "-u", str(program)]) == ("/usr/bin/git",)
     assert command_exec_globs(["/bin/true"]) == ()  # a binary names no programs
-    assert command_exec_globs(["sh", "-c", "ls"]) == ()  # no script file to read
+    assert command_exec_globs(["sh", "-c", "ls -l | sort; echo x"]) == ("*/ls", "*/sort")
+    assert command_exec_globs(["python3", "-c", "print(1)"]) == ()  # no script file
     broken = tmp_path / "broken.py"
     broken.write_text("def (:\n")
     assert command_exec_globs(["python3", str(broken)]) == ()
