@@ -224,7 +224,8 @@ class Agent:
         # on the host (--watch-fd) a stuck agent must not hold other programs' opens:
         # fanotify only reports there; in the guest it answers each sensitive open
         self.host_mode = watch_fd is not None
-        self.monitor = Monitor(self._emit, permission_events=watch_fd is None)
+        self.monitor = Monitor(self._emit, permission_events=watch_fd is None,
+                               system_counter=watch_fd is None)
         if watch_fd is not None:
             self.monitor.attach_socket(socket.socket(fileno=watch_fd))
         self._capabilities = capabilities(watch_fd is None)

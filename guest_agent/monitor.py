@@ -9,7 +9,11 @@ Threads:
   receives only after POLLIN, and every notification it receives it answers, whatever
   happens while judging it (an internal error CONTINUEs the call and is counted).
 * ``monitor-sample``: every sample interval reads the watched processes' RSS and read/write
-  syscall counts from /proc, OOM kills, and sends ``stats`` every STATS_PERIOD seconds.
+  syscall counts from /proc, OOM kills, and sends ``stats`` every STATS_PERIOD seconds. It
+  also does the process accounting (proccount.py): process creation is never notified (a
+  notified fork can fail with EINTR, see there), so ``max_processes`` is judged on the
+  processes alive at each sample and ``max_forks_per_s`` on the processes new since the
+  previous one, or, in a guest with one workload, on the kernel's count of created tasks.
 
 Transient zones (the profile's ``transient``): an exec of a program the host did not
 foresee, or the first connect off the host of a process, is *held*: the caller stays blocked
@@ -46,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from guest_agent import fanotify, seccomp, tcgroup
+from guest_agent import fanotify, proccount, seccomp, tcgroup
 from guest_agent.profile import Profile, ProfileError, _is_local, first_match, normalize
 from guest_agent.protocol import (
     EVENT_ANOMALY,
@@ -82,11 +86,9 @@ AT_EMPTY_PATH = 0x1000
 O_ACCMODE = 0o3
 O_CREAT = 0o100
 O_TMPFILE_BIT = 0o20000000
-CLONE_THREAD = 0x00010000
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 
 NR = X86_64
-FORKS = frozenset(NR[n] for n in ("clone", "clone3", "fork", "vfork"))
 EXECS = frozenset(NR[n] for n in ("execve", "execveat"))
 OPENS = frozenset(NR[n] for n in ("open", "openat", "creat", "openat2"))
 
@@ -277,7 +279,12 @@ class Watch:
     lost: int = 0
     dropped: int = 0
     errors: int = 0
-    forks: collections.deque = field(default_factory=collections.deque)
+    #: process creations over the last second (proccount.BirthWindow)
+    births: proccount.BirthWindow = field(default_factory=proccount.BirthWindow)
+    #: the processes of the last sample
+    procs: dict[int, proccount.Proc] = field(default_factory=dict)
+    #: the kernel's created-tasks count at the last sample (guest, one workload)
+    tasks_base: int | None = None
     new_files: collections.deque = field(default_factory=collections.deque)
     last_emit: dict[str, float] = field(default_factory=dict)
     emitted_window: collections.deque = field(default_factory=collections.deque)
@@ -301,9 +308,13 @@ class Monitor:
     """See the module docstring. `emit(kind, workload id, data)` sends an ``event``; it may
     return False when the event could not be queued (counted as dropped)."""
 
-    def __init__(self, emit: Emit, *, permission_events: bool) -> None:
+    def __init__(self, emit: Emit, *, permission_events: bool,
+                 system_counter: bool = False) -> None:
         self.emit = emit
         self.permission_events = permission_events
+        #: the system's created-tasks counter is the workloads' own (a guest): with one
+        #: watch, it counts the children that live shorter than a sample interval too
+        self.system_counter = system_counter
         self.watch_socket, self.child_socket = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # the child end is inherited by each workload's first process across fork only
@@ -889,8 +900,6 @@ class Monitor:
                            self._decode_args(name, n, mem))
         if n.nr == NR["connect"]:
             return self._judge_connect(watch, n, mem)
-        if n.nr in FORKS:
-            return self._judge_fork(watch, n, mem)
         if n.nr in OPENS:
             return self._judge_open(watch, n, mem)
         return None
@@ -1027,32 +1036,6 @@ class Monitor:
             return _is_local(ipaddress.ip_address(address.split("%", 1)[0]))
         except ValueError:
             return False
-
-    def _judge_fork(self, watch: Watch, n: seccomp.Notification, mem: Mem) -> Finding | None:
-        name = syscall_name(n.nr)
-        if n.nr == NR["clone3"]:
-            raw = mem.read(n.args[0], 8)
-            if len(raw) == 8 and struct.unpack("<Q", raw)[0] & CLONE_THREAD:
-                return None  # a thread, not a process
-        limit = watch.profile.max_forks_per_s
-        now = time.monotonic()
-        forks = watch.forks
-        forks.append(now)
-        while forks and now - forks[0] > 1.0:
-            forks.popleft()
-        if limit and len(forks) > limit:
-            return Finding("fork-rate", f"{len(forks)} process creations in the last second "
-                           f"(limit {limit:g})", name,
-                           {"raw": [hex(a) for a in n.args]}, rate=True)
-        # under a slow CPU (a TCG guest) a fork loop may stay below any sane rate, but
-        # its processes pile up: the last sample's count says so
-        alive = len(watch.rss)
-        most = watch.profile.max_processes
-        if most and alive >= most:
-            return Finding("fork-rate", f"{alive} processes alive while another is created "
-                           f"(limit {most:g})", name,
-                           {"raw": [hex(a) for a in n.args]}, rate=True)
-        return None
 
     def _open_args(self, n: seccomp.Notification, mem: Mem) -> tuple[dict, int]:
         name = syscall_name(n.nr)
@@ -1240,12 +1223,13 @@ class Monitor:
         dt = max(now - watch.sampled_at, 1e-3)
         rss: dict[int, int] = {}
         io: dict[int, int] = {}
+        procs: dict[int, proccount.Proc] = {}
         for pid in members:
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    rss[pid] = int(f.read().split()[1]) * PAGE
-            except (OSError, ValueError, IndexError):
+            proc = proccount.read_proc(pid)
+            if proc is None:
                 continue  # ended between the listing and now
+            procs[pid] = proc
+            rss[pid] = proc.rss_pages * PAGE
             try:
                 with open(f"/proc/{pid}/io") as f:
                     counts = dict(line.split(":", 1) for line in f if ":" in line)
@@ -1259,6 +1243,7 @@ class Monitor:
             watch.rss_history.popleft()
         if watch.rss or watch.io:
             self._check_rates(watch, profile, rss, io, dt)
+        self._check_processes(watch, procs, now)
         watch.rss, watch.io, watch.sampled_at = rss, io, now
         self._check_oom(watch)
         self._check_drops(watch, now)
@@ -1297,6 +1282,83 @@ class Monitor:
                                    f"{rate:.0f} read/write syscalls per second (limit "
                                    f"{profile.max_syscalls_per_s:g})", top,
                                    {"rate_per_s": round(rate)})
+
+    # --- process accounting (instead of notified forks: see proccount.py) ------------
+
+    def _proc_table(self, watch: Watch) -> dict[int, proccount.Proc]:
+        table = {}
+        for pid in self._members(watch):
+            proc = proccount.read_proc(pid)
+            if proc is not None:
+                table[pid] = proc
+        return table
+
+    def _births(self, watch: Watch, fresh: list[proccount.Proc]) -> tuple[int, str]:
+        """How many processes the tree created since the last sample, and how that was
+        counted. New pids miss a child that lived shorter than a sample interval; in a
+        guest with one workload the kernel's count of created tasks does not (it counts
+        threads as well, so it is used only when it says more than the pids do)."""
+        born = sum(1 for p in fresh if p.pid != watch.root_pid)
+        if not self.system_counter or watch.procs_file is not None:
+            return born, "new pids"
+        total = proccount.tasks_created()
+        base, watch.tasks_base = watch.tasks_base, total
+        with self._lock:
+            alone = sum(1 for w in self._watches.values() if not w.ended) == 1
+        if total is None or base is None or not alone or total - base <= born:
+            return born, "new pids"
+        return total - base, "tasks created"
+
+    def _check_processes(self, watch: Watch, procs: dict[int, proccount.Proc],
+                         now: float) -> None:
+        profile = watch.profile
+        fresh = proccount.new_since(watch.procs, procs)
+        watch.procs = procs
+        born, counted = self._births(watch, fresh)
+        rate = watch.births.add(now, born)
+        most = profile.max_processes
+        if most and len(procs) > most:
+            excess = proccount.newest(procs, int(len(procs) - most), keep=watch.root_pid)
+            self._contain_procs(watch, f"{len(procs)} processes alive (limit {most:g})",
+                                excess, procs, {"processes": len(procs), "limit": most})
+            return
+        limit = profile.max_forks_per_s
+        if limit and rate > limit:
+            offenders = [p for p in fresh if p.pid != watch.root_pid]
+            over = int(min(len(offenders), rate - limit))
+            self._contain_procs(watch, f"{rate} process creations in the last second "
+                                f"(limit {limit:g}, counted by {counted})",
+                                offenders[len(offenders) - over:], procs,
+                                {"forks_per_s": rate, "limit": limit, "counted_by": counted},
+                                created=offenders)
+
+    def _contain_procs(self, watch: Watch, detail: str, excess: list[proccount.Proc],
+                       procs: dict[int, proccount.Proc], args: dict,
+                       created: list[proccount.Proc] | None = None) -> None:
+        """Contain a process limit passed: `excess` are the processes beyond it (newest),
+        `created` the ones whose creation counts (default: `excess`). kill: the process
+        that created most of them (a fork loop) and its whole subtree; deny: only the
+        excess, as if their creation had failed, and their parent goes on; none: report.
+        The anomaly names the creator, or when no creator is a member any more the
+        newest excess process."""
+        act_mono, act_time = time.monotonic(), time.time()
+        contain = watch.profile.contain
+        forker = proccount.forker_of(created if created is not None else excess, procs)
+        shown = forker or (excess[-1] if excess else None)
+        pid = shown.pid if shown is not None else None
+        program = program_of(pid) if pid else ""  # before it is killed
+        victims: list[proccount.Proc] = []
+        root = None
+        if contain == "kill" and forker is not None:
+            victims, root = proccount.subtree(forker.pid, procs), forker.pid
+        elif contain in ("kill", "deny"):
+            victims = excess
+        killed = proccount.end(victims, (lambda: self._proc_table(watch)) if root else None,
+                               root)
+        contained_mono = time.monotonic() if killed else None
+        args = dict(args, killed=len(killed))
+        self._anomaly(watch, Finding("fork-rate", detail, None, args, rate=True), pid, program,
+                      "killed" if killed else "none", act_time, act_mono, contained_mono)
 
     def _rate_anomaly(self, watch: Watch, category: str, detail: str, pid: int,
                       args: dict) -> None:

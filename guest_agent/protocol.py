@@ -150,9 +150,10 @@ PROFILE_FIELDS = {
     "shells": "globs of shells: exec'd with a socket on stdin/stdout is a reverse shell",
     "network": "full | loopback | none: the zone's network now",
     "egress": "allowed destinations now, as 'net[:port[-port]]' (empty: any when full)",
-    "max_forks_per_s": "process creations per second (0: no limit)",
-    "max_processes": "processes alive at once in the zone: a fork loop under a slow CPU "
-                     "(0: no limit)",
+    "max_forks_per_s": "process creations per second, counted at each sample (0: no "
+                       "limit)",
+    "max_processes": "processes alive at once in the zone, at each sample: a fork loop "
+                     "under a slow CPU (0: no limit)",
     "max_syscalls_per_s": "read/write-family syscalls per second (0: no limit)",
     "max_new_files_per_s": "files created per second (0: no limit)",
     "memory_spike_mib_per_s": "resident memory growth per second (0: no limit)",

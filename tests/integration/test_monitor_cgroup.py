@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hvtsm.policy import load_policy
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.store.models import ZoneState
+from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup.driver import CgroupDriver
 from tests.integration.cli_helpers import audit, hvtsm, json_lines
 from tests.integration.monitor_corpus import (
@@ -79,6 +81,29 @@ def test_benign_program_finishes_without_anomaly(
     assert outcome.run.state is ZoneState.EXITED and outcome.run.exit_status == 0, \
         outcome.output
     assert case.output in outcome.output
+
+
+#: dash's SIGCHLD handler has no SA_RESTART: a fork that waited for the agent while a
+#: child's SIGCHLD landed failed with EINTR ("Cannot fork") in most of these runs
+FORK_HEAVY = ("for i in $(seq 200); do printf x | cat >/dev/null || exit 9; done; echo ok")
+
+
+def test_watched_shell_forks_never_fail(setup: tuple[Manager, Store, Path]) -> None:
+    manager, store, _ = setup
+    policy = load_policy(DEFAULT_POLICY)
+    for attempt in range(4):
+        with tempfile.TemporaryFile() as out:
+            io = WorkloadIO(stdin=None, stdout=out.fileno(), stderr=out.fileno())
+            run = manager.launch(policy, ["/bin/sh", "-c", FORK_HEAVY], io=io, user="nobody")
+            assert run.ended.wait(60), "the shell loop did not end"
+            manager.settle()
+            out.seek(0)
+            output = out.read().decode(errors="replace")
+        assert run.state is ZoneState.EXITED and run.exit_status == 0, (attempt, output)
+        assert output.strip() == "ok", (attempt, output)
+        with store.session() as session:
+            trail = zone_trail(session, zone_id=run.zone_id)
+        assert not [e.data for e in trail if e.kind == "anomaly"], attempt
 
 
 def test_a_killed_agent_ends_its_zone(setup: tuple[Manager, Store, Path]) -> None:
