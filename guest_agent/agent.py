@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ from guest_agent.protocol import (
     ProtocolError,
     encode,
 )
-from guest_agent.workload import StartError, Workload, spawn
+from guest_agent.workload import AGENT_NICE, StartError, Workload, spawn
 
 log = logging.getLogger("guest_agent")
 
@@ -642,6 +643,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the agent must keep its heartbeat and its judging going while the workload spins
+    # (a fork bomb under TCG starved it into heartbeat-lost); every thread made from here
+    # on inherits this, and workload.spawn puts the workload back to 0
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
     # a monitored call waits for the agent: the thread answering it must not wait out
     # the default 5 ms GIL switch interval behind the sampler or the writer
     sys.setswitchinterval(0.0002)

@@ -50,6 +50,20 @@ def lookup_user(user: Any) -> pwd.struct_passwd:
 _TARGETS = {"stream": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}
 
 
+#: the agent's own nice value (it must outrun a spinning workload); workloads get 0
+AGENT_NICE = -10
+
+
+def _child_setup(preexec_fn: Callable[[], None] | None) -> Callable[[], None]:
+    def setup() -> None:
+        # raising the nice value needs no privilege, so this works after the user switch
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        if preexec_fn is not None:
+            preexec_fn()
+
+    return setup
+
+
 def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
           user: Any = None, stdout: str = "stream", stderr: str = "stream",
           preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
@@ -62,13 +76,12 @@ def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = 
         kwargs.update(user=entry.pw_uid, group=entry.pw_gid,
                       extra_groups=os.getgrouplist(entry.pw_name, entry.pw_gid))
     full_env = build_env(env, entry)
-    if preexec_fn is not None:
-        kwargs["preexec_fn"] = preexec_fn
-        if "/" not in argv[0]:
-            found = shutil.which(argv[0], path=full_env.get("PATH", DEFAULT_PATH))
-            if found is None:
-                raise StartError(f"cannot start {argv[0]}: not found in PATH")
-            kwargs["executable"] = found
+    kwargs["preexec_fn"] = _child_setup(preexec_fn)
+    if preexec_fn is not None and "/" not in argv[0]:
+        found = shutil.which(argv[0], path=full_env.get("PATH", DEFAULT_PATH))
+        if found is None:
+            raise StartError(f"cannot start {argv[0]}: not found in PATH")
+        kwargs["executable"] = found
     try:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=_TARGETS[stdout], stderr=_TARGETS[stderr],

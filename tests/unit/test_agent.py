@@ -394,3 +394,16 @@ def test_agent_help_runs() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--connect" in done.stdout
     assert agent_mod.CAPABILITIES[0] == "start"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice needs root")
+def test_workload_does_not_inherit_the_agents_priority() -> None:
+    """The agent runs at AGENT_NICE so a spinning workload cannot starve it; the workload
+    itself must run at the ordinary 0."""
+    code = ("import os; from guest_agent.workload import AGENT_NICE, spawn; "
+            "os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE); "
+            "p = spawn(['sh', '-c', 'cut -d\" \" -f19 /proc/self/stat'], stdout='stream'); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0), p.stdout.read().decode().strip())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=REPO)
+    assert done.stdout.split() == ["-10", "0"]
