@@ -1353,12 +1353,20 @@ class Monitor:
             victims, root = proccount.subtree(forker.pid, procs), forker.pid
         elif contain in ("kill", "deny"):
             victims = excess
+        finding = Finding("fork-rate", detail, None, dict(args, killed=len(victims)),
+                          rate=True)
+        if any(v.pid == watch.root_pid for v in victims):
+            # the workload itself goes: its exit must not reach the host before the reason
+            # for it, or the zone ends before the host could react
+            self._anomaly(watch, finding, pid, program, "killed", act_time, act_mono, None)
+            proccount.end(victims, lambda: self._proc_table(watch), root)
+            return
         killed = proccount.end(victims, (lambda: self._proc_table(watch)) if root else None,
                                root)
         contained_mono = time.monotonic() if killed else None
-        args = dict(args, killed=len(killed))
-        self._anomaly(watch, Finding("fork-rate", detail, None, args, rate=True), pid, program,
-                      "killed" if killed else "none", act_time, act_mono, contained_mono)
+        finding = Finding("fork-rate", detail, None, dict(args, killed=len(killed)), rate=True)
+        self._anomaly(watch, finding, pid, program, "killed" if killed else "none", act_time,
+                      act_mono, contained_mono)
 
     def _rate_anomaly(self, watch: Watch, category: str, detail: str, pid: int,
                       args: dict) -> None:
