@@ -51,7 +51,7 @@ _STARTUP_VARS = frozenset({
 
 #: run as ``python3 -c LOADER <fd>``: imports only what it needs itself, says it is ready,
 #: waits for one request, then becomes it. Python >= 3.9, no f-strings of new syntax.
-LOADER = r"""
+LOADER = r"""# hvtsm standby
 import json, os, sys
 fd = int(sys.argv[1])
 os.write(fd, b"ready\n")
