@@ -395,6 +395,11 @@ class Agent:
                 self._error(wid, f"workload {wid} not started: no channel endpoint: {e}")
                 return
         note: Message | None = None
+        if msg.get("standby") is None and msg.get("monitor") is not None:
+            with self._wl_lock:
+                idle, self.standby = self.standby, None
+            if idle is not None:
+                self._drop_standby(idle)
         if msg.get("standby") is not None:
             try:
                 popen, note = self._from_standby(wid, msg, env)
@@ -457,7 +462,7 @@ class Agent:
             busy = sid in self.workloads
             old, self.standby = self.standby, None
         if old is not None:
-            old.discard()  # one standby at a time: the host asks for the one it will use
+            self._drop_standby(old)  # one at a time: the host asks for the one it will use
         if busy:
             self._error(sid, f"standby id {sid} is a workload's id")
             return
@@ -483,14 +488,14 @@ class Agent:
         with self._wl_lock:
             old, self.standby = self.standby, standby
         if old is not None:
-            old.discard()
+            self._drop_standby(old)
         try:
             standby.wait_ready()
         except StandbyError as e:
             with self._wl_lock:
                 if self.standby is standby:
                     self.standby = None
-            standby.discard()
+            self._drop_standby(standby)
             self._error(sid, f"standby {sid} not prepared: {e}")
             return
         log.info("standby %s ready (pid %d, %s mode, %s)", sid, standby.pid, mode, program)
@@ -503,11 +508,10 @@ class Agent:
         note with the reason) when the request must start normally. Raises ProfileError
         for a bad profile (as a normal start would)."""
         with self._wl_lock:
-            standby = self.standby
-            if standby is not None and standby.id == msg["standby"]:
-                self.standby = None  # one request only, whatever happens next
-            else:
-                standby = None
+            standby, self.standby = self.standby, None  # one request only, whatever happens
+        if standby is not None and standby.id != msg["standby"]:
+            self._drop_standby(standby)
+            standby = None
         if standby is None:
             return None, {"used": False, "reason": "no standby " + msg["standby"] + " here"}
         note: Message = standby.describe()
@@ -523,14 +527,14 @@ class Agent:
             try:
                 entry = lookup_user(msg["user"]) if msg.get("user") is not None else None
             except StartError:
-                standby.discard()
+                self._drop_standby(standby)
                 raise
             if why is None:
                 why = standby.misfit(msg["argv"], entry.pw_uid if entry else os.getuid(),
                                      msg.get("stdout", "stream"), msg.get("stderr", "stream"),
                                      env, seccomp.notified_numbers(profile) <= (installed or set()))
         if why is not None or profile is None:
-            standby.discard()
+            self._drop_standby(standby)
             note.update(used=False, reason=why or "the request is not monitored")
             log.info("standby %s not used for %s: %s", standby.id, wid, note["reason"])
             return None, note
@@ -540,10 +544,17 @@ class Agent:
             self.monitor.update(wid, profile)
             standby.hand_over(list(msg["argv"]), full_env, default_cwd(msg.get("cwd"), entry))
         except (KeyError, StandbyError) as e:
-            standby.discard()
+            self._drop_standby(standby)
+            self.monitor.drop(wid)
             raise StartError(f"the standby failed: {e}") from None
         note["used"] = True
         return standby.popen, note
+
+    def _drop_standby(self, standby: Standby) -> None:
+        """Kill a standby that will serve nobody, and end its watch first: its fanotify
+        marks would otherwise answer opens beside the next workload's."""
+        self.monitor.drop(standby.id)
+        standby.discard()
 
     def _watcher(self, wid: str, monitor: Any) -> Any:
         """The preexec_fn that puts the workload's first process under watch: it installs
@@ -735,7 +746,7 @@ class Agent:
         with self._wl_lock:
             standby, self.standby = self.standby, None
         if standby is not None:
-            standby.discard()
+            self._drop_standby(standby)
         self.endpoint.close()
         for t in self.threads:
             t.join(2)

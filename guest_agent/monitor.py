@@ -382,6 +382,19 @@ class Monitor:
                 watch.first_exec_done = False
             self._watches[new] = watch
 
+    def drop(self, workload_id: str) -> None:
+        """End a watch whose process is being killed (an unused standby) on the poll loop's
+        next turn, before any watch that begins after this call: its fanotify marks must
+        not hold another workload's opens."""
+        def end() -> None:
+            with self._lock:
+                watch = self._watches.get(workload_id)
+            if watch is not None:
+                self._end(watch, quiet=True)
+
+        self._ops.append(end)
+        self._wake()
+
     def transient(self, msg: dict) -> None:
         """A host ``transient`` message: carried out on the poll loop, which owns the
         held calls; the answer goes out as a ``transient`` event."""

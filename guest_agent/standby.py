@@ -49,10 +49,11 @@ _STARTUP_VARS = frozenset({
     "PYTHONWARNDEFAULTENCODING", "PYTHONNODEBUGRANGES", "PYTHONPLATLIBDIR",
     "PYTHONBREAKPOINT", "PYTHONCOERCECLOCALE", "PYTHONEXECUTABLE"})
 
-#: run as ``python3 -c LOADER <fd>``: imports only what it needs itself, says it is ready,
+#: run as ``python3 -c LOADER <fd>``: imports only what it needs itself (runpy's import
+#: alone costs a TCG guest a few hundred ms, so it is done ahead), says it is ready,
 #: waits for one request, then becomes it. Python >= 3.9, no f-strings of new syntax.
 LOADER = r"""# hvtsm standby
-import json, os, sys
+import json, os, runpy, sys
 fd = int(sys.argv[1])
 os.write(fd, b"ready\n")
 buf = b""
@@ -75,7 +76,6 @@ if req["mode"] == "exec":
         sys.stderr.write("%s: %s\n" % (argv[0], e.strerror))
         sys.stderr.flush()
         os._exit(127)
-import runpy
 path = argv[1]
 sys.argv = argv[1:]
 sys.path[0] = os.path.dirname(os.path.abspath(path))

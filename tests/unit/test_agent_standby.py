@@ -253,3 +253,16 @@ def test_a_new_standby_replaces_the_old(peer: Peer) -> None:
     assert first["type"] == second["type"] == "standby_ready"
     assert first["pid"] != second["pid"] and gone(first["pid"])
     assert status_of(second["pid"])["State"][0] in "SR"
+
+
+def test_a_normal_start_beside_an_unused_standby(peer: Peer, code_dir: Path) -> None:
+    """Both watched with sensitive paths (fanotify permission marks): the normal start
+    must not wait on the standby's marks (the agent drops the standby it will not use)."""
+    monitor = {"deny_syscalls": ["ptrace"], "contain": "kill",
+               "sensitive_paths": ["/etc/shadow", "/root/**", "/home/**"]}
+    ready = peer.prepare("sb8", monitor=monitor)
+    assert ready["type"] == "standby_ready"
+    path = script(code_dir, "plain.py", "print('plain')\n")
+    started, exit_msg, out, _err = peer.run("plain", [PY, path], monitor=monitor)
+    assert "standby" not in started and out == "plain\n" and exit_msg["status"] == 0
+    assert gone(ready["pid"])
