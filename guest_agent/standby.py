@@ -50,10 +50,11 @@ _STARTUP_VARS = frozenset({
     "PYTHONBREAKPOINT", "PYTHONCOERCECLOCALE", "PYTHONEXECUTABLE"})
 
 #: run as ``python3 -c LOADER <fd>``: imports only what it needs itself (runpy's import
-#: alone costs a TCG guest a few hundred ms, so it is done ahead), says it is ready,
+#: and of pkgutil, which run_path imports when first called, cost a TCG guest a few hundred
+#: ms: done ahead), says it is ready,
 #: waits for one request, then becomes it. Python >= 3.9, no f-strings of new syntax.
 LOADER = r"""# hvtsm standby
-import json, os, runpy, sys
+import json, os, pkgutil, runpy, sys
 fd = int(sys.argv[1])
 os.write(fd, b"ready\n")
 buf = b""
