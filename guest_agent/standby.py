@@ -21,7 +21,6 @@ interpreter start-up variables the loader cannot apply after the fact.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -50,25 +49,33 @@ _STARTUP_VARS = frozenset({
     "PYTHONBREAKPOINT", "PYTHONCOERCECLOCALE", "PYTHONEXECUTABLE"})
 
 #: run as ``python3 -c LOADER <fd>``: imports only what it needs itself (runpy's import
-#: and of pkgutil, which run_path imports when first called, cost a TCG guest a few hundred
-#: ms: done ahead), says it is ready,
-#: waits for one request, then becomes it. Python >= 3.9, no f-strings of new syntax.
+#: and pkgutil's, which run_path imports when first called, cost a TCG guest a few hundred
+#: ms: done ahead; no json, whose re/enum imports the workload would carry and tear down),
+#: says it is ready, waits for one request (a length line, then mode, cwd, argc, argv...,
+#: KEY=VALUE... separated by NUL bytes, as execve itself takes them), then becomes it.
 LOADER = r"""# hvtsm standby
-import json, os, pkgutil, runpy, sys
+import os, pkgutil, runpy, sys
 fd = int(sys.argv[1])
 os.write(fd, b"ready\n")
-buf = b""
-while not buf.endswith(b"\n"):
-    chunk = os.read(fd, 65536)
-    if not chunk:
-        os._exit(0)
-    buf += chunk
-req = json.loads(buf.decode("utf-8"))
-argv, env = req["argv"], req["env"]
-os.chdir(req["cwd"])
+def take(n):
+    got = b""
+    while len(got) < n:
+        chunk = os.read(fd, n - len(got))
+        if not chunk:
+            os._exit(0)
+        got += chunk
+    return got
+head = b""
+while not head.endswith(b"\n"):
+    head += take(1)
+parts = [p.decode("utf-8", "surrogateescape") for p in take(int(head)).split(b"\0")]
+mode, cwd, argc = parts[0], parts[1], int(parts[2])
+argv = parts[3:3 + argc]
+env = dict(p.split("=", 1) for p in parts[3 + argc:])
+os.chdir(cwd)
 os.environ.clear()
 os.environ.update(env)
-if req["mode"] == "exec":
+if mode == "exec":
     os.set_inheritable(fd, False)
     try:
         os.execve(argv[0], argv, env)
@@ -80,10 +87,9 @@ if req["mode"] == "exec":
 path = argv[1]
 sys.argv = argv[1:]
 sys.path[0] = os.path.dirname(os.path.abspath(path))
-extra = [p for p in env.get("PYTHONPATH", "").split(":") if p]
-sys.path[1:1] = extra
+sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(":") if p]
 os.close(fd)
-del buf, chunk, req, argv, env, extra, fd
+del take, head, parts, mode, cwd, argc, argv, env, fd
 try:
     runpy.run_path(path, run_name="__main__")
 except SystemExit:
@@ -158,6 +164,9 @@ class Standby:
             startup = sorted(set(env or {}) & _STARTUP_VARS)
             if startup:
                 return "the request sets interpreter start-up variables " + ", ".join(startup)
+        if any("\0" in a for a in argv) or any("\0" in k or "=" in k or "\0" in v
+                                                 for k, v in (env or {}).items()):
+            return "the request's argv or environment holds NUL bytes or bad names"
         if stdout != "stream" or stderr != "stream":
             return "the request does not stream both outputs"
         if not covered:
@@ -170,10 +179,12 @@ class Standby:
         """Send the request; return once the loader took it (its socket closed: python
         mode just before the script runs, exec mode at the exec). StandbyError if not."""
         self.used = True
-        line = json.dumps({"mode": self.mode, "argv": argv, "env": env, "cwd": cwd})
+        fields = [self.mode, cwd, str(len(argv)), *argv,
+                  *(f"{k}={v}" for k, v in env.items())]
+        payload = b"\0".join(f.encode("utf-8", "surrogateescape") for f in fields)
         try:
             self.sock.settimeout(timeout)
-            self.sock.sendall(line.encode("utf-8") + b"\n")
+            self.sock.sendall(str(len(payload)).encode() + b"\n" + payload)
             while self.sock.recv(64):
                 pass
         except OSError as e:

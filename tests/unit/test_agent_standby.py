@@ -215,6 +215,9 @@ def test_exec_standby_runs_sh_as_its_own_program(peer: Peer, code_dir: Path) -> 
                                             monitor=monitor)
     assert started["pid"] == ready["pid"] and started["standby"]["used"] is True
     assert out == f"sh {path} one y {code_dir}\n" and exit_msg["status"] == 4
+    peer.until(lambda m: m["type"] == "event" and m["kind"] == "anomaly")
+    peer.send({"type": "ping", "id": "later"})  # whatever else the agent had queued
+    peer.until(lambda m: m["type"] == "heartbeat" and m.get("id") == "later")
     anomalies = [m for m in peer.seen if m["type"] == "event" and m["kind"] == "anomaly"]
     assert [(a["id"], a["data"]["category"], a["data"]["args"]["path"])
             for a in anomalies] == [("sh", "unexpected-exec", "/bin/true")], anomalies
