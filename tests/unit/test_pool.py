@@ -371,3 +371,17 @@ def test_a_failed_standby_leaves_a_serving_guest_and_off_means_none(store: Store
     assert ("standby", guest) not in fake.steps
     _lease, handle = serve(pool, "z2")
     assert handle.state["standby"] is False
+
+
+def test_start_note_words_for_the_zone_trail() -> None:
+    from hvtsm.zones.libvirt.standby import start_note
+
+    assert start_note(None) is None
+    used = start_note({"used": True, "id": "sb-g1", "pid": 137, "prepared": 1795920636.277})
+    assert used == "started from a standby prepared at 2026-11-29T02:50:36.277Z (pid 137)"
+    # what a hostile agent puts there is cut short, never trusted as a time
+    odd = start_note({"used": True, "pid": "x" * 500, "prepared": "soon"})
+    assert odd is not None and "prepared at ?" in odd and len(odd) < 120
+    fell = start_note({"used": False, "reason": "the request runs as uid 0, the standby as 65534"})
+    assert fell == ("standby not used (the request runs as uid 0, the standby as 65534): "
+                    "a normal start")
