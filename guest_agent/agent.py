@@ -521,7 +521,11 @@ class Agent:
             why = "the request is not monitored"
             profile = None
         else:
-            profile = Profile.from_dict(monitor)
+            try:
+                profile = Profile.from_dict(monitor)
+            except ProfileError:
+                self._drop_standby(standby)
+                raise
             installed = self.monitor.installed(standby.id)
             why = "the standby's watch ended" if installed is None else None
             try:
