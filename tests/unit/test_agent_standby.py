@@ -143,7 +143,7 @@ def status_of(pid: int) -> dict[str, str]:
     return fields
 
 
-def gone(pid: int, timeout: float = 5.0) -> bool:
+def gone(pid: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
