@@ -1,5 +1,7 @@
 """Invoke latency, cold (a guest booted for the request) against warm (a guest from the
-pool), in process, for a trivial Python program and a trivial shell script.
+pool, its runtime already started and watched: a standby, guest_agent/standby.py), in
+process, for a trivial Python program and a trivial shell script. A second warm pass runs
+with the pool's standbys off (each warm start is a normal watched start) for comparison.
 
 Latency is request in -> result ready (output drained, exit status and anomalies read from
 the store); the guest's release afterwards (scrub, back to idle) is printed on its own.
@@ -82,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold", type=int, default=3, help="cold runs per program")
     parser.add_argument("--warm", type=int, default=20, help="warm runs per program")
+    parser.add_argument("--no-standby-runs", type=int, default=None,
+                        help="warm runs per program with standbys off (default: --warm)")
     parser.add_argument("--no-monitor", action="store_true",
                         help="also a warm pass under a policy without monitoring")
     args = parser.parse_args()
@@ -106,7 +110,17 @@ def main() -> None:
         for runtime in PROGRAMS:
             warm, warm_rel = run(invoker, runtime, warm=True, n=args.warm,
                                  label=f"warm {runtime}")
-            report(f"warm {runtime}", warm, warm_rel)
+            report(f"warm {runtime} (standby)", warm, warm_rel)
+            used = sum(1 for r in warm if r.from_standby)
+            print(f"    served by a standby: {used} of {len(warm)}")
+            plain_n = args.warm if args.no_standby_runs is None else args.no_standby_runs
+            if plain_n:
+                pool.standby = False
+                cold_start, cold_rel = run(invoker, runtime, warm=True, n=plain_n,
+                                           label=f"warm {runtime} no standby")
+                pool.standby = True
+                report(f"warm {runtime}, no standby", cold_start, cold_rel)
+                # the guest's next release prepares a standby again
             if args.no_monitor:
                 with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
                     f.write(NO_MONITOR)

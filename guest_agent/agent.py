@@ -60,13 +60,22 @@ from guest_agent.protocol import (
     ProtocolError,
     encode,
 )
-from guest_agent.workload import AGENT_NICE, StartError, Workload, spawn
+from guest_agent.standby import LOADER, Standby, StandbyError, request_socket
+from guest_agent.workload import (
+    AGENT_NICE,
+    StartError,
+    Workload,
+    build_env,
+    default_cwd,
+    lookup_user,
+    spawn,
+)
 
 log = logging.getLogger("guest_agent")
 
 CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
     "events:anomaly", "events:monitor", "events:stats", "events:code-path",
-    "events:transient", "transient", "channel"]
+    "events:transient", "transient", "channel", "standby"]
 MAX_PROBES = 8
 MAX_QUEUED = 10000
 OUTPUT_QUEUE = 1 << 20
@@ -234,6 +243,8 @@ class Agent:
         self.outbox = Outbox()
         self.workloads: dict[str, Workload] = {}
         self._wl_lock = threading.Lock()
+        #: the one prepared standby (standby.py); a new one replaces it
+        self.standby: Standby | None = None
         self._probes = threading.BoundedSemaphore(MAX_PROBES)
         self._seq = 0
         self.threads: list[threading.Thread] = []
@@ -393,6 +404,21 @@ class Agent:
             except OSError as e:
                 self._error(wid, f"workload {wid} not started: no channel endpoint: {e}")
                 return
+        note: Message | None = None
+        if msg.get("standby") is None and msg.get("monitor") is not None:
+            with self._wl_lock:
+                idle, self.standby = self.standby, None
+            if idle is not None:
+                self._drop_standby(idle)
+        if msg.get("standby") is not None:
+            try:
+                popen, note = self._from_standby(wid, msg, env)
+            except (ProfileError, StartError) as e:
+                self._error(wid, f"workload {wid} not started: {e}")
+                return
+            if popen is not None:
+                self._begin(wid, popen, msg, note)
+                return
         if msg.get("monitor") is not None:
             try:
                 preexec = self._watcher(wid, msg["monitor"])
@@ -406,14 +432,143 @@ class Agent:
         except StartError as e:
             self._error(wid, str(e))
             return
+        self._begin(wid, popen, msg, note)
+
+    def _begin(self, wid: str, popen: Any, msg: Message, note: Message | None) -> None:
         work = Workload(wid, popen, lambda m: self.outbox.put(m, NORMAL),
                         lambda m, size: self.outbox.put_output(m, size, self.stop),
                         self._ended)
         with self._wl_lock:
             self.workloads[wid] = work
-        self.send({"type": "started", "id": wid, "pid": popen.pid})
-        log.info("started %s (pid %d): %s", wid, popen.pid, " ".join(msg["argv"])[:200])
+        started: Message = {"type": "started", "id": wid, "pid": popen.pid}
+        if note is not None:
+            started["standby"] = note
+        self.send(started)
+        log.info("started %s (pid %d%s): %s", wid, popen.pid,
+                 ", from standby" if note and note.get("used") else "",
+                 " ".join(msg["argv"])[:200])
         work.begin()
+
+    # --- standbys (standby.py) ----------------------------------------------------------
+
+    def _on_standby(self, msg: Message) -> None:
+        """Prepare a standby: refused at once when its profile or user is bad, else started
+        watched on a thread of its own (the loader's start must not hold the reader), and
+        announced with ``standby_ready`` once its loader is ready."""
+        sid = msg["id"]
+        mode = msg["mode"]
+        python = msg.get("python") or "python3"
+        program = msg.get("program") if mode == "exec" else python
+        if not program:
+            self._error(sid, f"standby {sid} not prepared: exec mode needs a program")
+            return
+        try:
+            preexec = self._watcher(sid, msg["monitor"])
+            entry = lookup_user(msg["user"]) if msg.get("user") is not None else None
+        except (ProfileError, StartError) as e:
+            self._error(sid, f"standby {sid} not prepared: {e}")
+            return
+        with self._wl_lock:
+            busy = sid in self.workloads
+            old, self.standby = self.standby, None
+        if old is not None:
+            self._drop_standby(old)  # one at a time: the host asks for the one it will use
+        if busy:
+            self._error(sid, f"standby id {sid} is a workload's id")
+            return
+        threading.Thread(target=self._prepare, args=(sid, mode, python, program, entry,
+                                                     msg.get("user"), preexec),
+                         name="standby-" + sid, daemon=True).start()
+
+    def _prepare(self, sid: str, mode: str, python: str, program: str, entry: Any,
+                 user: Any, preexec: Any) -> None:
+        mine, theirs = request_socket()
+        try:
+            try:
+                popen = spawn([python, "-c", LOADER, str(theirs.fileno())], None, None, user,
+                              preexec_fn=preexec, pass_fds=(theirs.fileno(),))
+            finally:
+                theirs.close()
+        except StartError as e:
+            mine.close()
+            self._error(sid, f"standby {sid} not prepared: {e}")
+            return
+        standby = Standby(sid, mode, program, entry.pw_uid if entry else os.getuid(), popen,
+                          mine)
+        with self._wl_lock:
+            old, self.standby = self.standby, standby
+        if old is not None:
+            self._drop_standby(old)
+        try:
+            standby.wait_ready()
+        except StandbyError as e:
+            with self._wl_lock:
+                if self.standby is standby:
+                    self.standby = None
+            self._drop_standby(standby)
+            self._error(sid, f"standby {sid} not prepared: {e}")
+            return
+        log.info("standby %s ready (pid %d, %s mode, %s)", sid, standby.pid, mode, program)
+        self.send({"type": "standby_ready", "id": sid, "pid": standby.pid,
+                   "prepared": standby.prepared, "mode": mode})
+
+    def _from_standby(self, wid: str, msg: Message, env: dict[str, str] | None) -> tuple[
+            Any, Message]:
+        """(the standby's process, note for ``started``) when it takes the request; (None,
+        note with the reason) when the request must start normally. Raises ProfileError
+        for a bad profile (as a normal start would)."""
+        with self._wl_lock:
+            standby, self.standby = self.standby, None  # one request only, whatever happens
+        if standby is not None and standby.id != msg["standby"]:
+            self._drop_standby(standby)
+            standby = None
+        if standby is None:
+            return None, {"used": False, "reason": "no standby " + msg["standby"] + " here"}
+        note: Message = standby.describe()
+        why: str | None
+        monitor = msg.get("monitor")
+        if monitor is None:
+            why = "the request is not monitored"
+            profile = None
+        else:
+            try:
+                profile = Profile.from_dict(monitor)
+            except ProfileError:
+                self._drop_standby(standby)
+                raise
+            installed = self.monitor.installed(standby.id)
+            why = "the standby's watch ended" if installed is None else None
+            try:
+                entry = lookup_user(msg["user"]) if msg.get("user") is not None else None
+            except StartError:
+                self._drop_standby(standby)
+                raise
+            if why is None:
+                why = standby.misfit(msg["argv"], entry.pw_uid if entry else os.getuid(),
+                                     msg.get("stdout", "stream"), msg.get("stderr", "stream"),
+                                     env, seccomp.notified_numbers(profile) <= (installed or set()))
+        if why is not None or profile is None:
+            self._drop_standby(standby)
+            note.update(used=False, reason=why or "the request is not monitored")
+            log.info("standby %s not used for %s: %s", standby.id, wid, note["reason"])
+            return None, note
+        full_env = build_env(env, entry)
+        try:
+            self.monitor.rename(standby.id, wid, reexec=standby.mode == "exec")
+            self.monitor.update(wid, profile)
+            standby.hand_over(list(msg["argv"]), full_env, default_cwd(msg.get("cwd"), entry))
+        except (KeyError, StandbyError) as e:
+            self._drop_standby(standby)
+            self.monitor.drop(wid)
+            raise StartError(f"the standby failed: {e}") from None
+        note["used"] = True
+        return standby.popen, note
+
+    def _drop_standby(self, standby: Standby) -> None:
+        """Kill a standby that will serve nobody, and end its watch first: its fanotify
+        marks would otherwise answer opens beside the next workload's."""
+        self.monitor.drop(standby.id)
+        standby.discard()
 
     def _watcher(self, wid: str, monitor: Any) -> Any:
         """The preexec_fn that puts the workload's first process under watch: it installs
@@ -602,6 +757,10 @@ class Agent:
             running = list(self.workloads.values())
         for work in running:
             work.kill()
+        with self._wl_lock:
+            standby, self.standby = self.standby, None
+        if standby is not None:
+            self._drop_standby(standby)
         self.endpoint.close()
         for t in self.threads:
             t.join(2)

@@ -373,6 +373,39 @@ class Monitor:
             self._send(EVENT_MONITOR, watch, {"mechanisms": self._mechanisms(watch),
                                               "warnings": warnings})
 
+    def installed(self, workload_id: str) -> frozenset[int] | None:
+        """The syscall numbers a running watch's filter notifies (None: no such watch)."""
+        with self._lock:
+            watch = self._watches.get(workload_id)
+        return None if watch is None or watch.ended else watch.installed
+
+    def rename(self, old: str, new: str, *, reexec: bool = False) -> None:
+        """A standby's watch becomes its request's workload's (events then carry `new`).
+        `reexec`: the standby's next exec is the workload's own program (exec mode), not
+        a code path. KeyError if no running watch has id `old`."""
+        with self._lock:
+            watch = self._watches.get(old)
+            if watch is None or watch.ended:
+                raise KeyError(f"no watched standby {old}")
+            del self._watches[old]
+            watch.id = new
+            if reexec:
+                watch.first_exec_done = False
+            self._watches[new] = watch
+
+    def drop(self, workload_id: str) -> None:
+        """End a watch whose process is being killed (an unused standby) on the poll loop's
+        next turn, before any watch that begins after this call: its fanotify marks must
+        not hold another workload's opens."""
+        def end() -> None:
+            with self._lock:
+                watch = self._watches.get(workload_id)
+            if watch is not None:
+                self._end(watch, quiet=True)
+
+        self._ops.append(end)
+        self._wake()
+
     def transient(self, msg: dict) -> None:
         """A host ``transient`` message: carried out on the poll loop, which owns the
         held calls; the answer goes out as a ``transient`` event."""

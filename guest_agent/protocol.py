@@ -22,7 +22,9 @@ agent -> host
                   answers a ``ping`` with ``hello: true``)
     heartbeat     uptime (s since boot); optional id (answer to a ``ping``), dropped (messages
                   the agent discarded so far), queued (bytes waiting to be sent)
-    started       id, pid                  the workload ``id`` exec'd (pid in the guest)
+    started       id, pid                  the workload ``id`` exec'd (pid in the guest);
+                  optional standby{} when the start named one: {used (bool), id, pid,
+                  prepared (epoch s), mode; reason (text) when not used}
     output        id, stream (stdout|stderr), data (text; bytes decoded as UTF-8 with
                   replacement, cut into messages that fit MAX_MESSAGE_BYTES)
     exit          id, status               status < 0: killed by signal -status
@@ -50,12 +52,26 @@ agent -> host
                   of rising offset, in order, each on its own line; the host reassembles
                   them with a bound (the grant's max_message) and answers ``channel_verdict``
     channel_ack   id (a delivery id): the workload took that delivered message
+    standby_ready id (the standby's), pid, prepared (epoch s), mode: a ``standby`` is
+                  started, watched, and waits for its request (a failure is an ``error``
+                  with the standby's id)
 
 host -> agent
     start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
                   stdout (stream|discard), stderr (stream|discard|stdout: joined to stdout),
                   monitor{} (a monitoring profile, see PROFILE_FIELDS: the workload's whole
-                  process tree is watched from before its first instruction)
+                  process tree is watched from before its first instruction), standby (the
+                  id of a prepared standby: it becomes the workload when it fits the request
+                  -- same user and program, streamed output, a filter that notifies all the
+                  profile needs -- else it is killed and the workload starts normally; the
+                  ``started`` says which and why; a standby serves one request only)
+    standby       id (the standby's), mode (STANDBY_MODES), monitor{}; optional user,
+                  python (the interpreter of the loader, default python3), program (exec
+                  mode: what requests run, e.g. /bin/sh). The agent starts ``python -c
+                  LOADER`` as a workload is started (the user, the filter of `monitor`
+                  installed before its first instruction, fanotify marks), which waits for
+                  one request; a newer standby replaces (kills) an older one. Answered by
+                  ``standby_ready`` or an ``error``. guest_agent/standby.py says more.
     profile       id (workload), monitor{}   replaces the workload's profile (the host sends
                   one after each phase, so "connect outside the allow-list" follows it)
     signal        id (workload), signal (number)
@@ -117,10 +133,12 @@ CHANNEL_LINE_PREFIX = b'{"type":"channel_'
 
 AGENT_TYPES = frozenset(
     ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event",
-     "channel_send", "channel_ack"]
+     "channel_send", "channel_ack", "standby_ready"]
 )
 HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile", "transient",
-                        "channel_deliver", "channel_verdict"])
+                        "channel_deliver", "channel_verdict", "standby"])
+#: ``standby.mode``: python (the loader runs the script itself) | exec (it execs the program)
+STANDBY_MODES = ("python", "exec")
 CHANNEL_TYPES = frozenset(["channel_send", "channel_ack", "channel_deliver", "channel_verdict"])
 
 #: event kinds
@@ -323,7 +341,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
                "id": _ident, "dropped": _int}),
     "heartbeat": ({"seq": _seq, "uptime": _num},
                   {"id": _ident, "dropped": _int, "queued": _int}),
-    "started": ({"seq": _seq, "id": _ident, "pid": _int}, {}),
+    "started": ({"seq": _seq, "id": _ident, "pid": _int}, {"standby": _dict}),
     "output": ({"seq": _seq, "id": _ident, "stream": _stream, "data": _str}, {}),
     "exit": ({"seq": _seq, "id": _ident, "status": _int}, {}),
     "probe_result": ({"seq": _seq, "id": _ident, "ok": _bool},
@@ -333,11 +351,15 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     "channel_send": ({"seq": _seq, "id": _ident, "to": _ident, "size": _size,
                       "offset": _size, "data": _str}, {"cancel": _bool}),
     "channel_ack": ({"seq": _seq, "id": _ident}, {}),
+    "standby_ready": ({"seq": _seq, "id": _ident, "pid": _int, "prepared": _num},
+                      {"mode": _choice(*STANDBY_MODES)}),
     # host -> agent
     "start": ({"id": _ident, "argv": _argv},
               {"env": _env, "cwd": _str, "user": _user, "stdout": _choice("stream", "discard"),
                "stderr": _choice("stream", "discard", "stdout"), "monitor": _dict,
-               "channel": _ident}),
+               "channel": _ident, "standby": _ident}),
+    "standby": ({"id": _ident, "mode": _choice(*STANDBY_MODES), "monitor": _dict},
+                {"user": _user, "python": _str, "program": _str}),
     "profile": ({"id": _ident, "monitor": _dict}, {}),
     "signal": ({"id": _ident, "signal": _signal}, {}),
     "probe": ({"id": _ident, "kind": _str}, {"args": _dict}),

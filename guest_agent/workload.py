@@ -37,6 +37,15 @@ def build_env(env: dict[str, str] | None, user: pwd.struct_passwd | None) -> dic
     return out
 
 
+def default_cwd(cwd: str | None, entry: pwd.struct_passwd | None) -> str:
+    """Where a workload starts: `cwd`, else its user's home if there is one, else /."""
+    if cwd:
+        return cwd
+    if entry is not None and entry.pw_dir and os.path.isdir(entry.pw_dir):
+        return entry.pw_dir
+    return "/"
+
+
 def lookup_user(user: Any) -> pwd.struct_passwd:
     try:
         if isinstance(user, int):
@@ -66,10 +75,12 @@ def _child_setup(preexec_fn: Callable[[], None] | None) -> Callable[[], None]:
 
 def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
           user: Any = None, stdout: str = "stream", stderr: str = "stream",
-          preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+          preexec_fn: Callable[[], None] | None = None,
+          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """Start `argv`. `preexec_fn` runs in the child after the user switch, just before the
     exec (the monitor's seccomp install): then the program is looked up in PATH here so
-    the child makes exactly one exec, the one the monitor lets through as the first."""
+    the child makes exactly one exec, the one the monitor lets through as the first.
+    `pass_fds` stay open in the child (a standby's request socket)."""
     entry = lookup_user(user) if user is not None else None
     kwargs: dict[str, Any] = {}
     if entry is not None:
@@ -85,9 +96,9 @@ def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = 
     try:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=_TARGETS[stdout], stderr=_TARGETS[stderr],
-            cwd=cwd or (entry.pw_dir if entry is not None and entry.pw_dir
-                        and os.path.isdir(entry.pw_dir) else "/"),
-            env=full_env, start_new_session=True, close_fds=True, **kwargs)
+            cwd=default_cwd(cwd, entry),
+            env=full_env, start_new_session=True, close_fds=True, pass_fds=pass_fds,
+            **kwargs)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         raise StartError(f"cannot start {argv[0]}: {e}") from None
 

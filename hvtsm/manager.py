@@ -280,8 +280,10 @@ class Manager:
         for index, due in pending.items():
             self.timeline.schedule(zone_id, index, due)
         with self.store.session() as session:
+            note = getattr(workload, "start_note", None)  # e.g. a pooled guest's standby
             record_event(session, zone_id=zone_id, kind="started",
-                         detail=f"pid {workload.pid}", ts=started)
+                         detail=f"pid {workload.pid}" + (f"; {note}" if note else ""),
+                         ts=started)
             for phase in zero:
                 record_phase(session, zone_id=zone_id, phase_index=phase.index,
                              scheduled_at=started, applied_at=started, late=False,

@@ -98,6 +98,13 @@ class InvokeResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: what became of a pooled guest: None (back in the pool) or why it was retired
     guest_retired: str | None = None
+    #: how the workload started when its guest had a standby (as in the zone's trail):
+    #: "started from a standby prepared at ... (pid N)" or why the standby was not used
+    start_note: str | None = None
+
+    @property
+    def from_standby(self) -> bool:
+        return bool(self.start_note and self.start_note.startswith("started from a standby"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,7 +118,7 @@ class InvokeResult:
             "policy": self.policy, "exec_targets": list(self.exec_targets),
             "latency_ms": round(self.latency_ms, 1),
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
-            "guest_retired": self.guest_retired,
+            "guest_retired": self.guest_retired, "start": self.start_note,
         }
 
 
@@ -221,7 +228,8 @@ class Invoker:
             end_reason=run.end_reason, timed_out=timed_out, stdout=readers.data["stdout"],
             stderr=readers.data["stderr"], truncated=readers.truncated, anomalies=anomalies,
             lifespan_scale=scale, policy=policy.name, exec_targets=targets,
-            latency_ms=latency, timings_ms=timings)
+            latency_ms=latency, timings_ms=timings,
+            start_note=getattr(run.workload, "start_note", None))
         if lease is not None:
             assert self.pool is not None
             result.guest_retired = self.pool.release(

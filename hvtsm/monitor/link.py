@@ -346,6 +346,8 @@ class RemoteWorkload:
         self._exited = threading.Event()
         #: time.monotonic() of the agent's `started`
         self.started_at: float | None = None
+        #: the agent's word on the standby the start named (guest_agent.protocol `started`)
+        self.standby: dict[str, Any] | None = None
         #: what the agent said went wrong with this workload, last first
         self.errors: list[str] = []
         #: the link went away while the workload ran: its exit status is unknown
@@ -720,7 +722,7 @@ class AgentLink:
               stdout: int | None = subprocess.PIPE, stderr: int | None = subprocess.PIPE,
               workload_id: str | None = None,
               monitor: Mapping[str, Any] | None = None,
-              channel: str | None = None) -> RemoteWorkload:
+              channel: str | None = None, standby: str | None = None) -> RemoteWorkload:
         """Start `argv` in the guest (own session and process group, stdin /dev/null) and
         return once it exec'd. Output goes, per stream: PIPE -> a pipe the caller reads
         (`workload.stdout`), a file descriptor >= 0 -> written there (not closed), None or
@@ -728,7 +730,9 @@ class AgentLink:
         environment in the guest (PATH, HOME, LANG, TERM). `monitor` is the workload's
         monitoring profile (`guest_agent.protocol.PROFILE_FIELDS`): sent with the start so
         the agent watches the process tree from its first instruction. `channel` (the
-        zone's name in its group) gives the workload the channel endpoint."""
+        zone's name in its group) gives the workload the channel endpoint. `standby` (a
+        prepared standby's id, `prepare_standby`) asks the agent to let it be the workload
+        if it fits; `workload.standby` then says whether it did, and why not."""
         if not argv:
             raise self._error("nothing to start: empty command")
         wid = workload_id or f"w{next(self._ids)}"
@@ -748,6 +752,8 @@ class AgentLink:
             msg["monitor"] = _plain(monitor)
         if channel is not None:
             msg["channel"] = channel
+        if standby is not None:
+            msg["standby"] = standby
         # what nobody reads is not sent: the agent discards (or joins) it at the source
         if stdout is None or stdout == subprocess.DEVNULL:
             msg["stdout"] = "discard"
@@ -777,6 +783,30 @@ class AgentLink:
             self._abandon(work, kill=pending.reply is None)
             raise self._error(f"cannot start {argv[0]} in the guest: {pending.error}")
         return work
+
+    def prepare_standby(self, standby_id: str, *, mode: str, monitor: Mapping[str, Any],
+                        user: str | int | None = None, python: str | None = None,
+                        program: str | None = None, timeout: float = 60) -> dict[str, Any]:
+        """Have the agent start a standby (guest_agent/standby.py): a watched runtime
+        process waiting for one request. Returns the agent's ``standby_ready`` ({id, pid,
+        prepared, mode}) once it waits; ZoneError when it could not be prepared."""
+        msg: Message = {"type": "standby", "id": standby_id, "mode": mode,
+                        "monitor": _plain(monitor)}
+        for name, value in (("user", user), ("python", python), ("program", program)):
+            if value is not None:
+                msg[name] = value
+        pending = self._request(standby_id, "standby_ready")
+        try:
+            self._send(msg, timeout)
+            if not pending.done.wait(timeout):
+                raise self._error(f"the standby {standby_id} was not ready within "
+                                  f"{timeout:g} s; {self._seen()}")
+        finally:
+            self._forget(standby_id)
+        if pending.error is not None:
+            raise self._error(f"no standby in the guest: {pending.error}")
+        assert pending.reply is not None
+        return {k: pending.reply.get(k) for k in ("id", "pid", "prepared", "mode")}
 
     def _abandon(self, work: RemoteWorkload, *, kill: bool) -> None:
         """Forget a workload whose start failed or was not confirmed in time."""
@@ -1327,7 +1357,19 @@ class AgentLink:
                 self._bad(f"a second started for workload {_short(mid)}: ignored")
                 return
             work._on_started(pid)
+            note = msg.get("standby")
+            if note is not None:
+                work.standby = {k: note.get(k) for k in ("used", "id", "pid", "prepared",
+                                                          "mode", "reason")}
         self._answer(mid, msg)
+
+    def _on_standby_ready(self, msg: Message, now: float) -> None:
+        if not _pid_ok(msg["pid"]):
+            self._bad(f"standby {_short(msg['id'])} ready with pid {_short(msg['pid'])}, "
+                      "which no guest process has")
+        if not self._answer(msg["id"], msg):
+            log.info("zone %s: standby %s ready, which nobody waits for", self.zone_id,
+                     _short(msg["id"]))
 
     def _on_output(self, msg: Message, now: float) -> None:
         work = self._workload(msg)

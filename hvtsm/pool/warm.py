@@ -8,6 +8,13 @@ store never share a guest), the zone's initial restrictions are applied over the
 again only if the rules say so (`rules.retire_reason`): otherwise it is destroyed, and
 both are audited (`guest_event`).
 
+After each scrub (at boot and after each zone) the pool has the guest's agent prepare a
+*standby* for the guest's runtime (guest_agent/standby.py): the runtime started as the
+pool's user under the watch of the standby policy's profile (the default policy's), waiting
+for one request. The next zone's start hands the request to it (the agent falls back to a
+normal start when it does not fit, and the zone's trail says which). The standby is made
+after the scrub's "no process of the user survives" check, and dies with a retired guest.
+
 In one process a `WarmPool` may keep its guests' agent links open (`hold_links`, the
 fast path: no reconnect per request); guests whose link it holds are claimed only by it.
 `hvtsm pool fill` lets go of its links, so any process can claim what it booted.
@@ -82,7 +89,8 @@ class WarmPool:
     def __init__(self, store: Store, driver: Any, *, memory: int = DEFAULT_POOL_MEMORY,
                  max_uses: int = DEFAULT_MAX_USES, user: str = "nobody",
                  hold_links: bool = True, scratch: str = SCRATCH,
-                 default_memory: int | None = None) -> None:
+                 default_memory: int | None = None, standby: bool = True,
+                 standby_policy: Any = None) -> None:
         self.store = store
         self.driver = driver
         self.memory = memory
@@ -94,6 +102,10 @@ class WarmPool:
         self.default_memory = default_memory if default_memory is not None else \
             _driver_default_memory()
         self.base = baseline(memory)
+        #: prepare standbys (False: every warm start is a normal watched start)
+        self.standby = standby
+        self._standby_policy = standby_policy
+        self._standby_profile: dict[str, Any] | None = None
         driver.idle_sink = self._on_idle
         self._targets: dict[PoolKey, _Target] = {}
         self._lock = threading.Lock()
@@ -140,9 +152,10 @@ class WarmPool:
             registry.retire(self.store, guest, f"boot failed: {exc}")
             log.warning("warm pool %s: guest %s failed to boot: %s", key, guest, exc)
             return None
+        ready = self._prepare_standby(guest, key)
         registry.mark_idle(self.store, guest, state, self.base, hold=self.hold_links,
                            detail=f"booted in {state.get('boot_ms')} ms, scratch ready in "
-                           f"{took * 1000:.0f} ms")
+                           f"{took * 1000:.0f} ms; {ready}")
         if self.hold_links:
             self._held.add(guest)
         else:
@@ -227,6 +240,8 @@ class WarmPool:
             self._retire(lease, f"could not serve zone {spec.zone_id}: {exc}")
             raise
         self._held.add(lease.guest_id)
+        # the start names the guest's standby; the agent checks that it fits
+        handle.state["standby"] = self.standby
         lease.handle = handle
         return handle
 
@@ -275,15 +290,52 @@ class WarmPool:
         if reason is not None:
             self._retire(lease, reason, uses=uses)
             return reason
+        # after the scrub's check: the new standby is no leftover of the zone
+        ready = self._prepare_standby(lease.guest_id, lease.key)
         hold = self.hold_links
         if not hold:
             self.driver.detach_guest(lease.guest_id)
             self._held.discard(lease.guest_id)
         registry.release(self.store, lease.guest_id, uses=uses, hold=hold,
                          detail=f"zone {lease.zone_id} exited cleanly; scrubbed "
-                         f"({uses} of {self.max_uses} uses)")
+                         f"({uses} of {self.max_uses} uses); {ready}")
         self._changed(lease.guest_id, "idle", f"back in the pool after zone {lease.zone_id}")
         return None
+
+    def _prepare_standby(self, guest: str, key: PoolKey) -> str:
+        """A standby for the guest's next zone; says what became of it (for the guest's
+        trail). A failure leaves a guest that starts its next workload normally."""
+        if not self.standby:
+            return "no standby (off)"
+        profile = self.standby_profile()
+        if profile is None:
+            return "no standby (the standby policy is not monitored)"
+        t0 = time.monotonic()
+        try:
+            ready = self.driver.prepare_standby(guest, key.runtime, self.user, profile)
+        except HvtsmError as exc:
+            log.warning("guest %s: no standby: %s", guest, exc)
+            return f"no standby: {exc}"[:300]
+        if ready is None:
+            return f"no standby for runtime {key.runtime}"
+        return (f"standby pid {ready.get('pid')} ready in "
+                f"{(time.monotonic() - t0) * 1000:.0f} ms")
+
+    def standby_profile(self) -> dict[str, Any] | None:
+        """The monitoring profile standbys are started under: the standby policy's (the
+        default policy's) at its start over the pool's baseline. A request whose profile
+        needs calls this filter does not notify starts normally."""
+        if self._standby_profile is None:
+            from hvtsm.monitor.anomalies import zone_profile
+            from hvtsm.policy import load_policy
+            from hvtsm.policy.catalog import default_policy_path
+
+            policy = self._standby_policy or load_policy(default_policy_path())
+            if not policy.anomaly.monitor:
+                return None
+            self._standby_profile = zone_profile(policy.anomaly.profile(),
+                                                 bound(self.base, policy.initial()))
+        return self._standby_profile
 
     def _retire(self, lease: Lease, reason: str, *, uses: int | None = None) -> None:
         removed: list[str] = []

@@ -1,9 +1,12 @@
 """`hvtsm invoke` with the warm pool, in real TCG guests (three boots in all: two pool guests
 in parallel, one cold guest for another trust level).
 
-The tests run in order on one pool: a warm invoke returns the result with its audit id;
-the next request of the same trust level gets the same guest, with nothing of the first
-request left in it (its background process, its files); a request of another trust level
+The tests run in order on one pool: a warm invoke returns the result with its audit id,
+served by the guest's standby (the zone's trail says so); the next request of the same
+trust level gets the same guest, a fresh standby (another pid), and nothing of the first
+request left in it (its background process, its files); a request whose policy denies a
+call the standby's filter does not notify starts normally (audited); a request of another
+trust level
 never gets that guest; a request whose zone reports an anomaly taints its guest, which is
 destroyed and never handed out again; then another process (the CLI) claims the pool's
 remaining guest over its channel, `hvtsm cleanup` leaves that idle guest alone, and
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from hvtsm.pool.rules import PoolKey
 from hvtsm.pool.warm import WarmPool
 from hvtsm.store import Store
 from hvtsm.store.invoke_models import GuestState
-from hvtsm.store.models import Zone
+from hvtsm.store.models import Zone, ZoneEvent
 from hvtsm.zones.base import Backend
 from hvtsm.zones.factory import make_driver
 from tests.integration.cli_helpers import hvtsm
@@ -84,6 +88,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     store.dispose()
 
 
+def started_detail(setup: Setup, zone_id: str) -> str:
+    with setup.store.session() as session:
+        [row] = session.exec(select(ZoneEvent).where(ZoneEvent.zone_id == zone_id,
+                                                     ZoneEvent.kind == "started")).all()
+    return row.detail
+
+
+def standby_pid(setup: Setup, zone_id: str) -> int:
+    """The standby pid the zone's trail names, which must be the workload's own pid."""
+    detail = started_detail(setup, zone_id)
+    found = re.fullmatch(r"pid (\d+); started from a standby prepared at \S+ \(pid (\d+)\)",
+                         detail)
+    assert found and found[1] == found[2], detail
+    return int(found[1])
+
+
 def guest_run(setup: Setup, guest: str, argv: list[str]) -> tuple[int | None, str]:
     """Run an administrative command in a pooled guest over its agent link (root)."""
     link = setup.driver._links[guest]  # type: ignore[attr-defined]
@@ -103,17 +123,43 @@ def test_warm_invoke_then_same_guest_again_with_nothing_left(setup: Setup) -> No
     with setup.store.session() as session:  # the audit id is the zone's id
         zone = session.exec(select(Zone).where(Zone.id == first.zone_id)).one()
     assert zone.state == "exited" and zone.group_id is not None
-    # nothing of the request runs any more in the idle guest
+    # nothing of the request runs any more in the idle guest: the user's one process is
+    # the standby prepared for the next request after the scrub
     status, out = guest_run(setup, first.guest_id, ["pgrep", "-a", "-U", str(nobody)])
-    assert status == 1 and out == "", out
+    [line] = out.splitlines()
+    assert status == 0 and "-c # hvtsm standby" in line, out
+    assert int(line.split()[0]) != standby_pid(setup, first.zone_id)
     second = setup.invoker.invoke(InvokeRequest(code=LEAVE_BEHIND, name="leave.py",
                                                 args=("two",)))
     assert second.warm and second.guest_id == first.guest_id
     assert second.stdout.decode() == f"request two found [] uid {nobody}\n"  # no files
+    # each request ran in a standby, a fresh one each time
+    assert standby_pid(setup, first.zone_id) != standby_pid(setup, second.zone_id)
     kinds = [e.kind for e in registry.trail(setup.store, first.guest_id)]
     assert kinds.count("claimed") == 2 and kinds.count("released") == 2
     [row] = [g for g in registry.guests(setup.store) if g.id == first.guest_id]
     assert row.state == GuestState.IDLE and row.uses == 2
+
+
+def test_request_not_covered_by_the_standby_filter_starts_normally(setup: Setup,
+                                                                   tmp_path: Path) -> None:
+    # the default policy, with one more denied call than the standby's filter notifies
+    text = (Path(__file__).resolve().parents[2] / "policies" / "default.toml").read_text()
+    assert '"ptrace", "process_vm_readv"' in text
+    policy = tmp_path / "more-denied.toml"
+    policy.write_text(text.replace('"ptrace", "process_vm_readv"',
+                                   '"chroot", "ptrace", "process_vm_readv"'))
+    result = setup.invoker.invoke(InvokeRequest(code=b"import sys\nprint('plain')\n"
+                                                     b"sys.exit(5)\n",
+                                                name="plain.py", policy=str(policy)))
+    assert result.warm and result.stdout == b"plain\n" and result.exit_status == 5
+    detail = started_detail(setup, result.zone_id)
+    assert "standby not used" in detail and "filter does not notify" in detail, detail
+    assert result.guest_retired is None
+    # the guest is back with a new standby, which the next default request uses
+    again = setup.invoker.invoke(InvokeRequest(code=b"print('again')\n", name="again.py"))
+    assert again.stdout == b"again\n" and again.exit_status == 0
+    standby_pid(setup, again.zone_id)  # either guest: each has its standby
 
 
 def test_other_trust_level_never_gets_the_guest(setup: Setup) -> None:

@@ -266,7 +266,8 @@ TEMPLATES: dict[str, dict[str, Any]] = {
               "kernel": "k", "python": "3", "boot_ms": 1, "heartbeat": 1.0, "hostname": "h",
               "port": "p", "workloads": [{"id": "w1", "pid": 100}], "id": "h1", "dropped": 0},
     "heartbeat": {"uptime": 1.0, "id": "k1", "dropped": 0, "queued": 0},
-    "started": {"id": "w1", "pid": 100},
+    "started": {"id": "w1", "pid": 100,
+                "standby": {"used": True, "id": "sb", "pid": 100, "prepared": 1.7e9}},
     "output": {"id": "w1", "stream": "stdout", "data": "out"},
     "exit": {"id": "w1", "status": 0},
     "probe_result": {"id": "p1", "ok": True, "result": {"a": 1}, "error": "e"},
@@ -276,6 +277,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "channel_send": {"id": "m1", "to": "b", "size": 3, "offset": 0, "data": "YWJj",
                      "cancel": False},
     "channel_ack": {"id": "d1"},
+    "standby_ready": {"id": "sb", "pid": 100, "prepared": 1.7e9, "mode": "python"},
 }
 
 

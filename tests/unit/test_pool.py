@@ -167,6 +167,10 @@ class FakeGuests:
         self.detached: list[str] = []
         self.fail_scrub = False
         self.idle_sink: Any = None
+        #: ("scrub" | "standby", guest) in the order they happened
+        self.steps: list[tuple[str, str]] = []
+        self.standby_error: str | None = None
+        self.standby_profiles: list[dict[str, Any]] = []
 
     def boot_guest(self, guest: str, net_index: int, base: Restrictions) -> dict[str, Any]:
         self.running.add(guest)
@@ -177,7 +181,16 @@ class FakeGuests:
         if self.fail_scrub:
             raise ZoneError("processes of the previous workload survived")
         self.scrubs.append(guest)
+        self.steps.append(("scrub", guest))
         return 0.001
+
+    def prepare_standby(self, guest: str, runtime: str, user: str,
+                        monitor: dict[str, Any]) -> dict[str, Any] | None:
+        if self.standby_error is not None:
+            raise ZoneError(self.standby_error)
+        self.steps.append(("standby", guest))
+        self.standby_profiles.append(monitor)
+        return {"id": "sb-" + guest, "pid": 100 + len(self.steps), "prepared": 1.7e9}
 
     def detach_guest(self, guest: str) -> None:
         self.detached.append(guest)
@@ -327,3 +340,48 @@ def test_me_names_this_process() -> None:
     assert registry.me().startswith(f"{os.getpid()}:")
     assert registry.holder_alive(registry.me())
     assert not registry.holder_alive(None) and not registry.holder_alive("junk")
+
+
+def test_standby_prepared_after_each_scrub_and_named_at_bind(store: Store) -> None:
+    fake = FakeGuests()
+    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    [guest] = pool.fill(KEY, 1)
+    assert fake.steps == [("scrub", guest), ("standby", guest)]
+    # the filter's deny list is the default policy's
+    assert "ptrace" in fake.standby_profiles[0]["deny_syscalls"]
+    lease, handle = serve(pool, "z1")
+    assert handle.state["standby"] is True  # the driver's start names the standby
+    assert pool.release(lease, zone_state=ZoneState.EXITED, request_key=KEY) is None
+    # the new standby comes after the scrub's check, never before
+    assert fake.steps[2:] == [("scrub", guest), ("standby", guest)]
+    detail = registry.trail(store, guest)[-1].detail
+    assert "standby pid" in detail, detail
+
+
+def test_a_failed_standby_leaves_a_serving_guest_and_off_means_none(store: Store) -> None:
+    fake = FakeGuests()
+    fake.standby_error = "the loader did not start"
+    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    [guest] = pool.fill(KEY, 1)
+    assert "no standby: the loader did not start" in registry.trail(store, guest)[-1].detail
+    lease, handle = serve(pool, "z1")
+    assert lease.guest_id == guest
+    pool.standby = False
+    assert pool.release(lease, zone_state=ZoneState.EXITED, request_key=KEY) is None
+    assert ("standby", guest) not in fake.steps
+    _lease, handle = serve(pool, "z2")
+    assert handle.state["standby"] is False
+
+
+def test_start_note_words_for_the_zone_trail() -> None:
+    from hvtsm.zones.libvirt.standby import start_note
+
+    assert start_note(None) is None
+    used = start_note({"used": True, "id": "sb-g1", "pid": 137, "prepared": 1795920636.277})
+    assert used == "started from a standby prepared at 2026-11-29T02:50:36.277Z (pid 137)"
+    # what a hostile agent puts there is cut short, never trusted as a time
+    odd = start_note({"used": True, "pid": "x" * 500, "prepared": "soon"})
+    assert odd is not None and "prepared at ?" in odd and len(odd) < 120
+    fell = start_note({"used": False, "reason": "the request runs as uid 0, the standby as 65534"})
+    assert fell == ("standby not used (the request runs as uid 0, the standby as 65534): "
+                    "a normal start")

@@ -49,6 +49,8 @@ from hvtsm.zones.command import run
 from hvtsm.zones.libvirt import egress
 from hvtsm.zones.libvirt.accel import AccelChoice, choose_accel
 from hvtsm.zones.libvirt.connection import Connection
+from hvtsm.zones.libvirt.standby import MODES as STANDBY_MODES
+from hvtsm.zones.libvirt.standby import standby_id, start_note
 from hvtsm.zones.libvirt.templates import DomainParams, render, to_xml
 from hvtsm.zones.libvirt.transient import GuestTransients
 from hvtsm.zones.libvirt.workload import DomainWorkload, GuestWorkload
@@ -342,6 +344,21 @@ class LibvirtDriver(HookedDriver):
                                if status == 3 else "the guest did not clean up"))
         return time.monotonic() - t0
 
+    def prepare_standby(self, guest: str, runtime: str, user: str,
+                        monitor: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Have the pooled guest's agent start a standby for `runtime` as `user` under
+        `monitor` (its filter is fixed from then on): the next zone's start in this guest
+        names it. None for a runtime that has no standby; ZoneError when the agent could
+        not prepare one (the guest still serves, with normal starts)."""
+        if runtime not in STANDBY_MODES:
+            return None
+        link = self._links.get(guest)
+        if link is None:
+            raise ZoneError(f"no agent link to guest {guest}")
+        mode, program = STANDBY_MODES[runtime]
+        return link.prepare_standby(standby_id(guest), mode=mode, monitor=monitor, user=user,
+                                    python=self.guest_python(), program=program)
+
     def destroy_guest(self, guest: str) -> list[str]:
         """Destroy a pooled guest and everything of it on the host."""
         self._route.pop(guest, None)
@@ -402,10 +419,14 @@ class LibvirtDriver(HookedDriver):
                                                                              handle.applied),
                             workload_id=handle.zone_id if bound else None,
                             cwd=handle.state.get("cwd"), env=handle.state.get("env"),
-                            channel=channel)
+                            channel=channel,
+                            standby=standby_id(guest_of(handle))
+                            if bound and handle.state.get("standby") else None)
         handle.state["workload"] = remote.id
         self._workloads[handle.zone_id] = remote
-        return GuestWorkload(remote, self._gone[handle.state["domain"]])
+        work = GuestWorkload(remote, self._gone[handle.state["domain"]])
+        work.start_note = start_note(remote.standby)
+        return work
 
     def terminate(self, handle: ZoneHandle) -> None:
         if handle.state.get("parent"):

@@ -16,6 +16,8 @@ class GuestWorkload:
     def __init__(self, remote: Any, domain_gone: threading.Event) -> None:
         self.remote = remote
         self.domain_gone = domain_gone
+        #: how it started, for the zone's audit trail (a standby used or passed over)
+        self.start_note: str | None = None
 
     @property
     def pid(self) -> int:
