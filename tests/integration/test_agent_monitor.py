@@ -27,6 +27,7 @@ from guest_agent import fanotify, seccomp
 from guest_agent.monitor import Monitor
 from guest_agent.profile import Profile
 from guest_agent.protocol import ANOMALY_CATEGORIES, ANOMALY_FIELDS, Decoder, encode
+from tests.unit.agent_peer import launch_agent
 
 pytestmark = pytest.mark.integration
 
@@ -494,19 +495,7 @@ def test_host_mode_attached_socket_and_procs_file(tmp_path: Path) -> None:
 def test_agent_end_to_end(tmp_path: Path) -> None:
     """The agent (system python, a copy of guest_agent/) over a unix socket: a start with a
     monitor profile, the monitor event, the anomaly with its evidence, the exit."""
-    shutil.copytree(REPO / "guest_agent", tmp_path / "guest_agent",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.md", "*.toml"))
-    path = str(tmp_path / "agent.sock")
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    server.listen(1)
-    server.settimeout(15)
-    agent = subprocess.Popen([PY, "-m", "guest_agent", "--connect", "unix:" + path,
-                              "--heartbeat", "0.5", "--log-level", "debug"],
-                             env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"]},
-                             stderr=subprocess.PIPE)
-    conn, _ = server.accept()
-    conn.settimeout(0.2)
+    agent, conn, server = launch_agent(tmp_path, PY)
     decoder = Decoder()
     seen: list[dict] = []
 

@@ -23,6 +23,7 @@ import pytest
 
 from guest_agent import seccomp
 from guest_agent.protocol import Decoder, encode
+from tests.unit.agent_peer import launch_agent
 
 REPO = Path(__file__).resolve().parents[2]
 PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
@@ -89,19 +90,7 @@ class Peer:
 
 @pytest.fixture
 def peer(tmp_path: Path) -> Iterator[Peer]:
-    shutil.copytree(REPO / "guest_agent", tmp_path / "guest_agent",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.md", "*.toml"))
-    path = str(tmp_path / "agent.sock")
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    server.listen(1)
-    server.settimeout(15)
-    agent = subprocess.Popen([PY, "-m", "guest_agent", "--connect", "unix:" + path,
-                              "--heartbeat", "0.5", "--log-level", "debug"],
-                             env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"]},
-                             stderr=subprocess.PIPE)
-    conn, _ = server.accept()
-    conn.settimeout(0.2)
+    agent, conn, server = launch_agent(tmp_path, PY)
     p = Peer(conn)
     try:
         hello = p.until(lambda m: m["type"] == "hello")
