@@ -857,7 +857,9 @@ class Monitor:
         """Apply profile.contain to `pid` (answering its held call through `answer`, when
         there is one) and emit the anomaly."""
         contain = watch.profile.contain
+        # read before the kill: a reaped process has no /proc entry to name them by
         program = program_of(pid) if pid else ""
+        zone = self._transient_of(watch, pid) if pid else None
         contained_mono: float | None = None
         if contain == "kill" and pid:
             with contextlib.suppress(OSError):
@@ -873,11 +875,13 @@ class Monitor:
                 answer(True, False)
             contained = "none"
         self._anomaly(watch, finding, pid, program, contained, act_time, act_mono,
-                      contained_mono)
+                      contained_mono, zone)
 
     def _anomaly(self, watch: Watch, finding: Finding, pid: int | None, program: str,
                  contained: str, act_time: float, act_mono: float,
-                 contained_mono: float | None) -> None:
+                 contained_mono: float | None, zone: str | None = None) -> None:
+        """`zone`: the transient zone of `pid` when the caller read it before containment
+        (otherwise it is read here, while the process may still be there)."""
         now = time.monotonic()
         if finding.rate:
             last = watch.last_emit.get(finding.category)
@@ -896,7 +900,8 @@ class Monitor:
                 "program": program, "syscall": finding.syscall, "args": finding.args,
                 "contained": contained, "act_time": act_time, "act_mono": act_mono,
                 "contained_mono": contained_mono}
-        zone = self._transient_of(watch, pid) if pid else None
+        if zone is None and pid:
+            zone = self._transient_of(watch, pid)
         if zone is not None:
             data["zone"] = zone  # the host reacts in the transient zone, not its parent
         log.warning("anomaly in %s: %s: %s (%s)", watch.id, finding.category, finding.detail,
@@ -1145,6 +1150,7 @@ class Monitor:
                       finding: Finding, act_time: float, act_mono: float) -> bool:
         contain = watch.profile.contain
         program = program_of(event.pid)
+        zone = self._transient_of(watch, event.pid)  # before the kill, as in _contain
         contained_mono: float | None = None
         contained = "none"
         allow = True
@@ -1160,7 +1166,7 @@ class Monitor:
             group.respond(event, allow)
             contained_mono = time.monotonic()
         self._anomaly(watch, finding, event.pid, program, contained, act_time, act_mono,
-                      contained_mono)
+                      contained_mono, zone)
         return allow
 
     # --- membership and sampling --------------------------------------------------------
@@ -1380,6 +1386,7 @@ class Monitor:
         shown = forker or (excess[-1] if excess else None)
         pid = shown.pid if shown is not None else None
         program = program_of(pid) if pid else ""  # before it is killed
+        zone = self._transient_of(watch, pid) if pid else None
         victims: list[proccount.Proc] = []
         root = None
         if contain == "kill" and forker is not None:
@@ -1391,7 +1398,8 @@ class Monitor:
         if any(v.pid == watch.root_pid for v in victims):
             # the workload itself goes: its exit must not reach the host before the reason
             # for it, or the zone ends before the host could react
-            self._anomaly(watch, finding, pid, program, "killed", act_time, act_mono, None)
+            self._anomaly(watch, finding, pid, program, "killed", act_time, act_mono, None,
+                          zone)
             proccount.end(victims, lambda: self._proc_table(watch), root)
             return
         killed = proccount.end(victims, (lambda: self._proc_table(watch)) if root else None,
@@ -1399,7 +1407,7 @@ class Monitor:
         contained_mono = time.monotonic() if killed else None
         finding = Finding("fork-rate", detail, None, dict(args, killed=len(killed)), rate=True)
         self._anomaly(watch, finding, pid, program, "killed" if killed else "none", act_time,
-                      act_mono, contained_mono)
+                      act_mono, contained_mono, zone)
 
     def _rate_anomaly(self, watch: Watch, category: str, detail: str, pid: int,
                       args: dict) -> None:
