@@ -77,8 +77,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
 def _pids_in(procs_file: Path) -> set[int]:
     try:
         return {int(p) for p in read_file(procs_file).split()}
-    except FileNotFoundError:
-        return set()
+    except OSError as exc:
+        # a cgroup being removed answers ENODEV before its directory goes: empty either way
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
+            return set()
+        raise
 
 
 def _kill_all(pids: Iterable[int]) -> None:
