@@ -26,8 +26,8 @@ import pytest
 from guest_agent import fanotify, seccomp
 from guest_agent.monitor import Monitor
 from guest_agent.profile import Profile
-from guest_agent.protocol import ANOMALY_CATEGORIES, ANOMALY_FIELDS, Decoder, encode
-from tests.unit.agent_peer import launch_agent
+from guest_agent.protocol import ANOMALY_CATEGORIES, ANOMALY_FIELDS
+from tests.unit.agent_peer import running_agent
 
 pytestmark = pytest.mark.integration
 
@@ -495,53 +495,31 @@ def test_host_mode_attached_socket_and_procs_file(tmp_path: Path) -> None:
 def test_agent_end_to_end(tmp_path: Path) -> None:
     """The agent (system python, a copy of guest_agent/) over a unix socket: a start with a
     monitor profile, the monitor event, the anomaly with its evidence, the exit."""
-    agent, conn, server = launch_agent(tmp_path, PY)
-    decoder = Decoder()
-    seen: list[dict] = []
-
-    def until(pred: Any, timeout: float = 15.0) -> dict:
-        deadline = time.monotonic() + timeout
-        for msg in seen:
-            if pred(msg):
-                return msg
-        while time.monotonic() < deadline:
-            try:
-                data = conn.recv(65536)
-            except TimeoutError:
-                continue
-            assert data, "agent closed the link"
-            for msg in decoder.feed(data):
-                assert isinstance(msg, dict), msg
-                seen.append(msg)
-                if pred(msg):
-                    return msg
-        raise AssertionError(f"not seen; got {[m['type'] for m in seen]}")
-
-    try:
-        hello = until(lambda m: m["type"] == "hello")
+    with running_agent(tmp_path, PY) as peer:
+        hello = peer.until(lambda m: m["type"] == "hello")
         caps = hello["capabilities"]
         assert {"events:anomaly", "events:monitor", "events:stats",
                 "monitor:seccomp"} <= set(caps)
         # a bad profile: refused, nothing started
-        conn.sendall(encode({"type": "start", "id": "bad", "argv": ["true"],
-                             "monitor": {"contain": "maybe"}}))
-        err = until(lambda m: m["type"] == "error" and m.get("id") == "bad")
+        peer.send({"type": "start", "id": "bad", "argv": ["true"],
+                   "monitor": {"contain": "maybe"}})
+        err = peer.until(lambda m: m["type"] == "error" and m.get("id") == "bad")
         assert "monitor.contain: must be one of none, deny, kill" in err["message"]
-        conn.sendall(encode({"type": "profile", "id": "nobody", "monitor": {}}))
-        until(lambda m: m["type"] == "error" and m.get("id") == "nobody")
+        peer.send({"type": "profile", "id": "nobody", "monitor": {}})
+        peer.until(lambda m: m["type"] == "error" and m.get("id") == "nobody")
 
         code = ("import ctypes, time; time.sleep(0.3); "
                 "ctypes.CDLL(None).ptrace(0, 0, 0, 0); print('survived')")
-        conn.sendall(encode({"type": "start", "id": "job", "argv": ["python3", "-c", code],
-                             "monitor": {"deny_syscalls": ["ptrace"], "contain": "kill"}}))
-        started = until(lambda m: m["type"] == "started" and m["id"] == "job")
-        mon_event = until(lambda m: m["type"] == "event" and m["kind"] == "monitor")
+        peer.send({"type": "start", "id": "job", "argv": ["python3", "-c", code],
+                   "monitor": {"deny_syscalls": ["ptrace"], "contain": "kill"}})
+        started = peer.until(lambda m: m["type"] == "started" and m["id"] == "job")
+        mon_event = peer.until(lambda m: m["type"] == "event" and m["kind"] == "monitor")
         assert "seccomp-unotify" in mon_event["data"]["mechanisms"]
-        conn.sendall(encode({"type": "profile", "id": "job",
-                             "monitor": {"deny_syscalls": ["ptrace"], "contain": "kill",
-                                         "network": "none"}}))
-        event = until(lambda m: m["type"] == "event" and m["kind"] == "anomaly")
-        exit_msg = until(lambda m: m["type"] == "exit" and m["id"] == "job")
+        peer.send({"type": "profile", "id": "job",
+                   "monitor": {"deny_syscalls": ["ptrace"], "contain": "kill",
+                               "network": "none"}})
+        event = peer.until(lambda m: m["type"] == "event" and m["kind"] == "anomaly")
+        exit_msg = peer.until(lambda m: m["type"] == "exit" and m["id"] == "job")
         data = event["data"]
         check_shape(data)
         assert event["id"] == "job" and data["category"] == "denied-syscall"
@@ -549,16 +527,6 @@ def test_agent_end_to_end(tmp_path: Path) -> None:
         assert data["args"] == {"request": "TRACEME", "target": 0}
         assert data["contained"] == "killed" and data["program"].startswith("/usr/bin/python")
         assert exit_msg["status"] == -9
-        assert not any(m["type"] == "output" and "survived" in m["data"] for m in seen)
-        assert not any(m["type"] == "error" and m.get("id") == "job" for m in seen)
+        assert not any(m["type"] == "output" and "survived" in m["data"] for m in peer.seen)
+        assert not any(m["type"] == "error" and m.get("id") == "job" for m in peer.seen)
         report("agent end to end: denied-syscall (kill)", data)
-    finally:
-        agent.terminate()
-        try:
-            _, err_text = agent.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            _, err_text = agent.communicate()
-        conn.close()
-        server.close()
-    assert b"Traceback" not in err_text, err_text.decode(errors="replace")[-3000:]

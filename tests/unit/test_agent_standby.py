@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +20,7 @@ from typing import Any
 import pytest
 
 from guest_agent import seccomp
-from guest_agent.protocol import Decoder, encode
-from tests.unit.agent_peer import launch_agent
+from tests.unit.agent_peer import AgentPeer, running_agent
 
 REPO = Path(__file__).resolve().parents[2]
 PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
@@ -34,34 +31,8 @@ if os.geteuid() != 0 or seccomp.available() is not None:
                 allow_module_level=True)
 
 
-class Peer:
-    """The host's end of one agent."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-        self.decoder = Decoder()
-        self.seen: list[dict] = []
-
-    def send(self, msg: dict) -> None:
-        self.conn.sendall(encode(msg))
-
-    def until(self, pred: Any, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        for msg in self.seen:
-            if pred(msg):
-                return msg
-        while time.monotonic() < deadline:
-            try:
-                data = self.conn.recv(65536)
-            except TimeoutError:
-                continue
-            assert data, "agent closed the link"
-            for msg in self.decoder.feed(data):
-                assert isinstance(msg, dict), msg
-                self.seen.append(msg)
-                if pred(msg):
-                    return msg
-        raise AssertionError(f"not seen; got {[(m['type'], m.get('id')) for m in self.seen]}")
+class Peer(AgentPeer):
+    """The host's end of one agent, with the standby requests."""
 
     def prepare(self, sid: str, *, mode: str = "python", program: str | None = None,
                 monitor: dict | None = None) -> dict:
@@ -90,22 +61,10 @@ class Peer:
 
 @pytest.fixture
 def peer(tmp_path: Path) -> Iterator[Peer]:
-    agent, conn, server = launch_agent(tmp_path, PY)
-    p = Peer(conn)
-    try:
+    with running_agent(tmp_path, PY, Peer) as p:
         hello = p.until(lambda m: m["type"] == "hello")
         assert "standby" in hello["capabilities"]
         yield p
-    finally:
-        agent.terminate()
-        try:
-            _, err_text = agent.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            _, err_text = agent.communicate()
-        conn.close()
-        server.close()
-    assert b"Traceback" not in err_text, err_text.decode(errors="replace")[-3000:]
 
 
 @pytest.fixture
