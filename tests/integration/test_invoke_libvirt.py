@@ -43,9 +43,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
 
 KEY = PoolKey("python3", "untrusted")
 #: leaves a process and a file behind, and says what it found of an earlier request
-LEAVE_BEHIND = b"""import os, subprocess, sys
-found = sorted(os.listdir('.'))
+LEAVE_BEHIND = b"""import glob, os, subprocess, sys
+found = sorted(os.listdir('.') + glob.glob('/tmp/left-*') + glob.glob('/var/tmp/left-*')
+               + glob.glob('/dev/shm/left-*'))
 open('left-by-' + sys.argv[1], 'w').write('x')
+for d in ('/tmp', '/var/tmp', '/dev/shm'):
+    os.makedirs(d + '/left-dir-' + sys.argv[1])
+    open(d + '/left-dir-' + sys.argv[1] + '/f', 'w').write('x')
+    open(d + '/left-' + sys.argv[1], 'w').write('x')
 subprocess.Popen(['sleep', '300'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                  start_new_session=True)
 print('request', sys.argv[1], 'found', found, 'uid', os.getuid())
@@ -132,7 +137,8 @@ def test_warm_invoke_then_same_guest_again_with_nothing_left(setup: Setup) -> No
     second = setup.invoker.invoke(InvokeRequest(code=LEAVE_BEHIND, name="leave.py",
                                                 args=("two",)))
     assert second.warm and second.guest_id == first.guest_id
-    assert second.stdout.decode() == f"request two found [] uid {nobody}\n"  # no files
+    # no files, neither in its scratch directory nor in the guest's shared ones
+    assert second.stdout.decode() == f"request two found [] uid {nobody}\n"
     # each request ran in a standby, a fresh one each time
     assert standby_pid(setup, first.zone_id) != standby_pid(setup, second.zone_id)
     kinds = [e.kind for e in registry.trail(setup.store, first.guest_id)]

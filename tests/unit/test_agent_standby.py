@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,6 +149,48 @@ def test_an_exception_ends_like_python(peer: Peer, code_dir: Path) -> None:
     assert started["standby"]["used"] is True and exit_msg["status"] == 1
     assert err.startswith("Traceback") and "ZeroDivisionError" in err and path in err
     assert "runpy" not in err and "<string>" not in err, err
+
+
+def test_the_end_is_pythons_without_the_teardown(peer: Peer, code_dir: Path) -> None:
+    """The loader leaves through os._exit (the teardown costs a TCG guest 70-140 ms), yet
+    ends as python would: non-daemon threads joined, atexit run, open files flushed, a
+    string exit code printed with status 1."""
+    assert peer.prepare("sb9")["type"] == "standby_ready"
+    out_dir = code_dir / "out"
+    out_dir.mkdir(mode=0o777)
+    out_dir.chmod(0o777)
+    path = script(code_dir, "sloppy.py", (
+        "import atexit, sys, threading, time\n"
+        f"d = {str(out_dir)!r}\n"
+        "kept = open(d + '/unclosed.txt', 'w')\n"
+        "kept.write('never closed')\n"
+        "raw = open(d + '/binary.bin', 'wb')\n"
+        "raw.write(b'\\x00' * 10)\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    open(d + '/thread.txt', 'w').write('joined')\n"
+        "threading.Thread(target=late).start()\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "print('buffered', end='')\n"
+        "sys.exit('bye')\n"))
+    started, exit_msg, out, err = peer.run("sloppy", [PY, path], standby="sb9")
+    assert started["standby"]["used"] is True
+    assert exit_msg["status"] == 1 and err == "bye\n", err
+    assert out == "bufferedatexit ran\n"
+    assert (out_dir / "unclosed.txt").read_text() == "never closed"
+    assert (out_dir / "binary.bin").read_bytes() == b"\x00" * 10
+    assert (out_dir / "thread.txt").read_text() == "joined"
+
+
+@pytest.mark.parametrize(("code", "status"), [("None", 0), ("7", 7), ("-1", 255)])
+def test_exit_codes_are_pythons(peer: Peer, code_dir: Path, code: str, status: int) -> None:
+    assert peer.prepare("sb10")["type"] == "standby_ready"
+    path = script(code_dir, "code.py", f"import sys\nprint('x')\nsys.exit({code})\n")
+    started, exit_msg, out, _err = peer.run("code", [PY, path], standby="sb10")
+    assert started["standby"]["used"] is True
+    assert (exit_msg["status"], out) == (status, "x\n")
+    plain = subprocess.run([PY, path], capture_output=True)
+    assert plain.returncode == status
 
 
 def test_exec_standby_runs_sh_as_its_own_program(peer: Peer, code_dir: Path) -> None:

@@ -64,6 +64,9 @@ DEFAULT_MEMORY = 512 * 1024 * 1024
 QEMU_OVERHEAD_KIB = {"kvm": 256 * 1024, "qemu": 768 * 1024}
 LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 PERIOD_US = 100_000
+#: a guest's directories every user may write to: a pooled guest's scrub deletes what the
+#: workload's user left there, so the next request of the pool finds none of it
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -318,9 +321,11 @@ class LibvirtDriver(HookedDriver):
 
     def scrub(self, guest: str, user: str, scratch: str, *, timeout: float = 30.0) -> float:
         """Between two zones of one guest: kill every process of `user` (what a workload
-        left running), check that none survives, and give the next zone an empty
-        `scratch` directory. Returns the seconds it took; ZoneError when a process
-        survives or the guest does not answer."""
+        left running), check that none survives, delete what a workload of the user made
+        in the shared temporary directories (/tmp, /var/tmp, /dev/shm: their entries the
+        user owns, with all they hold), and give the next zone an empty
+        `scratch` directory. Returns the seconds it took; ZoneError when a process or a
+        file survives or the guest does not answer."""
         link = self._links.get(guest)
         if link is None:
             raise ZoneError(f"no agent link to guest {guest}")
@@ -328,10 +333,21 @@ class LibvirtDriver(HookedDriver):
         uid, gid = entry.pw_uid, entry.pw_gid
         if uid == 0:
             raise ZoneError("a guest whose workload ran as root cannot be scrubbed for reuse")
+        # the user's own entries of the shared directories: a lab guest's /tmp is the
+        # host's (over 9p, too slow to walk), which may hold entries of the user that no
+        # workload made; the guest's first scrub (before it served anything) lists those
+        # as known, and later scrubs leave them alone
+        known = f"/run/hvtsm-scrub-known-{uid}"
+        found = (f"find {' '.join(shlex.quote(d) for d in SHARED_TMP)} -mindepth 1 "
+                 f"-maxdepth 1 -user {uid} 2>/dev/null")
+        made = f"{found} | grep -vxF -f {known}"
         # pkill -U matches the real uid, which a setuid program keeps; a process forked
         # between the kill and the check is caught by the next round
         script = (f"n=0; while pgrep -U {uid} >/dev/null; do n=$((n+1)); "
                   f"[ $n -gt 40 ] && exit 3; pkill -KILL -U {uid}; sleep 0.05; done; "
+                  f"[ -e {known} ] || {{ {found} > {known}; [ -e {known} ] || exit 5; }}; "
+                  f"{made} | while IFS= read -r p; do rm -rf \"$p\"; done; "
+                  f"[ -z \"$({made})\" ] || exit 4; "
                   f"rm -rf {shlex.quote(scratch)} && mkdir -m 0700 {shlex.quote(scratch)} "
                   f"&& chown {uid}:{gid} {shlex.quote(scratch)}")
         t0 = time.monotonic()
@@ -340,8 +356,10 @@ class LibvirtDriver(HookedDriver):
         status = remote.wait(timeout)
         if status != 0:
             raise ZoneError(f"guest {guest}: scrub failed (status {status}): "
-                            + ("processes of the previous workload survived"
-                               if status == 3 else "the guest did not clean up"))
+                            + {3: "processes of the previous workload survived",
+                               4: "files of the previous workload could not be deleted",
+                               5: f"could not list the known files of uid {uid}"}
+                            .get(status, "the guest did not clean up"))
         return time.monotonic() - t0
 
     def prepare_standby(self, guest: str, runtime: str, user: str,
