@@ -2,6 +2,11 @@
 
 Calls are resolved through the file's imports (`import subprocess as sp`, `from os import
 system`), so a rule names the real target (`subprocess.run`) however the file spells it.
+A segment also carries what the functions of the same file it calls can do (f(), C(),
+self.m(), C.m(), C().m(), through any chain of them): its evidence keeps its own file and line and
+says the way ("requests.get() via fetch()"). Calls into other files are not followed, nor
+the calls of the module's `if __name__ == "__main__":` part (the module's segment is what
+runs wherever the file is imported).
 """
 
 from __future__ import annotations
@@ -264,27 +269,116 @@ def parse(path: Path, text: str) -> ast.Module:
         raise AnalysisError(f"not Python source: {exc}", file=str(path)) from None
 
 
+class _Function:
+    """A def of the file: its segment name, the class it is a method of, its own evidence."""
+
+    def __init__(self, name: str, owner: str | None,
+                 node: ast.FunctionDef | ast.AsyncFunctionDef, reasons: list[Reason]) -> None:
+        self.name = name
+        self.owner = owner
+        self.node = node
+        self.reasons = reasons
+
+
+def _callees(body: Iterable[ast.AST], owner: str | None, prefix: str,
+             known: dict[str, _Function], imported: dict[str, str]) -> list[str]:
+    """Functions of this file that `body` calls by a name the file binds: f(), C() (its
+    __init__), self.m() / cls.m() in a method of C, C.m(), C().m()."""
+    out: list[str] = []
+    for root in body:
+        for node in ast.walk(root):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            target: str | None = None
+            if isinstance(func, ast.Name) and func.id not in imported:
+                target = f"{prefix}.{func.id}"
+                if target not in known:
+                    target = f"{prefix}.{func.id}.__init__"
+            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                base = func.value.id
+                if base in ("self", "cls") and owner is not None:
+                    target = f"{owner}.{func.attr}"
+                elif base not in imported:
+                    target = f"{prefix}.{base}.{func.attr}"
+            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
+                  and isinstance(func.value.func, ast.Name)
+                  and func.value.func.id not in imported):
+                target = f"{prefix}.{func.value.func.id}.{func.attr}"  # C().m()
+            if target in known and target not in out:
+                out.append(target)
+    return out
+
+
+def _propagated(start: str, calls: dict[str, list[str]],
+                known: dict[str, _Function]) -> Iterator[Reason]:
+    """What the functions `start` calls (directly or through others) can do, as evidence at
+    its real file and line, with the calls that reach it ("via a() -> b()")."""
+    paths: dict[str, list[str]] = {start: []}
+    queue = [start]
+    while queue:
+        current = queue.pop(0)
+        for callee in calls.get(current, []):
+            if callee in paths:
+                continue
+            paths[callee] = [*paths[current], callee]
+            queue.append(callee)
+    for name, path in paths.items():
+        if not path:
+            continue
+        via = " -> ".join((p.rsplit(".", 2)[-2] if p.endswith(".__init__")
+                           else p.rsplit(".", 1)[-1]) + "()" for p in path)
+        for r in known[name].reasons:
+            yield Reason(r.capability, r.file, r.line, f"{r.detail} via {via}", r.programs)
+
+
+def _main_guard(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":`"""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    test = node.test
+    sides = [test.left, *test.comparators]
+    return (len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+            and any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
+
+
 def analyze_python(path: Path, text: str) -> list[Segment]:
     tree = parse(path, text)
     file = str(path)
     module = path.stem
     r = _Resolver(tree)
     scanner = _Scanner(file, r, _native_names(r))
-    segments: list[Segment] = []
+    functions: dict[str, _Function] = {}
     module_nodes: list[ast.AST] = []
 
-    def visit_body(body: list[ast.stmt], prefix: str) -> None:
+    def visit_body(body: list[ast.stmt], prefix: str, owner: str | None) -> None:
         for stmt in body:
             if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 module_nodes.extend(_def_header(stmt))
-                segments.append(make_segment(f"{prefix}.{stmt.name}", "function", file,
-                                             stmt.lineno, scanner.scan(stmt.body)))
+                name = f"{prefix}.{stmt.name}"
+                functions[name] = _Function(name, owner, stmt,
+                                            list(scanner.scan(stmt.body)))
             elif isinstance(stmt, ast.ClassDef):
                 module_nodes.extend(_def_header(stmt))
-                visit_body(stmt.body, f"{prefix}.{stmt.name}")
+                visit_body(stmt.body, f"{prefix}.{stmt.name}", f"{prefix}.{stmt.name}")
             else:
                 module_nodes.append(stmt)
 
-    visit_body(tree.body, module)
-    module_segment = make_segment(module, "module", file, 1, scanner.scan(module_nodes))
+    visit_body(tree.body, module, None)
+    # a function is what it calls, too: fetch() that only calls a helper using urllib
+    # reaches the network, and its zone must allow it
+    calls = {name: _callees(f.node.body, f.owner, module, functions, r.names)
+             for name, f in functions.items()}
+    # the module's segment is what runs wherever the file is loaded (a pipeline's every
+    # zone imports it): its `if __name__ == "__main__":` part runs only as a script, and
+    # what it calls is the called functions' own segments
+    calls[module] = _callees([n for n in module_nodes if not _main_guard(n)], None, module,
+                             functions, r.names)
+    segments = [make_segment(name, "function", file, f.node.lineno,
+                             [*f.reasons, *_propagated(name, calls, functions)])
+                for name, f in functions.items()]
+    module_segment = make_segment(module, "module", file, 1,
+                                  [*scanner.scan(module_nodes),
+                                   *_propagated(module, calls, functions)])
     return [module_segment, *segments]

@@ -41,7 +41,14 @@ def test_scraper_network_parsing_and_writes() -> None:
     assert where(report, "scraper.fetch") == {("scraper.py", 12, "network"),
                                               ("scraper.py", 14, "input-parsing")}
     assert where(report, "scraper.save") == {("scraper.py", 18, "file-write")}
-    assert where(report, "scraper.crawl") == {("scraper.py", 25, "file-write")}
+    # crawl does what it calls, too: the evidence stays where it is, and says the way
+    assert where(report, "scraper.crawl") == {("scraper.py", 25, "file-write"),
+                                              ("scraper.py", 12, "network"),
+                                              ("scraper.py", 14, "input-parsing"),
+                                              ("scraper.py", 18, "file-write")}
+    crawl = report.segment("scraper.crawl")
+    assert {r.detail for r in crawl.reasons if r.line in (12, 18)} == {
+        "requests.get() via fetch()", "open(mode='w') via save()"}
     assert caps(report, "scraper.slug") == set()
     assert caps(report, "scraper") == set()
     fetch = report.segment("scraper.fetch")
@@ -365,3 +372,49 @@ def test_command_exec_globs(tmp_path: Path) -> None:
     broken = tmp_path / "broken.py"
     broken.write_text("def (:\n")
     assert command_exec_globs(["python3", str(broken)]) == ()
+
+
+def test_calls_carry_what_the_callee_does(tmp_path: Path) -> None:
+    """Through helpers, methods (self.m(), C.m()), constructors and chains of calls;
+    recursion ends; an imported name that shadows nothing of the file is not followed."""
+    src = tmp_path / "chain.py"
+    src.write_text(
+        "import subprocess\n"              # 1
+        "from os import system\n"          # 2
+        "def low():\n"                     # 3
+        "    subprocess.run(['ls'])\n"     # 4
+        "def mid():\n"                     # 5
+        "    low()\n"                      # 6
+        "def top():\n"                     # 7
+        "    return mid()\n"               # 8
+        "def again(n):\n"                  # 9
+        "    return again(n - 1) if n else low()\n"  # 10
+        "def pure():\n"                    # 11
+        "    return system\n"              # 12
+        "class Box:\n"                     # 13
+        "    def __init__(self):\n"        # 14
+        "        open('f', 'w')\n"         # 15
+        "    def go(self):\n"              # 16
+        "        self.deep()\n"            # 17
+        "    def deep(self):\n"            # 18
+        "        eval('1')\n"              # 19
+        "def make():\n"                    # 20
+        "    return Box()\n"               # 21
+        "def call_method():\n"             # 22
+        "    Box.go(None)\n"               # 23
+        "top()\n"                          # 24
+        "if __name__ == '__main__':\n"     # 25
+        "    make()\n")                    # 26
+    report = analyze(src)
+    assert where(report, "chain.top") == {("chain.py", 4, "exec")}
+    [reason] = report.segment("chain.top").reasons
+    assert reason.detail == "subprocess.run() via mid() -> low()"
+    assert report.segment("chain.top").programs == ("ls",)
+    assert where(report, "chain.again") == {("chain.py", 4, "exec")}
+    assert caps(report, "chain.pure") == set()
+    assert where(report, "chain.Box.go") == {("chain.py", 19, "dynamic-code")}
+    assert where(report, "chain.make") == {("chain.py", 15, "file-write")}
+    assert report.segment("chain.make").reasons[0].detail == "open(mode='w') via Box()"
+    assert where(report, "chain.call_method") == {("chain.py", 19, "dynamic-code")}
+    # module-level code runs top(); make() only when run as a script
+    assert where(report, "chain") == {("chain.py", 4, "exec")}

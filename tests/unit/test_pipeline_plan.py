@@ -52,7 +52,9 @@ def test_readings_splits_into_fetch_parse_compute() -> None:
     assert str(parse.policy.initial().network) == "none"
     assert str(compute.policy.initial().network) == "none"
     assert str(fetch.policy.initial().network) == "full"
-    assert {(r.capability, r.line) for r in fetch.reasons} == {("network", 31)}
+    # gateway(), which fetch calls, uses the socket module (line 24)
+    assert {(r.capability, r.line) for r in fetch.reasons} == {("network", 31),
+                                                               ("network", 24)}
     assert plan.params == ("port",) and plan.first_args == ("port",)
     assert plan.program_digest is not None
 
@@ -76,6 +78,30 @@ def test_consecutive_steps_of_one_role_share_a_zone(tmp_path: Path) -> None:
     # fetch matched the selector (its policy, half its lifespan); the others no selector
     assert plan.stages[0].policy.name == "segment-fetch" and plan.stages[0].scale == 0.5
     assert plan.stages[1].policy.name == "p" and plan.stages[1].chosen_by == "pipeline policy"
+
+
+def test_a_step_that_reaches_the_network_through_a_helper_is_a_fetch(tmp_path: Path) -> None:
+    """The step's own body has no network call: its helper does, and the zone the step
+    gets must have network (without the helper's evidence it would be a compute stage
+    with no network, and fail)."""
+    program = tmp_path / "helped.py"
+    program.write_text(
+        "import json, urllib.request\n"
+        "class Client:\n"
+        "    def get(self, u):\n        return urllib.request.urlopen(u).read()\n"
+        "def download(u):\n    return Client().get(u)\n"
+        "def fetch(u):\n    return download(u)\n"
+        "def decode(b):\n    return json.loads(b)\n"
+        "def main(url):\n    a = fetch(url)\n    return decode(a)\n"
+        "if __name__ == '__main__':\n    main('http://x')\n")
+    plan = plan_python(program, pipeline_policy([("fetch", "parse")], tmp_path))
+    assert [(s.name, s.functions) for s in plan.stages] == [("fetch", ("fetch",)),
+                                                           ("parse", ("decode",))]
+    assert str(plan.stages[0].policy.initial().network) == "full"
+    [why] = plan.stages[0].reasons
+    assert (why.line, why.detail) == (4, "urllib.request.urlopen() via download() -> get()")
+    # the script's own run of main() is not part of what every zone loads
+    assert plan.stages[1].capabilities == {"input-parsing"}
 
 
 def test_a_role_that_comes_back_gets_a_numbered_stage(tmp_path: Path) -> None:
