@@ -15,6 +15,11 @@ waiting for the agent's answer is woken by any signal (wait_for_completion_inter
 the kernel's seccomp_do_user_notification) and its call returns -ERESTARTSYS, which a
 handler without SA_RESTART (dash's SIGCHLD) turns into EINTR: "Cannot fork" for a call
 that never fails that way unwatched. Forks are counted by sampling instead (proccount.py).
+The calls that are notified get SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV where the kernel has
+it (5.19+): once the agent has received a call, only a fatal signal ends its wait, so a
+SIGCHLD while the agent decides on an exec, connect or file-creating open no longer makes
+it fail with EINTR. A signal before the agent received the call is handled as without the
+flag, and the agent receives at once.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_ACTION_AVAIL = 2
 SECCOMP_GET_NOTIF_SIZES = 3
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5  # Linux 5.19
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
@@ -206,7 +212,12 @@ class Installer:
         if self._prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise self._fail("prctl(PR_SET_NO_NEW_PRIVS)")
         listener = self._syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
-                                 SECCOMP_FILTER_FLAG_NEW_LISTENER, self._fprog_ref)
+                                 SECCOMP_FILTER_FLAG_NEW_LISTENER
+                                 | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, self._fprog_ref)
+        if listener < 0 and ctypes.get_errno() == errno.EINVAL:
+            # a kernel before 5.19: notified calls stay interruptible (see the docstring)
+            listener = self._syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
+                                     SECCOMP_FILTER_FLAG_NEW_LISTENER, self._fprog_ref)
         if listener < 0:
             raise self._fail("seccomp(SET_MODE_FILTER, NEW_LISTENER)")
         ctypes.memmove(self._header, header, len(header))
