@@ -13,9 +13,11 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import guest_agent
+from hvtsm.analysis.local_modules import program_digest
 from hvtsm.errors import ZoneError
 
 STAGE_ROOT = Path("/var/lib/hvtsm/agent")
@@ -66,23 +68,37 @@ def zone_python() -> str:
 PROGRAM_ROOT = Path("/var/lib/hvtsm/programs")
 
 
-def stage_program(path: str | os.PathLike[str], *, expect: str | None = None) -> Path:
-    """A read-only snapshot of one program file, named by its digest: the zone runs exactly
-    the bytes that were analyzed (`expect`: their sha256), and a zone user can read it
-    wherever the original lives."""
-    data = Path(path).read_bytes()
-    full = hashlib.sha256(data).hexdigest()
+def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
+                  local_files: Sequence[str] = ()) -> Path:
+    """A read-only snapshot of a program file and the local modules it imports (at their
+    places beside it), named by their digest: the zone runs exactly the bytes that were
+    analyzed (`expect`: `program_digest`), and a zone user can read it wherever the
+    original lives. Returns the program's path in the snapshot."""
+    source = Path(path)
+    full = program_digest(source, local_files)
     if expect is not None and full != expect:
-        raise ZoneError(f"{path} changed after it was analyzed; nothing was run",
+        raise ZoneError(f"{path} (or a module it imports) changed after it was analyzed; "
+                        "nothing was run",
                         hint="run the command again to analyze the new version")
-    digest = full[:16]
-    target = PROGRAM_ROOT / digest / Path(path).name
+    root = PROGRAM_ROOT / full[:16]
+    target = root / source.name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(data)
-        tmp.chmod(0o444)
-        tmp.rename(target)
-    for d in (PROGRAM_ROOT.parent, PROGRAM_ROOT, target.parent):
+        # built aside and renamed into place whole: a concurrent stage sees all or nothing
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.with_name(f".{root.name}.{os.getpid()}.{threading.get_ident()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel in (*sorted(local_files), source.name):
+            copy = tmp / rel
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes((source.parent / rel).read_bytes())
+            copy.chmod(0o444)
+        for d in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
+            d.chmod(0o755)
+        try:
+            tmp.rename(root)
+        except OSError:
+            # another process staged the same digest first (the same bytes)
+            shutil.rmtree(tmp, ignore_errors=True)
+    for d in (PROGRAM_ROOT.parent, PROGRAM_ROOT, root):
         d.chmod(0o755)
     return target

@@ -2,6 +2,7 @@
 
 `analyze(path)` picks the reader by content (ELF magic, then a shebang, then the suffix)
 and returns a `Report`; input it cannot read raises `AnalysisError`, never anything else.
+A Python program's report also covers the modules it imports from its own directory.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import os
 from pathlib import Path
 
 from hvtsm.analysis.elf import ELF_MAGIC, analyze_elf
+from hvtsm.analysis.local_modules import local_modules
 from hvtsm.analysis.model import CAPABILITIES, Reason, Report, Segment
-from hvtsm.analysis.python_source import analyze_python
+from hvtsm.analysis.python_source import analyze_python, parse
 from hvtsm.analysis.risk import risk_of
 from hvtsm.analysis.shell import analyze_shell
 from hvtsm.errors import AnalysisError
@@ -57,11 +59,32 @@ def analyze(path: str | os.PathLike[str]) -> Report:
         return Report(str(p), "shell", tuple(analyze_shell(p, text)))
     if (interpreter or "").startswith("python") or (interpreter is None and p.suffix in (
             ".py", ".pyw")):
-        return Report(str(p), "python", tuple(analyze_python(p, text)))
+        return _python_program(p, text)
     raise AnalysisError(
         f"unknown format (interpreter {interpreter!r})" if interpreter else
         "unknown format: no ELF magic, no shebang, not .py or .sh", file=str(p),
         hint="hvtsm analyze reads Python, shell scripts and ELF binaries")
+
+
+def _python_program(path: Path, text: str) -> Report:
+    """The program and the local modules it imports (local_modules.py): theirs are
+    analyzed until their calls into one another say nothing new, then the program's
+    functions carry what the modules' functions they call can do."""
+    modules = local_modules(path, parse(path, text))
+    texts = {m.name: m.path.read_text(encoding="utf-8") for m in modules}
+    external: dict[str, Segment] = {}
+    theirs: list[Segment] = []
+    for _ in range(len(modules) + 1):
+        theirs = [s for m in modules
+                  for s in analyze_python(m.path, texts[m.name], module=m.name,
+                                          external=external)]
+        now = {s.name: s for s in theirs if s.kind == "function"}
+        if now == external:
+            break
+        external = now
+    own = analyze_python(path, text, external=external)
+    return Report(str(path), "python", (*own, *theirs),
+                  local_files=tuple(m.relative for m in modules))
 
 
 _INTERPRETERS = _SHELL_INTERPRETERS | {"python", "python3"}

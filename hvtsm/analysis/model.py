@@ -68,6 +68,9 @@ class Report:
     path: str
     language: str
     segments: tuple[Segment, ...]
+    #: the local modules a Python program imports (paths relative to its directory), whose
+    #: segments follow the program's own
+    local_files: tuple[str, ...] = ()
 
     def segment(self, name: str) -> Segment:
         for s in self.segments:
@@ -83,7 +86,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "language": self.language,
-                "segments": [s.to_dict() for s in self.segments]}
+                "segments": [s.to_dict() for s in self.segments],
+                "local_files": list(self.local_files)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from hvtsm.analysis.model import Reason, Segment
@@ -270,44 +270,62 @@ def parse(path: Path, text: str) -> ast.Module:
 
 
 class _Function:
-    """A def of the file: its segment name, the class it is a method of, its own evidence."""
+    """A def of the file (its segment name, the class it is a method of, its own evidence),
+    or a function of an imported local module (no node: its evidence is already whole)."""
 
     def __init__(self, name: str, owner: str | None,
-                 node: ast.FunctionDef | ast.AsyncFunctionDef, reasons: list[Reason]) -> None:
+                 node: ast.FunctionDef | ast.AsyncFunctionDef | None,
+                 reasons: list[Reason]) -> None:
         self.name = name
         self.owner = owner
         self.node = node
         self.reasons = reasons
 
+    @property
+    def line(self) -> int:
+        return self.node.lineno if self.node is not None else 0
+
+    def node_body(self) -> list[ast.stmt]:
+        return self.node.body if self.node is not None else []
+
 
 def _callees(body: Iterable[ast.AST], owner: str | None, prefix: str,
-             known: dict[str, _Function], imported: dict[str, str]) -> list[str]:
-    """Functions of this file that `body` calls by a name the file binds: f(), C() (its
-    __init__), self.m() / cls.m() in a method of C, C.m(), C().m()."""
+             known: Mapping[str, _Function], r: _Resolver) -> list[str]:
+    """Functions of this file, or of the local modules it imports (`known` holds both),
+    that `body` calls by a name the file binds: f(), C() (its __init__), self.m() /
+    cls.m() in a method of C, C.m(), C().m(), and the imported helpers.f() or f()."""
     out: list[str] = []
     for root in body:
         for node in ast.walk(root):
             if not isinstance(node, ast.Call):
                 continue
-            func = node.func
-            target: str | None = None
-            if isinstance(func, ast.Name) and func.id not in imported:
-                target = f"{prefix}.{func.id}"
-                if target not in known:
-                    target = f"{prefix}.{func.id}.__init__"
-            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-                base = func.value.id
-                if base in ("self", "cls") and owner is not None:
-                    target = f"{owner}.{func.attr}"
-                elif base not in imported:
-                    target = f"{prefix}.{base}.{func.attr}"
-            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
-                  and isinstance(func.value.func, ast.Name)
-                  and func.value.func.id not in imported):
-                target = f"{prefix}.{func.value.func.id}.{func.attr}"  # C().m()
+            target = _call_target(node.func, owner, prefix, r)
+            if target is not None and target not in known:
+                target += ".__init__"  # a class: its constructor runs
             if target in known and target not in out:
                 out.append(target)
     return out
+
+
+def _call_target(func: ast.expr, owner: str | None, prefix: str, r: _Resolver) -> str | None:
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) \
+            and isinstance(func.value.func, ast.Name):
+        name = func.value.func.id  # C().m()
+        return f"{r.names.get(name, prefix + '.' + name)}.{func.attr}"
+    base = func
+    while isinstance(base, ast.Attribute):
+        base = base.value
+    if not isinstance(base, ast.Name):
+        return None
+    if base.id in r.names:
+        return r.dotted(func)  # imported: helpers.f(), tools.net.get(), f
+    if isinstance(func, ast.Name):
+        return f"{prefix}.{func.id}"
+    if isinstance(func, ast.Attribute) and func.value is base:
+        if base.id in ("self", "cls"):
+            return f"{owner}.{func.attr}" if owner is not None else None
+        return f"{prefix}.{base.id}.{func.attr}"
+    return None
 
 
 def _propagated(start: str, calls: dict[str, list[str]],
@@ -326,10 +344,22 @@ def _propagated(start: str, calls: dict[str, list[str]],
     for name, path in paths.items():
         if not path:
             continue
-        via = " -> ".join((p.rsplit(".", 2)[-2] if p.endswith(".__init__")
-                           else p.rsplit(".", 1)[-1]) + "()" for p in path)
+        via = " -> ".join(_shown(p, known[p]) for p in path)
         for r in known[name].reasons:
-            yield Reason(r.capability, r.file, r.line, f"{r.detail} via {via}", r.programs)
+            # an imported module's evidence may already say its own way: ours comes first
+            head, sep, rest = r.detail.partition(" via ")
+            detail = f"{head} via {via}" + (f" -> {rest}" if sep else "")
+            yield Reason(r.capability, r.file, r.line, detail, r.programs)
+
+
+def _shown(name: str, function: _Function) -> str:
+    """A callee as the evidence names it: f(), C() for a constructor, and an imported
+    module's function by its dotted name (helpers.f())."""
+    if function.node is None:
+        return name.removesuffix(".__init__") + "()"
+    if name.endswith(".__init__"):
+        return name.rsplit(".", 2)[-2] + "()"
+    return name.rsplit(".", 1)[-1] + "()"
 
 
 def _main_guard(node: ast.AST) -> bool:
@@ -343,10 +373,14 @@ def _main_guard(node: ast.AST) -> bool:
             and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
 
 
-def analyze_python(path: Path, text: str) -> list[Segment]:
+def analyze_python(path: Path, text: str, *, module: str | None = None,
+                   external: Mapping[str, Segment] | None = None) -> list[Segment]:
+    """Segments of one Python file. `module`: its dotted name (default: the file's stem).
+    `external`: function segments of the local modules it imports, by dotted name, whose
+    evidence its calls carry."""
     tree = parse(path, text)
     file = str(path)
-    module = path.stem
+    module = module or path.stem
     r = _Resolver(tree)
     scanner = _Scanner(file, r, _native_names(r))
     functions: dict[str, _Function] = {}
@@ -366,19 +400,24 @@ def analyze_python(path: Path, text: str) -> list[Segment]:
                 module_nodes.append(stmt)
 
     visit_body(tree.body, module, None)
+    own = list(functions)
+    known: dict[str, _Function] = dict(functions)
+    for name, segment in (external or {}).items():
+        if name not in known and segment.kind == "function":
+            known[name] = _Function(name, None, None, list(segment.reasons))
     # a function is what it calls, too: fetch() that only calls a helper using urllib
     # reaches the network, and its zone must allow it
-    calls = {name: _callees(f.node.body, f.owner, module, functions, r.names)
-             for name, f in functions.items()}
+    calls = {name: _callees(functions[name].node_body(), functions[name].owner, module,
+                            known, r) for name in own}
     # the module's segment is what runs wherever the file is loaded (a pipeline's every
     # zone imports it): its `if __name__ == "__main__":` part runs only as a script, and
     # what it calls is the called functions' own segments
     calls[module] = _callees([n for n in module_nodes if not _main_guard(n)], None, module,
-                             functions, r.names)
-    segments = [make_segment(name, "function", file, f.node.lineno,
-                             [*f.reasons, *_propagated(name, calls, functions)])
-                for name, f in functions.items()]
+                             known, r)
+    segments = [make_segment(name, "function", file, functions[name].line,
+                             [*functions[name].reasons, *_propagated(name, calls, known)])
+                for name in own]
     module_segment = make_segment(module, "module", file, 1,
                                   [*scanner.scan(module_nodes),
-                                   *_propagated(module, calls, functions)])
+                                   *_propagated(module, calls, known)])
     return [module_segment, *segments]

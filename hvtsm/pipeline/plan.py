@@ -10,7 +10,6 @@ is refused before any zone is made.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import tomllib
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtsm.analysis import analyze
+from hvtsm.analysis.local_modules import program_digest
 from hvtsm.analysis.model import Reason, Report, exec_globs
 from hvtsm.errors import AnalysisError, PipelineError, PolicyError
 from hvtsm.pipeline.entry import read_chain
@@ -87,8 +87,11 @@ class Plan:
     #: the first stage's arguments, as names of `params`
     first_args: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
-    #: sha256 of the program as analyzed: the zones run exactly these bytes
+    #: agent_stage.program_digest of the program as analyzed: the zones run exactly these
+    #: bytes
     program_digest: str | None = None
+    #: the local modules the program imports (relative to its directory), shipped with it
+    local_files: tuple[str, ...] = ()
 
     def neighbours(self, index: int) -> tuple[str | None, str | None]:
         before = self.stages[index - 1].name if index > 0 else None
@@ -161,7 +164,8 @@ def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> P
                             chosen_by=chosen))
     plan = Plan(name=module, program=str(path.resolve()), policy=pipeline,
                 stages=tuple(stages), params=chain.params, first_args=chain.first_args,
-                program_digest=hashlib.sha256(data).hexdigest())
+                program_digest=program_digest(path, report.local_files),
+                local_files=report.local_files)
     check_channels(plan)
     return plan
 
@@ -218,7 +222,7 @@ def plan_manifest(path: str | Path, pipeline: Policy | None = None) -> Plan:
             raise PipelineError("must be a path", file=source, field="program")
         program_path = (path.parent / program).resolve()
         report = analyze(program_path)
-        digest = hashlib.sha256(program_path.read_bytes()).hexdigest()
+        digest = program_digest(program_path, report.local_files)
         program = str(program_path)
     raw = doc.get("segment")
     if not isinstance(raw, list) or not raw:
@@ -240,7 +244,7 @@ def plan_manifest(path: str | Path, pipeline: Policy | None = None) -> Plan:
         params, first_args = chain.params, chain.first_args
     plan = Plan(name=str(doc.get("name", path.stem)), program=program, policy=pipeline,
                 stages=tuple(stages), params=params, first_args=first_args,
-                program_digest=digest)
+                program_digest=digest, local_files=report.local_files if report else ())
     check_channels(plan)
     return plan
 

@@ -82,8 +82,8 @@ def stage_argv(plan: Plan, index: int, args: Sequence[str], *,
         return [*argv, "--command", "--", *stage.command]
     if plan.program is None:
         raise PipelineError(f"stage {stage.name!r} calls functions but the plan has no program")
-    argv += ["--program", str(stage_program(plan.program,
-                                                    expect=plan.program_digest)), "--call",
+    argv += ["--program", str(stage_program(plan.program, expect=plan.program_digest,
+                                            local_files=plan.local_files)), "--call",
              ",".join(stage.functions)]
     if before is None:
         argv += ["--args", json.dumps(first_arguments(plan, args))]

@@ -134,3 +134,25 @@ def test_a_failing_stage_stops_the_pipeline(tmp_path: Path) -> None:
     assert final["stages"][0]["name"] == "fetch"
     assert "ConnectionRefusedError" in final["stages"][0]["stderr"] or \
         "Connection refused" in final["stages"][0]["stderr"]
+
+
+def test_a_module_beside_the_program_runs_in_the_zones(tmp_path: Path) -> None:
+    """The stages import a module of the program's directory: the analysis reads it (parse
+    is a parse stage because of the helper's json.loads), the snapshot ships it."""
+    (tmp_path / "stats_helpers.py").write_text(
+        "import json\n"
+        "def decode(text):\n    return json.loads(text)\n"
+        "def mean(values):\n    return sum(values) / len(values)\n")
+    program = tmp_path / "stats.py"
+    program.write_text("import stats_helpers\n"
+                       "def parse(text):\n    return stats_helpers.decode(text)\n"
+                       "def compute(values):\n    return {'mean': stats_helpers.mean(values)}\n"
+                       "def main(text):\n    a = parse(text)\n    return compute(a)\n")
+    db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
+    plan = json.loads(hvtsm(db, "pipeline", "--plan", "--json", str(program), "--", "[1]",
+                            check=True).stdout)
+    assert [s["role"] for s in plan["stages"]] == ["parse", "compute"]
+    result = hvtsm(db, "pipeline", "--json", str(program), "--", "[1, 2, 6]", timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    final = json_lines(result.stdout)[-1]
+    assert final["ok"] and json.loads(final["output"]) == {"mean": 3.0}, final

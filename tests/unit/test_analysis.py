@@ -418,3 +418,59 @@ def test_calls_carry_what_the_callee_does(tmp_path: Path) -> None:
     assert where(report, "chain.call_method") == {("chain.py", 19, "dynamic-code")}
     # module-level code runs top(); make() only when run as a script
     assert where(report, "chain") == {("chain.py", 4, "exec")}
+
+
+def local_program(tmp_path: Path) -> Path:
+    """A program whose helpers live beside it: a module and a package with a relative
+    import; `json` and `urllib` are the installed library's, not local."""
+    (tmp_path / "helpers.py").write_text(
+        "import urllib.request\n"                      # 1
+        "def download(url):\n"                         # 2
+        "    return urllib.request.urlopen(url).read()\n")  # 3
+    pkg = tmp_path / "tools"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "disk.py").write_text(
+        "from . import names\n"                        # 1
+        "def keep(data):\n"                            # 2
+        "    open(names.target(), 'wb').write(data)\n")  # 3
+    (pkg / "names.py").write_text("def target():\n    return 'out.bin'\n")
+    (tmp_path / "unused.py").write_text("import os\nos.system('x')\n")
+    program = tmp_path / "job.py"
+    program.write_text(
+        "import json\n"                                # 1
+        "import helpers\n"                             # 2
+        "from tools.disk import keep\n"                # 3
+        "def fetch(url):\n"                            # 4
+        "    return helpers.download(url)\n"           # 5
+        "def store(data):\n"                           # 6
+        "    keep(data)\n"                             # 7
+        "def main(url):\n"                             # 8
+        "    a = fetch(url)\n"                         # 9
+        "    return store(a)\n")                       # 10
+    return program
+
+
+def test_local_modules_are_analyzed_with_the_program(tmp_path: Path) -> None:
+    report = analyze(local_program(tmp_path))
+    assert set(report.local_files) == {"helpers.py", "tools/__init__.py", "tools/disk.py",
+                                       "tools/names.py"}  # not unused.py, not json
+    names = [s.name for s in report.segments]
+    assert names[:4] == ["job", "job.fetch", "job.store", "job.main"]
+    assert {"helpers.download", "tools.disk.keep", "tools.names.target"} <= set(names)
+    [why] = report.segment("job.fetch").reasons
+    assert (why.capability, Path(why.file).name, why.line) == ("network", "helpers.py", 3)
+    assert why.detail == "urllib.request.urlopen() via helpers.download()"
+    [why] = report.segment("job.store").reasons
+    assert (why.capability, Path(why.file).name, why.line) == ("file-write", "disk.py", 3)
+    assert why.detail == "open(mode='wb') via tools.disk.keep()"
+    assert caps(report, "job.main") == {"network", "file-write"}
+    assert report.to_dict()["local_files"] == list(report.local_files)
+
+
+def test_a_broken_local_module_is_named(tmp_path: Path) -> None:
+    program = local_program(tmp_path)
+    (tmp_path / "helpers.py").write_text("def download(url:\n")
+    with pytest.raises(AnalysisError) as info:
+        analyze(program)
+    assert info.value.file == str(tmp_path / "helpers.py") and info.value.line == 1

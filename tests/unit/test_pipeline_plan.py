@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hvtsm.errors import AnalysisError, PipelineError, PolicyError
+from hvtsm.agent_stage import stage_program
+from hvtsm.errors import AnalysisError, PipelineError, PolicyError, ZoneError
 from hvtsm.pipeline.plan import plan_manifest, plan_python, role_of
 from hvtsm.pipeline.runner import first_arguments, stage_argv
 from hvtsm.policy import parse_policy
@@ -102,6 +103,30 @@ def test_a_step_that_reaches_the_network_through_a_helper_is_a_fetch(tmp_path: P
     assert (why.line, why.detail) == (4, "urllib.request.urlopen() via download() -> get()")
     # the script's own run of main() is not part of what every zone loads
     assert plan.stages[1].capabilities == {"input-parsing"}
+
+
+def test_local_modules_go_with_the_program_and_are_checked(tmp_path: Path) -> None:
+    """A step whose network is in a module beside the program is a fetch; the snapshot the
+    zones run holds that module too, and a module changed after the analysis stops it."""
+    (tmp_path / "helpers.py").write_text(
+        "import urllib.request\n"
+        "def download(url):\n    return urllib.request.urlopen(url).read()\n")
+    program = tmp_path / "job.py"
+    program.write_text("import helpers\n"
+                       "def fetch(url):\n    return helpers.download(url)\n"
+                       "def count(data):\n    return len(data)\n"
+                       "def main(url):\n    a = fetch(url)\n    return count(a)\n")
+    plan = plan_python(program, pipeline_policy([("fetch", "compute")], tmp_path))
+    assert [s.role for s in plan.stages] == ["fetch", "compute"]
+    assert plan.local_files == ("helpers.py",)
+    staged = stage_program(plan.program, expect=plan.program_digest,
+                           local_files=plan.local_files)
+    assert staged.name == "job.py" and staged.read_bytes() == program.read_bytes()
+    assert (staged.parent / "helpers.py").read_bytes() == (tmp_path / "helpers.py").read_bytes()
+    assert oct(staged.parent.stat().st_mode & 0o777) == "0o755"
+    (tmp_path / "helpers.py").write_text("def download(url):\n    return b'other'\n")
+    with pytest.raises(ZoneError, match="changed after it was analyzed"):
+        stage_program(plan.program, expect=plan.program_digest, local_files=plan.local_files)
 
 
 def test_a_role_that_comes_back_gets_a_numbered_stage(tmp_path: Path) -> None:

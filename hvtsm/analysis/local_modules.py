@@ -1,0 +1,117 @@
+"""The modules a Python program imports from its own directory, which run with it.
+
+`import helpers`, `from helpers import get` and `import tools.net` load `helpers.py` or the
+package `tools/` that sit beside the program (its directory comes first on `sys.path`), and
+those files' own such imports, transitively. Their code is analyzed with the program, and a
+pipeline's zones get them in the program's snapshot. Relative imports inside a package are
+followed within that package; anything not found beside the program is the installed
+library's business, neither analyzed nor shipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvtsm.errors import AnalysisError
+
+#: a program importing more local files than this is refused rather than walked on
+MAX_LOCAL_FILES = 200
+
+
+@dataclass(frozen=True)
+class LocalModule:
+    #: the dotted name it is imported by ("helpers", "tools.net", "tools" for __init__)
+    name: str
+    path: Path
+    #: its path relative to the program's directory
+    relative: str
+
+
+def _module_file(base: Path, dotted: str) -> tuple[str, Path] | None:
+    parts = dotted.split(".")
+    as_file = base.joinpath(*parts).with_suffix(".py")
+    if as_file.is_file():
+        return dotted, as_file
+    as_package = base.joinpath(*parts, "__init__.py")
+    if as_package.is_file():
+        return dotted, as_package
+    return None
+
+
+def _imported_names(tree: ast.Module, module: str, is_package: bool) -> list[str]:
+    """Dotted names a module's imports may load, each parent package included."""
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                # relative: only inside a package (the program itself is __main__)
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                keep = len(package) - (node.level - 1)
+                if module == "__main__" or keep <= 0:
+                    continue
+                base = ".".join(package[:keep] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            # `from tools import net` may load the module tools.net
+            targets = [base, *(f"{base}.{a.name}" for a in node.names if a.name != "*")]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            names += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return names
+
+
+def local_modules(program: Path, tree: ast.Module) -> tuple[LocalModule, ...]:
+    """The local modules `program` (parsed as `tree`) loads, in the order found."""
+    base = program.resolve().parent
+    found: dict[str, LocalModule] = {}
+    queue: list[tuple[str, ast.Module, bool]] = [("__main__", tree, False)]
+    while queue:
+        module, module_tree, is_package = queue.pop(0)
+        for name in _imported_names(module_tree, module, is_package):
+            if name in found:
+                continue
+            located = _module_file(base, name)
+            if located is None:
+                continue
+            dotted, path = located
+            if path.resolve() == program.resolve():
+                continue
+            if len(found) >= MAX_LOCAL_FILES:
+                raise AnalysisError(f"imports more than {MAX_LOCAL_FILES} local modules",
+                                    file=str(program),
+                                    hint="name the segments as commands in a manifest")
+            try:
+                text = path.read_text(encoding="utf-8")
+                sub_tree = ast.parse(text, filename=str(path))
+            except SyntaxError as exc:
+                raise AnalysisError(f"Python syntax error in an imported module: {exc.msg}",
+                                    file=str(path), line=exc.lineno) from None
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise AnalysisError(f"cannot read an imported module: {exc}",
+                                    file=str(path)) from None
+            found[dotted] = LocalModule(dotted, path, str(path.relative_to(base)))
+            queue.append((dotted, sub_tree, path.name == "__init__.py"))
+    return tuple(found.values())
+
+
+def program_digest(path: str | os.PathLike[str], local_files: Sequence[str] = ()) -> str:
+    """sha256 of a program (its name and bytes) and the local modules it imports (paths
+    relative to its directory): what an analysis read, and what a snapshot must hold."""
+    base = Path(path).parent
+    h = hashlib.sha256(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    for rel in sorted(local_files):
+        data = (base / rel).read_bytes()
+        h.update(b"\0" + rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+__all__ = ["MAX_LOCAL_FILES", "LocalModule", "local_modules", "program_digest"]
