@@ -70,7 +70,8 @@ def _python_program(path: Path, text: str) -> Report:
     """The program and the local modules it imports (local_modules.py): theirs are
     analyzed until their calls into one another say nothing new, then the program's
     functions carry what the modules' functions they call can do."""
-    modules = local_modules(path, parse(path, text))
+    tree = parse(path, text)
+    modules = local_modules(path, tree)
     texts = {m.name: m.path.read_text(encoding="utf-8") for m in modules}
     external: dict[str, Segment] = {}
     theirs: list[Segment] = []
@@ -82,7 +83,7 @@ def _python_program(path: Path, text: str) -> Report:
         if now == external:
             break
         external = now
-    own = analyze_python(path, text, external=external)
+    own = analyze_python(path, text, external=external, tree=tree)
     return Report(str(path), "python", (*own, *theirs),
                   local_files=tuple(m.relative for m in modules))
 

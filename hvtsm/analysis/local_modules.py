@@ -43,10 +43,28 @@ def _module_file(base: Path, dotted: str) -> tuple[str, Path] | None:
     return None
 
 
+def _import_statements(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, wherever it sits (in functions, classes, if and try
+    blocks), found without visiting any expression."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+            continue
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            block = getattr(node, field, None)
+            if isinstance(block, list):
+                stack.extend(n for n in block if isinstance(n, ast.stmt | ast.excepthandler
+                                                            | ast.match_case))
+    return found
+
+
 def _imported_names(tree: ast.Module, module: str, is_package: bool) -> list[str]:
     """Dotted names a module's imports may load, each parent package included."""
     names: list[str] = []
-    for node in ast.walk(tree):
+    for node in _import_statements(tree):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -125,10 +125,15 @@ class _Scanner:
     def reason(self, cap: str, node: ast.AST, detail: str) -> Reason:
         return Reason(cap, self.file, getattr(node, "lineno", 0), detail)
 
-    def scan(self, nodes: Iterable[ast.AST]) -> Iterator[Reason]:
+    def scan(self, nodes: Iterable[ast.AST],
+             calls: list[ast.Call] | None = None) -> Iterator[Reason]:
+        """The evidence in `nodes`; every call met is also appended to `calls`, so that
+        the calls into the file's own functions need no second walk."""
         for root in nodes:
             for node in ast.walk(root):
                 if isinstance(node, ast.Call):
+                    if calls is not None:
+                        calls.append(node)
                     yield from self.call(node)
                 elif isinstance(node, ast.Attribute):
                     name = self.r.dotted(node)
@@ -270,41 +275,41 @@ def parse(path: Path, text: str) -> ast.Module:
 
 
 class _Function:
-    """A def of the file (its segment name, the class it is a method of, its own evidence),
-    or a function of an imported local module (no node: its evidence is already whole)."""
+    """A def of the file (its segment name, the class it is a method of, its own evidence,
+    the calls in its body), or a function of an imported local module (no node: its
+    evidence is already whole)."""
 
     def __init__(self, name: str, owner: str | None,
                  node: ast.FunctionDef | ast.AsyncFunctionDef | None,
-                 reasons: list[Reason]) -> None:
+                 reasons: list[Reason], calls: list[ast.Call] | None = None) -> None:
         self.name = name
         self.owner = owner
         self.node = node
         self.reasons = reasons
+        self.calls = calls or []
 
     @property
     def line(self) -> int:
         return self.node.lineno if self.node is not None else 0
 
-    def node_body(self) -> list[ast.stmt]:
-        return self.node.body if self.node is not None else []
 
-
-def _callees(body: Iterable[ast.AST], owner: str | None, prefix: str,
+def _callees(calls: Iterable[ast.Call], owner: str | None, prefix: str,
              known: Mapping[str, _Function], r: _Resolver) -> list[str]:
     """Functions of this file, or of the local modules it imports (`known` holds both),
-    that `body` calls by a name the file binds: f(), C() (its __init__), self.m() /
+    that `calls` reach by a name the file binds: f(), C() (its __init__), self.m() /
     cls.m() in a method of C, C.m(), C().m(), and the imported helpers.f() or f()."""
     out: list[str] = []
-    for root in body:
-        for node in ast.walk(root):
-            if not isinstance(node, ast.Call):
-                continue
-            target = _call_target(node.func, owner, prefix, r)
-            if target is not None and target not in known:
-                target += ".__init__"  # a class: its constructor runs
-            if target in known and target not in out:
-                out.append(target)
+    for node in calls:
+        target = _call_target(node.func, owner, prefix, r)
+        if target is not None and target not in known:
+            target += ".__init__"  # a class: its constructor runs
+        if target in known and target not in out:
+            out.append(target)
     return out
+
+
+def _calls_in(nodes: Iterable[ast.AST]) -> list[ast.Call]:
+    return [n for root in nodes for n in ast.walk(root) if isinstance(n, ast.Call)]
 
 
 def _call_target(func: ast.expr, owner: str | None, prefix: str, r: _Resolver) -> str | None:
@@ -374,11 +379,13 @@ def _main_guard(node: ast.AST) -> bool:
 
 
 def analyze_python(path: Path, text: str, *, module: str | None = None,
-                   external: Mapping[str, Segment] | None = None) -> list[Segment]:
+                   external: Mapping[str, Segment] | None = None,
+                   tree: ast.Module | None = None) -> list[Segment]:
     """Segments of one Python file. `module`: its dotted name (default: the file's stem).
     `external`: function segments of the local modules it imports, by dotted name, whose
-    evidence its calls carry."""
-    tree = parse(path, text)
+    evidence its calls carry. `tree`: the file already parsed (`parse`)."""
+    if tree is None:
+        tree = parse(path, text)
     file = str(path)
     module = module or path.stem
     r = _Resolver(tree)
@@ -391,8 +398,9 @@ def analyze_python(path: Path, text: str, *, module: str | None = None,
             if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 module_nodes.extend(_def_header(stmt))
                 name = f"{prefix}.{stmt.name}"
-                functions[name] = _Function(name, owner, stmt,
-                                            list(scanner.scan(stmt.body)))
+                calls: list[ast.Call] = []
+                reasons = list(scanner.scan(stmt.body, calls))
+                functions[name] = _Function(name, owner, stmt, reasons, calls)
             elif isinstance(stmt, ast.ClassDef):
                 module_nodes.extend(_def_header(stmt))
                 visit_body(stmt.body, f"{prefix}.{stmt.name}", f"{prefix}.{stmt.name}")
@@ -407,13 +415,13 @@ def analyze_python(path: Path, text: str, *, module: str | None = None,
             known[name] = _Function(name, None, None, list(segment.reasons))
     # a function is what it calls, too: fetch() that only calls a helper using urllib
     # reaches the network, and its zone must allow it
-    calls = {name: _callees(functions[name].node_body(), functions[name].owner, module,
-                            known, r) for name in own}
+    calls = {name: _callees(functions[name].calls, functions[name].owner, module, known, r)
+             for name in own}
     # the module's segment is what runs wherever the file is loaded (a pipeline's every
     # zone imports it): its `if __name__ == "__main__":` part runs only as a script, and
     # what it calls is the called functions' own segments
-    calls[module] = _callees([n for n in module_nodes if not _main_guard(n)], None, module,
-                             known, r)
+    calls[module] = _callees(_calls_in(n for n in module_nodes if not _main_guard(n)), None,
+                             module, known, r)
     segments = [make_segment(name, "function", file, functions[name].line,
                              [*functions[name].reasons, *_propagated(name, calls, known)])
                 for name in own]
