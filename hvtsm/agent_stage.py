@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import guest_agent
-from hvtsm.analysis.local_modules import program_digest
+from hvtsm.analysis.local_modules import digest_files, read_program
 from hvtsm.errors import ZoneError
 
 STAGE_ROOT = Path("/var/lib/hvtsm/agent")
@@ -75,7 +75,8 @@ def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
     analyzed (`expect`: `program_digest`), and a zone user can read it wherever the
     original lives. Returns the program's path in the snapshot."""
     source = Path(path)
-    full = program_digest(source, local_files)
+    files = read_program(source, local_files)
+    full = digest_files(files)
     if expect is not None and full != expect:
         raise ZoneError(f"{path} (or a module it imports) changed after it was analyzed; "
                         "nothing was run",
@@ -87,10 +88,10 @@ def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = root.with_name(f".{root.name}.{os.getpid()}.{threading.get_ident()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        for rel in (*sorted(local_files), source.name):
+        for rel, data in files:
             copy = tmp / rel
             copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_bytes((source.parent / rel).read_bytes())
+            copy.write_bytes(data)
             copy.chmod(0o444)
         for d in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
             d.chmod(0o755)

@@ -121,15 +121,28 @@ def local_modules(program: Path, tree: ast.Module) -> tuple[LocalModule, ...]:
     return tuple(found.values())
 
 
-def program_digest(path: str | os.PathLike[str], local_files: Sequence[str] = ()) -> str:
-    """sha256 of a program (its name and bytes) and the local modules it imports (paths
-    relative to its directory): what an analysis read, and what a snapshot must hold."""
-    base = Path(path).parent
-    h = hashlib.sha256(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
-    for rel in sorted(local_files):
-        data = (base / rel).read_bytes()
-        h.update(b"\0" + rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+def read_program(path: str | os.PathLike[str],
+                 local_files: Sequence[str] = ()) -> list[tuple[str, bytes]]:
+    """(name, bytes) of a program (its file name) and then of its local modules (paths
+    relative to its directory, sorted): read once, for the digest and the snapshot alike."""
+    source = Path(path)
+    return [(source.name, source.read_bytes()),
+            *((rel, (source.parent / rel).read_bytes()) for rel in sorted(local_files))]
+
+
+def digest_files(files: Sequence[tuple[str, bytes]]) -> str:
+    """sha256 of `read_program`'s files: names and bytes, each delimited."""
+    (name, data), *modules = files
+    h = hashlib.sha256(name.encode() + b"\0" + data)
+    for rel, content in modules:
+        h.update(b"\0" + rel.encode() + b"\0" + str(len(content)).encode() + b"\0" + content)
     return h.hexdigest()
 
 
-__all__ = ["MAX_LOCAL_FILES", "LocalModule", "local_modules", "program_digest"]
+def program_digest(path: str | os.PathLike[str], local_files: Sequence[str] = ()) -> str:
+    """What an analysis read, and what a snapshot must hold (`digest_files`)."""
+    return digest_files(read_program(path, local_files))
+
+
+__all__ = ["MAX_LOCAL_FILES", "LocalModule", "digest_files", "local_modules",
+           "program_digest", "read_program"]

@@ -2,11 +2,12 @@
 
 Calls are resolved through the file's imports (`import subprocess as sp`, `from os import
 system`), so a rule names the real target (`subprocess.run`) however the file spells it.
-A segment also carries what the functions of the same file it calls can do (f(), C(),
-self.m(), C.m(), C().m(), through any chain of them): its evidence keeps its own file and line and
-says the way ("requests.get() via fetch()"). Calls into other files are not followed, nor
-the calls of the module's `if __name__ == "__main__":` part (the module's segment is what
-runs wherever the file is imported).
+A segment also carries what the functions it calls can do, through any chain of calls:
+the file's own (f(), C(), self.m(), C.m(), C().m()) and those of the modules it imports
+from its directory (`external`, see local_modules.py). Their evidence keeps its own file
+and line and says the way ("requests.get() via fetch()"). Other files are not followed,
+nor the calls of the module's `if __name__ == "__main__":` part (the module's segment is
+what runs wherever the file is imported).
 """
 
 from __future__ import annotations
