@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,16 @@ def test_warm_invoke_then_same_guest_again_with_nothing_left(setup: Setup) -> No
     [line] = out.splitlines()
     assert status == 0 and "-c # hvtsm standby" in line, out
     assert int(line.split()[0]) != standby_pid(setup, first.zone_id)
+    # the pooled guest's /tmp and /var/tmp are its own tmpfs, not the host's over 9p
+    marker = Path(tempfile.mkdtemp(prefix="hvtsm-host-marker-", dir="/tmp"))
+    try:
+        for d in ("/tmp", "/var/tmp"):
+            status, out = guest_run(setup, first.guest_id, ["stat", "-f", "-c", "%T", d])
+            assert (status, out.strip()) == (0, "tmpfs"), (d, out)
+        status, out = guest_run(setup, first.guest_id, ["ls", "-a", "/tmp"])
+        assert status == 0 and marker.name not in out, out
+    finally:
+        marker.rmdir()
     second = setup.invoker.invoke(InvokeRequest(code=LEAVE_BEHIND, name="leave.py",
                                                 args=("two",)))
     assert second.warm and second.guest_id == first.guest_id

@@ -67,6 +67,8 @@ PERIOD_US = 100_000
 #: a guest's directories every user may write to: a pooled guest's scrub deletes what the
 #: workload's user left there, so the next request of the pool finds none of it
 SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+#: of those, the ones a pooled guest gets a tmpfs of its own on
+PRIVATE_TMP = ("/tmp", "/var/tmp")
 
 
 @dataclass(frozen=True)
@@ -333,11 +335,14 @@ class LibvirtDriver(HookedDriver):
         uid, gid = entry.pw_uid, entry.pw_gid
         if uid == 0:
             raise ZoneError("a guest whose workload ran as root cannot be scrubbed for reuse")
-        # the user's own entries of the shared directories: a lab guest's /tmp is the
-        # host's (over 9p, too slow to walk), which may hold entries of the user that no
-        # workload made; the guest's first scrub (before it served anything) lists those
-        # as known, and later scrubs leave them alone
+        # the user's own entries of the shared directories. A lab guest's /tmp and
+        # /var/tmp are the host's (over 9p: slow to walk, and none of a workload's
+        # business), so the guest's first scrub, before it served anything, mounts a
+        # private tmpfs on each that is not a mount of its own yet; it also lists the
+        # user's entries already there as known, and later scrubs leave those alone
         known = f"/run/hvtsm-scrub-known-{uid}"
+        private = "; ".join(f"mountpoint -q {d} || mount -t tmpfs -o mode=1777,nosuid,nodev "
+                            f"tmpfs {d} || exit 6" for d in PRIVATE_TMP)
         found = (f"find {' '.join(shlex.quote(d) for d in SHARED_TMP)} -mindepth 1 "
                  f"-maxdepth 1 -user {uid} 2>/dev/null")
         made = f"{found} | grep -vxF -f {known}"
@@ -345,7 +350,8 @@ class LibvirtDriver(HookedDriver):
         # between the kill and the check is caught by the next round
         script = (f"n=0; while pgrep -U {uid} >/dev/null; do n=$((n+1)); "
                   f"[ $n -gt 40 ] && exit 3; pkill -KILL -U {uid}; sleep 0.05; done; "
-                  f"[ -e {known} ] || {{ {found} > {known}; [ -e {known} ] || exit 5; }}; "
+                  f"[ -e {known} ] || {{ {private}; {found} > {known}; "
+                  f"[ -e {known} ] || exit 5; }}; "
                   # each program started costs a TCG guest ~80 ms: the second look only
                   # when there was something to delete
                   f"left=$({made}); if [ -n \"$left\" ]; then "
@@ -361,7 +367,8 @@ class LibvirtDriver(HookedDriver):
             raise ZoneError(f"guest {guest}: scrub failed (status {status}): "
                             + {3: "processes of the previous workload survived",
                                4: "files of the previous workload could not be deleted",
-                               5: f"could not list the known files of uid {uid}"}
+                               5: f"could not list the known files of uid {uid}",
+                               6: "could not mount a private tmpfs on /tmp or /var/tmp"}
                             .get(status, "the guest did not clean up"))
         return time.monotonic() - t0
 
