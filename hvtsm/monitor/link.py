@@ -713,6 +713,24 @@ class AgentLink:
             self._pending[key] = pending
         return pending
 
+    def _ask(self, msg: Message, expect: str, timeout: float, *, late: str,
+             failed: str) -> Message:
+        """Send `msg` (its id is the request's key) and return the agent's `expect` reply.
+        ZoneError "`late`; what was seen" without one in `timeout` s, "`failed`: why" when
+        the agent answered with an error."""
+        key = str(msg["id"])
+        pending = self._request(key, expect)
+        try:
+            self._send(msg, timeout)
+            if not pending.done.wait(timeout):
+                raise self._error(f"{late}; {self._seen()}")
+        finally:
+            self._forget(key)
+        if pending.error is not None:
+            raise self._error(f"{failed}: {pending.error}")
+        assert pending.reply is not None
+        return pending.reply
+
     def _forget(self, key: str) -> None:
         with self._lock:
             self._pending.pop(key, None)
@@ -795,18 +813,10 @@ class AgentLink:
         for name, value in (("user", user), ("python", python), ("program", program)):
             if value is not None:
                 msg[name] = value
-        pending = self._request(standby_id, "standby_ready")
-        try:
-            self._send(msg, timeout)
-            if not pending.done.wait(timeout):
-                raise self._error(f"the standby {standby_id} was not ready within "
-                                  f"{timeout:g} s; {self._seen()}")
-        finally:
-            self._forget(standby_id)
-        if pending.error is not None:
-            raise self._error(f"no standby in the guest: {pending.error}")
-        assert pending.reply is not None
-        return {k: pending.reply.get(k) for k in ("id", "pid", "prepared", "mode")}
+        reply = self._ask(msg, "standby_ready", timeout,
+                          late=f"the standby {standby_id} was not ready within {timeout:g} s",
+                          failed="no standby in the guest")
+        return {k: reply.get(k) for k in ("id", "pid", "prepared", "mode")}
 
     def _abandon(self, work: RemoteWorkload, *, kill: bool) -> None:
         """Forget a workload whose start failed or was not confirmed in time."""
@@ -852,33 +862,19 @@ class AgentLink:
             with contextlib.suppress(TypeError, ValueError):
                 wait = max(timeout, float(params["timeout"]) + PROBE_GRACE)
         pid = f"p{next(self._ids)}"
-        pending = self._request(pid, "probe_result")
-        try:
-            self._send({"type": "probe", "id": pid, "kind": kind, "args": params}, wait)
-            if not pending.done.wait(wait):
-                raise self._error(f"no answer to the {kind} probe within {wait:g} s; "
-                                  f"{self._seen()}")
-        finally:
-            self._forget(pid)
-        if pending.error is not None:
-            raise self._error(f"probe {kind} failed in the guest: {pending.error}")
-        assert pending.reply is not None
-        result: dict[str, Any] = pending.reply["result"]
+        reply = self._ask({"type": "probe", "id": pid, "kind": kind, "args": params},
+                          "probe_result", wait,
+                          late=f"no answer to the {kind} probe within {wait:g} s",
+                          failed=f"probe {kind} failed in the guest")
+        result: dict[str, Any] = reply["result"]
         return result
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the agent and back, seconds."""
         pid = f"k{next(self._ids)}"
-        pending = self._request(pid, "heartbeat")
         began = time.monotonic()
-        try:
-            self._send({"type": "ping", "id": pid}, timeout)
-            if not pending.done.wait(timeout):
-                raise self._error(f"no answer to a ping within {timeout:g} s; {self._seen()}")
-        finally:
-            self._forget(pid)
-        if pending.error is not None:
-            raise self._error(f"ping failed: {pending.error}")
+        self._ask({"type": "ping", "id": pid}, "heartbeat", timeout,
+                  late=f"no answer to a ping within {timeout:g} s", failed="ping failed")
         return time.monotonic() - began
 
     def signal(self, workload_id: str, sig: int) -> None:
