@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import cgroup_driver, progress, temp_store
 
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import parse_policy
 from hvtsm.zones.base import WorkloadIO
 
@@ -74,8 +75,8 @@ def main() -> int:
     text = POLICY.format(decoy=decoy)
     policy = parse_policy(text.encode(), source="throughput.toml")
     store = temp_store()
-    driver = cgroup_driver()
-    manager = Manager(store, driver)
+    manager = Manager(store, cgroup_driver())
+    driver: Any = manager.driver
     manager.start()
     try:
         for name, target, mode in (("seccomp", work / "created", "create"),
@@ -86,11 +87,11 @@ def main() -> int:
                                               str(target), mode, str(args.seconds)],
                                      io=WorkloadIO(stdout=out.fileno(), stderr=out.fileno()),
                                      user="nobody", policy_toml=text)
-                agent_pid = run.handle.state["agent_pid"]
+                agent_pid = run.handle.state.agent_pid
                 cpu0 = cpu_seconds(agent_pid)
                 time.sleep(args.seconds + 6.5)
                 cpu = cpu_seconds(agent_pid) - cpu0
-                stats = dict(driver.hooks.stats.get(run.zone_id, {}))
+                stats = dict(driver.agents.sink(run.zone_id).stats)
                 run.ended.wait(30)
                 out.seek(0)
                 output = out.read().decode(errors="replace")

@@ -25,11 +25,11 @@ from pathlib import Path
 from common import percentile, progress, summary, temp_store
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import parse_policy
 from hvtsm.store.audit import zone_trail
 from hvtsm.zones.base import Backend, WorkloadIO
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 from tests.integration.monitor_corpus import (
     DEFAULT_POLICY,
     PYTHON,
@@ -55,7 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     backend = Backend(args.backend)
     store = temp_store()
-    manager = Manager(store, make_driver(backend, probe_host()))
+    manager = Manager(store, driver_factory(backend, probe_host()))
     manager.start()
     text, policy = freeze_policy()
     offset = time.time() - time.monotonic()

@@ -25,7 +25,7 @@ import sys
 
 from common import cgroup_driver, summary, temp_store
 
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy import parse_policy
 from hvtsm.policy.model import ChannelGrant
 from hvtsm.zones.base import Backend, WorkloadIO
@@ -111,8 +111,8 @@ def run(backend: Backend, count: int, seconds: float) -> None:
     else:
         from common import probe_host  # type: ignore[attr-defined]
 
-        from hvtsm.zones.factory import make_driver
-        driver = make_driver(Backend.LIBVIRT, probe_host())
+        from hvtsm.zones.factory import driver_factory
+        driver = driver_factory(Backend.LIBVIRT, probe_host())
     store = temp_store()
     manager = Manager(store, driver)
     manager.start()

@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvtsm.host import probe_host
 from hvtsm.store import Store
-from hvtsm.zones.base import Backend, ZoneDriver
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.base import Backend, DriverFactory, ZoneDriver
+from hvtsm.zones.factory import driver_factory
+from hvtsm.zones.logged import LoggedEvents
 
 logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
@@ -39,8 +40,14 @@ def temp_store() -> Store:
     return Store(f"sqlite:///{path}")
 
 
-def cgroup_driver() -> ZoneDriver:
-    return make_driver(Backend.CGROUP, probe_host())
+def cgroup_driver() -> DriverFactory:
+    """How a manager makes its cgroup driver."""
+    return driver_factory(Backend.CGROUP, probe_host())
+
+
+def bare_driver(backend: Backend = Backend.CGROUP) -> ZoneDriver:
+    """A driver outside any lifecycle (its reports are only logged)."""
+    return driver_factory(backend, probe_host())(LoggedEvents())
 
 
 def rss_mib(pid: int | None = None) -> float:

@@ -22,16 +22,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common import percentile, progress, summary, temp_store
 
 from hvtsm.host import probe_host
 from hvtsm.invoke import Invoker, InvokeRequest, InvokeResult
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.pool.rules import PoolKey
 from hvtsm.pool.warm import WarmPool
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 
 PROGRAMS = {"python3": (b"print('ok')\n", "trivial.py"),
             "sh": (b"#!/bin/sh\necho ok\n", "trivial.sh")}
@@ -90,11 +91,11 @@ def main() -> None:
                         help="also a warm pass under a policy without monitoring")
     args = parser.parse_args()
     store = temp_store()
-    driver = make_driver(Backend.LIBVIRT, probe_host())
-    manager = Manager(store, driver, actor="bench")
+    manager = Manager(store, driver_factory(Backend.LIBVIRT, probe_host()), actor="bench")
+    driver: Any = manager.driver
     manager.start()
     # one guest per runtime serves every warm run (the 20-use retirement would cut in)
-    pool = WarmPool(store, driver, max_uses=1_000_000)
+    pool = WarmPool(store, driver, idle=manager.events, max_uses=1_000_000)
     invoker = Invoker(manager, pool=pool)
     try:
         print(f"accelerator: {driver.accel.accel} ({driver.accel.reason})")  # type: ignore[attr-defined]

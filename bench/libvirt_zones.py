@@ -24,25 +24,29 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common import percentile, progress, summary, temp_store
 
 from hvtsm.host import probe_host
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.monitor.link import AgentLink
 from hvtsm.policy import parse_policy
 from hvtsm.restrictions import NetworkMode, Restrictions
 from hvtsm.store.audit import zone_trail
 from hvtsm.zones.base import Backend, WorkloadIO, ZoneSpec
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 from hvtsm.zones.libvirt.driver import LibvirtDriver, LibvirtOptions, domain_name
+from hvtsm.zones.logged import LoggedEvents
 
 MEMORY = 512 * 1024 * 1024
 
 
 def driver() -> LibvirtDriver:
-    made = make_driver(Backend.LIBVIRT, probe_host(), libvirt=LibvirtOptions())
+    """A driver outside any lifecycle (cold starts, guests per host)."""
+    made = driver_factory(Backend.LIBVIRT, probe_host(), libvirt=LibvirtOptions())(
+        LoggedEvents())
     assert isinstance(made, LibvirtDriver)
     return made
 
@@ -133,9 +137,10 @@ action = "terminate"
 
 
 def tightenings(runs: int) -> dict[str, list[float]]:
-    drv = driver()
     store = temp_store()
-    manager = Manager(store, drv)
+    manager = Manager(store, driver_factory(Backend.LIBVIRT, probe_host(),
+                                            libvirt=LibvirtOptions()))
+    drv: Any = manager.driver
     manager.start()
     policy = parse_policy(POLICY.encode(), source="bench.toml")
     out: dict[str, list[float]] = {"link down": [], "unplug complete": [], "balloon seen": [],

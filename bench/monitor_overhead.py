@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import cgroup_driver, progress, summary, temp_store
 
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import parse_policy
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ from pathlib import Path
 from common import cgroup_driver, percentile, progress, rss_mib, summary, temp_store
 from sqlmodel import select
 
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy import parse_policy
 from hvtsm.store.models import PhaseApplied
 from hvtsm.zones.base import WorkloadIO

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from common import cgroup_driver, summary, temp_store
 
-from hvtsm.manager import Manager, Notice
+from hvtsm.lifecycle import Manager, Notice
+from hvtsm.lifecycle.notices import Started
 from hvtsm.policy import load_policy
 from hvtsm.zones.base import WorkloadIO
 
@@ -76,8 +77,8 @@ def main() -> None:
     placed: list[float] = []
 
     def listen(notice: Notice) -> None:
-        if notice.kind == "start" and "placed_ms" in notice.data:
-            placed.append(float(notice.data["placed_ms"]))
+        if isinstance(notice, Started) and notice.placed_ms is not None:
+            placed.append(notice.placed_ms)
 
     store = temp_store()
     manager = Manager(store, cgroup_driver(), listener=listen)

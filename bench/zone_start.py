@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import cgroup_driver, percentile, progress, summary, temp_store
+from common import bare_driver, cgroup_driver, percentile, progress, summary, temp_store
 
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import load_policy, parse_policy
 from hvtsm.zones.base import WorkloadIO, ZoneSpec
 
@@ -42,7 +42,7 @@ def baseline(n: int) -> list[float]:
 
 
 def driver_starts(n: int) -> tuple[list[float], list[float]]:
-    driver = cgroup_driver()
+    driver = bare_driver()
     policy = load_policy(REPO / "policies" / "default.toml")
     starts, ends = [], []
     for i in range(n):

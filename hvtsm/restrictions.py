@@ -9,10 +9,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
+from typing import TypeVar
 
 from hvtsm.units import format_cpuset, format_size
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+N = TypeVar("N", int, float)
 
 
 class NetworkMode(StrEnum):
@@ -150,6 +152,29 @@ class Restrictions:
                                       f"'{self.filesystem}'"))
         return out
 
+    def tighter(self, other: Restrictions) -> Restrictions:
+        """Each field at the tighter of these and `other`: what a transient zone may do is
+        never more than its parent may."""
+        network = self.network if self.network.rank() >= other.network.rank() else other.network
+        egress: tuple[EgressRule, ...] | None
+        if self.egress is None:
+            egress = other.egress
+        elif other.egress is None:
+            egress = self.egress
+        else:  # destinations both allow: each side's rules the other side covers
+            both = [r for r in self.egress if any(e.covers(r) for e in other.egress)]
+            both += [r for r in other.egress if any(e.covers(r) for e in self.egress)]
+            egress = tuple(sorted(set(both)))
+        cpus = self.cpus if other.cpus is None else other.cpus if self.cpus is None else (
+            self.cpus & other.cpus or other.cpus)
+        return Restrictions(
+            network=network, egress=egress if network is NetworkMode.FULL else None,
+            cpu_shares=_least(self.cpu_shares, other.cpu_shares),
+            cpu_quota=_least(self.cpu_quota, other.cpu_quota), cpus=cpus,
+            memory=_least(self.memory, other.memory), pids=_least(self.pids, other.pids),
+            filesystem=self.filesystem if self.filesystem.rank() >= other.filesystem.rank()
+            else other.filesystem)
+
     def changes_from(self, before: Restrictions) -> dict[str, str]:
         """Field -> printable new value, for every field that differs from `before`."""
         return {
@@ -188,6 +213,14 @@ class Restrictions:
             pids=data.get("pids"),  # type: ignore[arg-type]
             filesystem=FilesystemMode(str(data.get("filesystem", "rw"))),
         )
+
+
+def _least(a: N | None, b: N | None) -> N | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
 
 
 def _show(name: str, value: object) -> str:

@@ -9,19 +9,18 @@ from typing import Any
 
 from sqlmodel import select
 
+from hvtsm import cleanup
 from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
 from hvtsm.cli.output import iso, say, table
 from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
-from hvtsm.controllers import dead_controllers, is_alive, release_zone, zone_owner_alive
-from hvtsm.errors import HvtsmError, StoreError
+from hvtsm.errors import StoreError
 from hvtsm.host import probe_host
-from hvtsm.pool import cleanup as pool_cleanup
 from hvtsm.store import Store
-from hvtsm.store.audit import find_zone, list_zones, record_event, record_operator, zone_trail
-from hvtsm.store.models import Controller, Zone, ZoneState
-from hvtsm.timeline import drop_table
+from hvtsm.store.audit import find_zone, list_zones, zone_trail
+from hvtsm.store.models import Zone
 from hvtsm.zones.base import Backend
 from hvtsm.zones.factory import drivers_for
+from hvtsm.zones.logged import LoggedEvents
 
 
 def add_parsers(commands: Any) -> None:
@@ -38,14 +37,22 @@ def add_parsers(commands: Any) -> None:
     audit.add_argument("--json", action="store_true", help="print JSON lines")
     audit.set_defaults(handler=cmd_audit)
 
-    cleanup = commands.add_parser(
+    clean = commands.add_parser(
         "cleanup", help="remove what dead controllers left behind",
-        description="Find cgroups, network namespaces and NICs of zones whose controller is "
-        "gone, kill their processes and remove them; close their store records.")
-    cleanup.add_argument("--dry-run", action="store_true", help="only list what would go")
-    cleanup.add_argument("--json", action="store_true", help="print JSON")
-    add_libvirt_options(cleanup)
-    cleanup.set_defaults(handler=cmd_cleanup)
+        description="Find cgroups, network namespaces, NICs, agents and domains of zones "
+        "whose controller is gone, kill their processes and remove them; close their store "
+        "records. A zone this store has no record of may be another store's (its `hvtsm "
+        "resume` adopts it): it is listed and left alone unless named or --unrecorded is "
+        "given. --dry-run prints exactly what the run would do.")
+    clean.add_argument("zones", nargs="*", metavar="ZONE",
+                       help="only these zones (removed even when this store has no record "
+                       "of them)")
+    clean.add_argument("--unrecorded", action="store_true",
+                       help="also remove zones this store has no record of")
+    clean.add_argument("--dry-run", action="store_true", help="only list what would go")
+    clean.add_argument("--json", action="store_true", help="print JSON")
+    add_libvirt_options(clean)
+    clean.set_defaults(handler=cmd_cleanup)
 
 
 def cmd_zones(args: argparse.Namespace) -> int:
@@ -109,80 +116,29 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     store = Store(args.db)
     drivers = drivers_for([Backend.CGROUP, Backend.LIBVIRT], probe_host(),
-                          libvirt=libvirt_options(args), optional=True)
-    actions: list[dict[str, Any]] = []
-    failed = False
-    # warm pool guests are no zone's: idle ones of a live pool stay, dead ones go
-    running = {d.backend: d for d in drivers}.get(Backend.LIBVIRT)
-    keep_guests, retire_guests = pool_cleanup.plan(
-        store, running.guest_alive if running is not None else lambda _g: False)  # type: ignore[attr-defined]
-    guest_removed: dict[str, list[str]] = {}
-    with store.session() as session:
-        controllers = {c.id: c for c in session.exec(select(Controller)).all()}
-        rows = {z.id: z for z in session.exec(select(Zone)).all()}
-
-        def owned_by_live_controller(zone_id: str) -> bool:
-            if zone_owner_alive(zone_id):
-                return True  # possibly a controller working with another store
-            zone = rows.get(zone_id)
-            if zone is None or not ZoneState(zone.state).live:
-                return False
-            owner = controllers.get(zone.controller_id or "")
-            return owner is not None and is_alive(owner)
-
-        for driver in drivers:
-            for zone_id in sorted(driver.leftovers()):
-                if owned_by_live_controller(zone_id) or zone_id in keep_guests:
-                    continue
-                entry: dict[str, Any] = {"zone": zone_id,
-                                         "known": zone_id in rows or zone_id in retire_guests,
-                                         "backend": str(driver.backend)}
-                if not args.dry_run:
-                    try:
-                        entry["removed"] = driver.remove(zone_id)
-                        guest_removed[zone_id] = entry["removed"]
-                        release_zone(zone_id)
-                    except HvtsmError as exc:
-                        entry["error"] = str(exc)
-                        failed = True
-                actions.append(entry)
-        for zone in rows.values():
-            if ZoneState(zone.state).live and not owned_by_live_controller(zone.id):
-                if not any(a["zone"] == zone.id for a in actions):
-                    actions.append({"zone": zone.id, "known": True, "removed": []})
-                if not args.dry_run:
-                    zone.state = ZoneState.CLEANED
-                    zone.ended_at = time.time()
-                    zone.end_reason = "controller gone; removed by cleanup"
-                    record_event(session, zone_id=zone.id, kind="cleaned",
-                                 detail="controller gone; removed by `hvtsm cleanup`")
-        dead = dead_controllers(session)
-        if not args.dry_run:
-            for controller in dead:
-                session.delete(controller)
-            if actions:
-                record_operator(session, actor="cleanup", action="cleanup",
-                                args={"zones": [a["zone"] for a in actions]},
-                                reason="orphans of dead controllers")
+                          events=LoggedEvents(), libvirt=libvirt_options(args), optional=True)
+    planned = cleanup.plan(store, drivers, names=args.zones, unrecorded=args.unrecorded)
     if not args.dry_run:
-        pool_cleanup.apply(store, retire_guests, guest_removed)
-    for guest_id, reason in retire_guests.items():
-        if not any(a["zone"] == guest_id for a in actions):
-            actions.append({"zone": guest_id, "known": True, "removed": [],
-                            "pool": reason})
-    if not args.dry_run:
-        # after the session's commit: SQLite would refuse DDL beside its open write
-        for controller in dead:
-            drop_table(store.engine, controller.jobs_table)
-    verb = "would remove" if args.dry_run else "removed"
+        cleanup.carry_out(store, drivers, planned)
     if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "zones": actions,
-                          "dead_controllers": [c.id for c in dead]}))
-    elif not actions:
-        print("nothing to clean up")
+        print(json.dumps({"dry_run": args.dry_run,
+                          "zones": [i.to_json() for i in planned.items],
+                          "dead_controllers": [c.id for c in planned.dead]}))
     else:
-        for a in actions:
-            what = ", ".join(a.get("removed", [])) or "store record only"
-            status = f"error: {a['error']}" if "error" in a else f"{verb} {what}"
-            print(f"{a['zone']}{'' if a['known'] else ' (not in this store)'}: {status}")
-    return EXIT_INVALID if failed else EXIT_OK
+        if not any(i.action == "remove" for i in planned.items):
+            print("nothing to clean up")
+        for item in planned.items:
+            print(_cleanup_line(item, dry_run=args.dry_run))
+    return EXIT_INVALID if planned.failed else EXIT_OK
+
+
+def _cleanup_line(item: cleanup.Item, *, dry_run: bool) -> str:
+    where = "" if item.recorded else " (not in this store)"
+    if item.error is not None:
+        return f"{item.zone}{where}: error: {item.error}"
+    if item.action == "leave":
+        return f"{item.zone}{where}: {'would leave' if dry_run else 'left'} it: {item.why}"
+    what = ", ".join(item.resources) or "store record only"
+    if item.pool:
+        what += f"; pool guest retired: {item.pool}"
+    return f"{item.zone}{where}: {'would remove' if dry_run else 'removed'} {what}"

@@ -10,20 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hvtsm.cli.exits import EXIT_TERMINATED, EXIT_USAGE, from_status
+from hvtsm.cli.exits import EXIT_USAGE, from_outcome
 from hvtsm.cli.output import say
 from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
 from hvtsm.errors import InvokeError
 from hvtsm.host import probe_host
 from hvtsm.invoke import Invoker, InvokeRequest
 from hvtsm.invoke.invoker import DEFAULT_TRUST, InvokeResult
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.pool.warm import WarmPool
 from hvtsm.store import Store
-from hvtsm.store.models import ZoneState
 from hvtsm.units import parse_duration_ms
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 
 
 def add_parsers(commands: Any) -> None:
@@ -86,10 +85,11 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             print(row.id)
         return 0
     backend = Backend(args.backend)
-    driver = make_driver(backend, probe_host(),
-                         libvirt=libvirt_options(args) if backend is Backend.LIBVIRT else None)
-    manager = Manager(store, driver, actor="invoke@cli")
-    pool = WarmPool(store, driver, hold_links=False) if backend is Backend.LIBVIRT else None
+    factory = driver_factory(backend, probe_host(), libvirt=libvirt_options(args)
+                             if backend is Backend.LIBVIRT else None)
+    manager = Manager(store, factory, actor="invoke@cli")
+    pool = WarmPool(store, manager.driver, idle=manager.events,  # type: ignore[arg-type]
+                    hold_links=False) if backend is Backend.LIBVIRT else None
     manager.start()
     try:
         result = Invoker(manager, pool=pool).invoke(InvokeRequest(
@@ -102,9 +102,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         manager.shutdown()
         store.dispose()
     _print(result, json_mode=args.json)
-    if result.state == ZoneState.TERMINATED:
-        return EXIT_TERMINATED
-    return from_status(result.exit_status)
+    return from_outcome(result.outcome)
 
 
 def _print(result: InvokeResult, *, json_mode: bool) -> None:
@@ -121,7 +119,9 @@ def _print(result: InvokeResult, *, json_mode: bool) -> None:
     if result.warm:
         fate = "; guest back in the pool" if result.guest_retired is None else \
             f"; guest retired: {result.guest_retired}"
+    said = result.outcome.describe() if result.outcome is not None else \
+        f"exit status {result.exit_status}"
     say(f"hvtsm invoke: zone {result.zone_id} (audit id) {result.state}, {where}, "
-        f"{result.latency_ms:.0f} ms, exit status {result.exit_status}"
+        f"{result.latency_ms:.0f} ms, {said}"
         + (" (timeout)" if result.timed_out else "") + fate
         + f"; code {result.code_id[:12]}")

@@ -16,11 +16,12 @@ from hvtsm.cli.exits import (
     EXIT_USAGE,
     from_status,
 )
+from hvtsm.cli.live import LivePrinter
 from hvtsm.cli.output import emit_json, say, table
-from hvtsm.cli.run_cmd import LivePrinter, _actor, _Interrupts, add_libvirt_options, libvirt_options
+from hvtsm.cli.run_cmd import Interrupts, actor, add_libvirt_options, libvirt_options
 from hvtsm.errors import AnalysisError, PipelineError, PolicyError
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.pipeline.plan import Plan, plan_manifest, plan_python
 from hvtsm.pipeline.runner import PipelineResult, run_pipeline
 from hvtsm.policy.catalog import load_referenced
@@ -28,7 +29,7 @@ from hvtsm.store import Store
 from hvtsm.store.models import ZoneState
 from hvtsm.units import format_duration_ms
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import AVAILABLE_BACKENDS, make_driver
+from hvtsm.zones.factory import AVAILABLE_BACKENDS, driver_factory
 
 
 def add_parsers(commands: Any) -> None:
@@ -98,17 +99,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         _print_plan(plan, json_mode=args.json)
         return EXIT_OK
     backend = Backend(args.backend)
-    driver = make_driver(backend, probe_host(), libvirt=libvirt_options(args)
-                         if backend is Backend.LIBVIRT else None)
+    factory = driver_factory(backend, probe_host(), libvirt=libvirt_options(args)
+                             if backend is Backend.LIBVIRT else None)
     store = Store(args.db)
     printer = LivePrinter(json_mode=args.json)
-    manager = Manager(store, driver, listener=printer, actor=_actor())
-    with _Interrupts() as interrupts:
+    manager = Manager(store, factory, listener=printer, actor=actor())
+    with Interrupts(manager) as interrupts:
         manager.start()
         try:
             def on_stage(stage: Any, run: Any) -> None:
-                if interrupts.raised.is_set():
-                    manager.terminate(run.zone_id, reason="interrupted (Ctrl-C or SIGTERM)")
+                interrupts.watch(run)
 
             result = run_pipeline(manager, plan, values, user=args.user, backend=backend,
                                   input_timeout=args.input_timeout, on_stage=on_stage)
@@ -150,8 +150,8 @@ def _print_result(result: PipelineResult, *, json_mode: bool) -> None:
         emit_json("pipeline", time.time(), **result.to_dict())
         return
     for stage in result.stages:
-        say(f"hvtsm: stage {stage.name} (zone {stage.zone_id}) {stage.state}: {stage.reason}; "
-            f"exit status {stage.exit_status}")
+        say(f"hvtsm: stage {stage.name} (zone {stage.zone_id}) {stage.state}: "
+            f"{stage.ended or stage.reason}")
         if not stage.ok and stage.stderr:
             say(stage.stderr.decode("utf-8", errors="replace").rstrip())
     for name in result.skipped:

@@ -10,6 +10,7 @@ from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
 from hvtsm.cli.output import say, table
 from hvtsm.errors import PolicyError
 from hvtsm.policy import Policy, load_policy
+from hvtsm.policy.segments import choose
 from hvtsm.units import format_duration_ms
 
 
@@ -88,8 +89,9 @@ def timeline_rows(policy: Policy, scale: float) -> list[dict[str, Any]]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    policy = load_policy(args.file)
-    scale = policy.lifespan_scale(args.role, frozenset(args.capability))
+    # what a zone of that role and capabilities would get (maybe a policy the selector names)
+    choice = choose(load_policy(args.file), [(args.role, frozenset(args.capability))])
+    policy, scale = choice.policy, choice.scale
     rows = timeline_rows(policy, scale)
     if args.json:
         print(json.dumps({

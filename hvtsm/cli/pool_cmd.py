@@ -20,7 +20,8 @@ from hvtsm.pool.warm import WarmPool
 from hvtsm.store import Store
 from hvtsm.units import format_size, parse_size
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
+from hvtsm.zones.logged import LoggedEvents
 
 
 def add_parsers(commands: Any) -> None:
@@ -64,9 +65,12 @@ def _key_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _pool(args: argparse.Namespace, store: Store, **kwargs: Any) -> WarmPool:
-    driver = make_driver(Backend.LIBVIRT, probe_host(), libvirt=libvirt_options(args))
+    events = LoggedEvents()
+    driver = driver_factory(Backend.LIBVIRT, probe_host(), libvirt=libvirt_options(args))(
+        events)
     # this process ends: its links must not keep the guests from the next one
-    return WarmPool(store, driver, hold_links=False, **kwargs)
+    return WarmPool(store, driver, idle=events, hold_links=False,  # type: ignore[arg-type]
+                    **kwargs)
 
 
 def cmd_fill(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from typing import IO, Any
 
 from hvtsm.analysis import command_exec_globs
@@ -16,30 +17,31 @@ from hvtsm.cli.exits import (
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
-    EXIT_TERMINATED,
     EXIT_USAGE,
-    from_status,
+    from_outcome,
 )
-from hvtsm.cli.output import clock, emit_json, say
+from hvtsm.cli.live import LivePrinter, print_end
+from hvtsm.cli.output import emit_json, say
 from hvtsm.controllers import orphaned_zones
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager, Notice, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy import load_policy
-from hvtsm.policy.catalog import default_policy_path, load_referenced
+from hvtsm.policy.catalog import default_policy_path
+from hvtsm.policy.segments import choose
 from hvtsm.store import Store
-from hvtsm.store.audit import evidence_text
-from hvtsm.store.models import ZoneState
-from hvtsm.units import format_duration_ms
 from hvtsm.zones.base import Backend, WorkloadIO
-from hvtsm.zones.factory import AVAILABLE_BACKENDS, drivers_for, make_driver
+from hvtsm.zones.factory import AVAILABLE_BACKENDS, driver_factory, factories_for
 
 
 def add_parsers(commands: Any) -> None:
     run = commands.add_parser(
         "run", help="run a command in a new temporal zone",
         description="Run COMMAND in a new zone whose restrictions tighten as its policy says. "
-        "Exits with the command's status, 124 when the zone was terminated by policy, 125 on "
-        "an hvtsm error, 127 when the command is not found, 130 on Ctrl-C.")
+        "Exits with the command's status when it ended on its own and nothing was found "
+        "against it; 121 when an operator ended the zone, 122 when the agent's containment "
+        "killed the command, 123 when the zone was found hostile (an anomaly was reacted "
+        "to), 124 when the policy's lifespan ended it, 125 on an hvtsm error (or when hvtsm "
+        "ended the zone to fail closed), 127 when the command is not found, 130 on Ctrl-C.")
     run.add_argument("--policy", metavar="FILE",
                      help="policy file (default: policies/default.toml of the installation)")
     run.add_argument("--backend", choices=[str(b) for b in AVAILABLE_BACKENDS], default="cgroup",
@@ -81,59 +83,9 @@ def add_libvirt_options(parser: argparse.ArgumentParser) -> None:
 
 
 def libvirt_options(args: argparse.Namespace) -> Any:
-    from hvtsm.zones.libvirt.driver import LibvirtOptions
+    from hvtsm.zones.libvirt.options import LibvirtOptions
 
     return LibvirtOptions(uri=args.libvirt_uri, template=args.template, accel=args.accel)
-
-
-class LivePrinter:
-    """Turns manager notices into live lines (stderr) or JSON lines (stdout)."""
-
-    def __init__(self, *, json_mode: bool) -> None:
-        self.json_mode = json_mode
-        self.started: dict[str, float] = {}
-
-    def __call__(self, notice: Notice) -> None:
-        if notice.kind == "exit" and "parent" not in notice.data:
-            return  # printed by the main thread once the output is drained
-        if notice.kind == "start":
-            self.started[notice.zone_id] = notice.ts
-        if self.json_mode:
-            emit_json(notice.kind, notice.ts, zone=notice.zone_id, **notice.data)
-            return
-        since = notice.ts - self.started.get(notice.zone_id, notice.ts)
-        prefix = f"hvtsm {clock(notice.ts)} +{since:.3f}s {notice.zone_id}"
-        data = notice.data
-        if notice.kind == "start":
-            life = "no lifespan limit" if data["lifespan_ms"] is None else (
-                f"lifespan {format_duration_ms(data['lifespan_ms'])}")
-            extra = "".join(f", {k} {data[k]}" for k in ("accel", "boot_ms") if k in data)
-            if "parent" in data:  # a transient zone split off a running one
-                say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} ({data['name']}) split "
-                    f"from {data['parent']} on {data['split_on']}: policy {data['policy']} "
-                    f"({life}), pid {data['pid']}, placed in {data['placed_ms']:.1f} ms")
-                return
-            say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} started: backend "
-                f"{data['backend']}{extra}, policy {data['policy']} ({life}), "
-                f"pid {data['pid']}")
-        elif notice.kind == "phase":
-            changes = ", ".join(f"{k} {v}" for k, v in data["changes"].items()) or "no change"
-            late = "  LATE" if data["late"] else ""
-            say(f"{prefix} phase {data['phase']} (at {format_duration_ms(data['at_ms'])}): "
-                f"{changes}  [lag {data['lag_ms']:.1f} ms]{late}")
-        elif notice.kind == "note":
-            say(f"{prefix} {data['kind']}: {data['detail']}")
-        elif notice.kind == "anomaly":
-            said = evidence_text(data.get("evidence") or {})
-            say(f"{prefix} ANOMALY {data['kind']}: {data['detail']}"
-                + (f" [{said}]" if said else ""))
-        elif notice.kind == "reaction":
-            say(f"{prefix} REACTION {data['action']}: {data['reason']}")
-        elif notice.kind == "exit":
-            say(f"hvtsm {clock(notice.ts)} zone {notice.zone_id} ({data['name']}, transient "
-                f"zone of {data['parent']}) {data['state']}: {data['reason']}")
-        else:
-            say(f"{prefix} {notice.kind} {data}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -152,26 +104,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyError:
         say(f"hvtsm run: error: no such user: {args.user}")
         return EXIT_USAGE
-    policy = load_policy(args.policy or default_policy_path())
-    scale = 1.0
-    selector = policy.selector_for(args.role, frozenset(args.capability))
-    if selector is not None:
-        scale = selector.lifespan_scale
-        if selector.policy is not None:
-            index = policy.segments.index(selector)
-            policy = load_referenced(selector.policy, beside=policy.source,
-                                     field=f"segment[{index}].policy")
+    choice = choose(load_policy(args.policy or default_policy_path()),
+                    [(args.role, frozenset(args.capability))])
+    policy, scale = choice.policy, choice.scale
     # what the command's script runs is foreseen: only other programs get a transient zone
     expected = command_exec_globs(argv) if policy.transient.enabled else ()
     caps = probe_host()
     backend = Backend(args.backend)
-    driver = make_driver(backend, caps, net_pool=args.net_pool,
-                         libvirt=libvirt_options(args) if backend is Backend.LIBVIRT else None)
+    factory = driver_factory(backend, caps, net_pool=args.net_pool,
+                             libvirt=libvirt_options(args) if backend is Backend.LIBVIRT
+                             else None)
     store = Store(args.db)
     printer = LivePrinter(json_mode=args.json)
-    manager = Manager(store, driver, listener=printer, actor=_actor())
+    manager = Manager(store, factory, listener=printer, actor=actor())
     io = WorkloadIO(stdout=subprocess.PIPE, stderr=subprocess.PIPE) if args.json else WorkloadIO()
-    with _Interrupts() as interrupts:
+    with Interrupts(manager) as interrupts:
         manager.start()
         try:
             run = manager.launch(policy, argv, io=io, user=args.user, scale=scale,
@@ -184,23 +131,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             manager.shutdown()
             store.dispose()
-    _print_exit(run, json_mode=args.json)
+    print_end(run, time.time(), json_mode=args.json)
     if interrupted:
         return EXIT_INTERRUPTED
-    if run.state is ZoneState.TERMINATED:
-        return EXIT_TERMINATED
-    return from_status(run.exit_status)
+    return from_outcome(run.outcome)
 
 
-def _wait(manager: Manager, run: ZoneRun, interrupts: _Interrupts) -> bool:
+def _wait(manager: Manager, run: ZoneRun, interrupts: Interrupts) -> bool:
     """Wait for the zone to end; Ctrl-C ends it cleanly. Returns True when interrupted."""
-    while not run.ended.wait(0.1):
-        if interrupts.raised.is_set():
-            say(f"hvtsm: interrupted: terminating zone {run.zone_id}")
-            manager.terminate(run.zone_id, reason="interrupted (Ctrl-C or SIGTERM)",
-                              by="operator")
-            run.ended.wait(15)
-            return True
+    interrupts.watch(run)
+    run.ended.wait()
     return interrupts.raised.is_set()
 
 
@@ -217,24 +157,10 @@ def _relay_output(run: ZoneRun) -> list[threading.Thread]:
 
 
 def _relay(zone_id: str, stream: str, pipe: IO[bytes]) -> None:
-    import time
-
     for line in iter(pipe.readline, b""):
         emit_json("output", time.time(), zone=zone_id, stream=stream,
                   data=line.decode("utf-8", errors="replace"))
     pipe.close()
-
-
-def _print_exit(run: ZoneRun, *, json_mode: bool) -> None:
-    import time
-
-    now = time.time()
-    if json_mode:
-        emit_json("exit", now, zone=run.zone_id, status=run.exit_status, state=str(run.state),
-                  reason=run.end_reason)
-    else:
-        say(f"hvtsm {clock(now)} zone {run.zone_id} {run.state}: {run.end_reason}; "
-            f"exit status {run.exit_status}")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -242,10 +168,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store = Store(args.db)
     with store.session() as session:
         backends = [Backend(z.backend) for z in orphaned_zones(session)] or [Backend.CGROUP]
-    drivers = drivers_for(backends, caps, libvirt=libvirt_options(args))
+    factories = factories_for(backends, caps, libvirt=libvirt_options(args))
     printer = LivePrinter(json_mode=args.json)
-    manager = Manager(store, drivers, listener=printer, actor=_actor())
-    with _Interrupts() as interrupts:
+    manager = Manager(store, factories, listener=printer, actor=actor())
+    with Interrupts(manager) as interrupts:
         try:
             adopted = manager.start(adopt=True)
             runs = [manager.zones[z] for z in adopted]
@@ -266,18 +192,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
             manager.shutdown()
             store.dispose()
     for run in runs:
-        _print_exit(run, json_mode=args.json)
+        print_end(run, time.time(), json_mode=args.json)
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
-class _Interrupts:
-    """Ctrl-C and SIGTERM only raise a flag; the wait loop then ends the zone cleanly.
-    An exception could land mid-launch and leave a zone half-recorded."""
+class Interrupts:
+    """Ctrl-C and SIGTERM end the zones being waited for, cleanly, from a thread of their
+    own (a signal handler must not take the locks a launch holds: an exception landing
+    mid-launch would leave a zone half-recorded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, manager: Manager | None = None) -> None:
         self.raised = threading.Event()
+        self.manager = manager
+        self._watched: list[ZoneRun] = []
+        self._lock = threading.Lock()
 
-    def __enter__(self) -> _Interrupts:
+    def __enter__(self) -> Interrupts:
         self.previous = {sig: signal.signal(sig, self._handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
@@ -286,10 +216,29 @@ class _Interrupts:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def watch(self, run: ZoneRun) -> None:
+        """End `run` on an interrupt (at once when one came already)."""
+        with self._lock:
+            self._watched.append(run)
+        if self.raised.is_set():
+            self._end()
+
     def _handle(self, _signum: int, _frame: object) -> None:
+        if self.raised.is_set():
+            return
         self.raised.set()
+        threading.Thread(target=self._end, name="interrupt", daemon=True).start()
+
+    def _end(self) -> None:
+        with self._lock:
+            runs = list(self._watched)
+        for run in runs:
+            if self.manager is not None and not run.ended.is_set():
+                say(f"hvtsm: interrupted: terminating zone {run.zone_id}")
+                self.manager.terminate(run.zone_id, reason="interrupted (Ctrl-C or SIGTERM)",
+                                       by="operator")
 
 
-def _actor() -> str:
+def actor() -> str:
     user = os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
     return f"{user}@cli"

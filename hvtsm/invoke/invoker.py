@@ -23,21 +23,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from sqlmodel import col, select
 
 from hvtsm.errors import HvtsmError, InvokeError, ZoneError
 from hvtsm.invoke.code import get_code, put_code
-from hvtsm.invoke.plan import command, exec_targets, lifespan_scale, runtime_for
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.invoke.plan import command, exec_targets, runtime_for, segment_choice
+from hvtsm.lifecycle import Manager, Outcome, ZoneRun
 from hvtsm.policy import Policy, load_policy
 from hvtsm.policy.catalog import default_policy_path, resolve
 from hvtsm.pool.rules import PoolKey
 from hvtsm.pool.warm import SCRATCH, Lease, WarmPool
 from hvtsm.restrictions import Restrictions
 from hvtsm.store.models import Anomaly, ZoneState
-from hvtsm.zones.base import Backend, WorkloadIO, ZoneHandle, ZoneSpec
+from hvtsm.zones.base import Backend, PooledDriver, WorkloadIO, ZoneHandle, ZoneSpec
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class InvokeResult:
     #: how the workload started when its guest had a standby (as in the zone's trail):
     #: "started from a standby prepared at ... (pid N)" or why the standby was not used
     start_note: str | None = None
+    #: who ended the zone, hostile or not (None: unknown, it never ended in time)
+    outcome: Outcome | None = None
 
     @property
     def from_standby(self) -> bool:
@@ -119,6 +121,8 @@ class InvokeResult:
             "latency_ms": round(self.latency_ms, 1),
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
             "guest_retired": self.guest_retired, "start": self.start_note,
+            "ended_by": None if self.outcome is None else str(self.outcome.cause),
+            "hostile": None if self.outcome is None else self.outcome.hostile,
         }
 
 
@@ -163,7 +167,8 @@ class Invoker:
                 report = analyze(code_path)
             runtime = runtime_for(report, request.runtime)
             key = PoolKey(runtime, key_trust)
-            scale = lifespan_scale(policy, report)
+            choice = segment_choice(policy, report)
+            policy, scale = choice.policy, choice.scale
             timings["prepare"] = _ms(t0)
             result = self._run(request, policy, key, scale, code_path, request_dir, row.id,
                                exec_targets(report), t0, timings)
@@ -192,7 +197,7 @@ class Invoker:
             pool, leased = self.pool, lease
             assert pool is not None
 
-            def bind(spec: ZoneSpec, init: Restrictions) -> ZoneHandle:
+            def bind(spec: ZoneSpec, init: Restrictions) -> ZoneHandle[Any]:
                 return pool.bind(leased, spec, init)
 
             try:
@@ -229,7 +234,8 @@ class Invoker:
             stderr=readers.data["stderr"], truncated=readers.truncated, anomalies=anomalies,
             lifespan_scale=scale, policy=policy.name, exec_targets=targets,
             latency_ms=latency, timings_ms=timings,
-            start_note=getattr(run.workload, "start_note", None))
+            start_note=run.workload.start_note if run.workload is not None else None,
+            outcome=run.outcome)
         if lease is not None:
             assert self.pool is not None
             result.guest_retired = self.pool.release(
@@ -244,11 +250,13 @@ class Invoker:
             raise InvokeError(f"this invoker has no {backend} driver",
                               hint="use another --backend")
         if backend is Backend.LIBVIRT:
-            def create(spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
+            pooled = cast(PooledDriver, driver)
+
+            def create(spec: ZoneSpec, initial: Restrictions) -> ZoneHandle[Any]:
                 handle = driver.create(spec, initial)
                 try:
                     # the same empty, private working directory a warm guest gives
-                    driver.scrub(spec.zone_id, user, SCRATCH)  # type: ignore[attr-defined]
+                    pooled.scrub(spec.zone_id, user, SCRATCH)
                 except HvtsmError:
                     driver.terminate(handle)
                     raise

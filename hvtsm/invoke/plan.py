@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from hvtsm.analysis import Report
 from hvtsm.errors import InvokeError
 from hvtsm.policy import Policy
+from hvtsm.policy.segments import SegmentChoice, choose
 
 #: analysis language -> runtime (the warm pool's key)
 RUNTIMES = {"python": "python3", "shell": "sh", "elf": "native"}
@@ -45,14 +46,14 @@ def command(runtime: str, path: str, args: Sequence[str], *,
     return ([interpreter] if interpreter else []) + [path, *args]
 
 
+def segment_choice(policy: Policy, report: Report) -> SegmentChoice:
+    """The policy and scale for the code's segments (hvtsm/policy/segments.py: the
+    strictest selector matching any segment by its capabilities decides)."""
+    return choose(policy, [(None, s.capabilities) for s in report.segments])
+
+
 def lifespan_scale(policy: Policy, report: Report) -> float:
-    """The smallest `lifespan_scale` among the policy's [[segment]] selectors that match a
-    segment of the code (by its capabilities; every matching selector counts, not only the
-    first, as `Policy.selector_for` would pick); 1 when none does. The riskiest part of the
-    program decides how long the whole zone may live."""
-    scales = [selector.lifespan_scale for selector in policy.segments
-              if any(selector.matches(None, s.capabilities) for s in report.segments)]
-    return min(scales) if scales else 1.0
+    return segment_choice(policy, report).scale
 
 
 def exec_targets(report: Report) -> tuple[str, ...]:

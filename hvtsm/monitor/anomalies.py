@@ -112,3 +112,9 @@ def zone_profile(static: Mapping[str, Any] | AnomalyRules,
     profile["network"] = str(network)
     profile["egress"] = egress
     return profile
+
+
+def agent_network(restrictions: Restrictions) -> str:
+    """The network the agent judges a zone's connects against (a transient zone shares its
+    parent's namespace, so only the agent can hold it to its own network mode)."""
+    return str(zone_profile({}, restrictions)["network"])

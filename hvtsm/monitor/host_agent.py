@@ -291,6 +291,14 @@ def stop_orphan(zone_id: str) -> list[str]:
     return removed
 
 
+def would_stop_orphan(zone_id: str) -> list[str]:
+    """What `stop_orphan` would do now (nothing is changed)."""
+    found = recorded(zone_id)
+    if found is not None and _alive(found[1]):
+        return [f"agent pid {found[1]} killed"]
+    return []
+
+
 def sweep_spares() -> list[str]:
     """Files of spare agents whose controller died (the spare itself exits when its host
     goes: it had nothing to watch). Agents given to zones are kept: their records name them."""

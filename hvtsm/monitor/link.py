@@ -309,7 +309,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _sink_for(target: int | None, label: str) -> tuple[_Sink | None, IO[bytes] | None]:
+def _sink_for(target: int | None, label: str, *,
+              own: bool = False) -> tuple[_Sink | None, IO[bytes] | None]:
     """subprocess-style target -> (sink, readable file for the caller)."""
     if target is None or target == subprocess.DEVNULL:
         return None, None
@@ -318,7 +319,7 @@ def _sink_for(target: int | None, label: str) -> tuple[_Sink | None, IO[bytes] |
         return _Sink(w, owned=True, label=label), open(r, "rb")
     _check_target(target)
     assert target is not None
-    return _Sink(target, owned=False, label=label), None
+    return _Sink(target, owned=own, label=label), None
 
 
 class RemoteWorkload:
@@ -329,7 +330,7 @@ class RemoteWorkload:
     """
 
     def __init__(self, link: AgentLink, workload_id: str, argv: Sequence[str], *,
-                 stdout: int | None, stderr: int | None) -> None:
+                 stdout: int | None, stderr: int | None, own: bool = False) -> None:
         self.link = link
         self.id = workload_id
         self.argv = tuple(argv)
@@ -340,7 +341,7 @@ class RemoteWorkload:
                 self._sinks[stream], self._files[stream] = self._sinks["stdout"], None
                 continue
             self._sinks[stream], self._files[stream] = _sink_for(
-                target, f"{link.zone_id or 'guest'}-{workload_id}-{stream}")
+                target, f"{link.zone_id or 'guest'}-{workload_id}-{stream}", own=own)
         self._pid = 0
         self._status: int | None = None
         self._exited = threading.Event()
@@ -740,7 +741,8 @@ class AgentLink:
               stdout: int | None = subprocess.PIPE, stderr: int | None = subprocess.PIPE,
               workload_id: str | None = None,
               monitor: Mapping[str, Any] | None = None,
-              channel: str | None = None, standby: str | None = None) -> RemoteWorkload:
+              channel: str | None = None, standby: str | None = None,
+              owned: bool = False) -> RemoteWorkload:
         """Start `argv` in the guest (own session and process group, stdin /dev/null) and
         return once it exec'd. Output goes, per stream: PIPE -> a pipe the caller reads
         (`workload.stdout`), a file descriptor >= 0 -> written there (not closed), None or
@@ -750,7 +752,8 @@ class AgentLink:
         the agent watches the process tree from its first instruction. `channel` (the
         zone's name in its group) gives the workload the channel endpoint. `standby` (a
         prepared standby's id, `prepare_standby`) asks the agent to let it be the workload
-        if it fits; `workload.standby` then says whether it did, and why not."""
+        if it fits; `workload.standby` then says whether it did, and why not. `owned`: the
+        output descriptors are the link's to close once the workload's output is done."""
         if not argv:
             raise self._error("nothing to start: empty command")
         wid = workload_id or f"w{next(self._ids)}"
@@ -780,7 +783,7 @@ class AgentLink:
         elif stderr is None or stderr == subprocess.DEVNULL:
             msg["stderr"] = "discard"
         pending = self._request(wid, "started")
-        work = RemoteWorkload(self, wid, argv, stdout=stdout, stderr=stderr)
+        work = RemoteWorkload(self, wid, argv, stdout=stdout, stderr=stderr, own=owned)
         with self._lock:
             self._workloads[wid] = work
         try:

@@ -24,6 +24,7 @@ from hvtsm.errors import AnalysisError, PipelineError, PolicyError
 from hvtsm.pipeline.entry import read_chain
 from hvtsm.policy import Policy
 from hvtsm.policy.catalog import load_referenced
+from hvtsm.policy.segments import choose
 
 #: capability -> role, first match wins (a fetch that also parses is still a fetch: it is
 #: the network that needs a zone of its own)
@@ -116,13 +117,10 @@ def _stage_policy(pipeline: Policy, role: str, capabilities: frozenset[str],
     if explicit is not None:
         policy = load_referenced(explicit, beside=manifest, field=field)
         return policy, explicit_scale or 1.0, f"manifest policy {explicit}"
-    selector = pipeline.selector_for(role, capabilities)
-    if selector is None:
+    choice = choose(pipeline, [(role, capabilities)])
+    if choice.selector is None:
         return pipeline, explicit_scale or 1.0, "pipeline policy"
-    index = pipeline.segments.index(selector)
-    policy = pipeline if selector.policy is None else load_referenced(
-        selector.policy, beside=pipeline.source, field=f"segment[{index}].policy")
-    return policy, explicit_scale or selector.lifespan_scale, f"{pipeline.name} segment[{index}]"
+    return choice.policy, explicit_scale or choice.scale, choice.describe(pipeline)
 
 
 def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> Plan:

@@ -19,7 +19,7 @@ from typing import Any
 
 from hvtsm.agent_stage import stage_agent, stage_program, zone_python
 from hvtsm.errors import PipelineError
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.pipeline.plan import Plan, Stage
 from hvtsm.store.models import ZoneState
 from hvtsm.zones.base import Backend, WorkloadIO
@@ -33,6 +33,8 @@ class StageResult:
     exit_status: int | None
     reason: str | None
     stderr: bytes = b""
+    #: who ended the stage's zone, in the end line's words
+    ended: str = ""
 
     @property
     def ok(self) -> bool:
@@ -40,7 +42,7 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "zone": self.zone_id, "state": self.state,
-                "exit_status": self.exit_status, "reason": self.reason,
+                "exit_status": self.exit_status, "reason": self.reason, "ended": self.ended,
                 "stderr": self.stderr.decode("utf-8", errors="replace")}
 
 
@@ -143,7 +145,8 @@ def _run_stage(manager: Manager, stage: Stage, argv: list[str], group: str, *,
                              user=user, scale=stage.scale, backend=backend, name=stage.name,
                              group=group, kind="segment", expect_exec=stage.expect_exec)
     finally:
-        # the zone holds its own copies: the readers see EOF when the workload ends
+        # the zone's driver keeps copies of its own: the readers see EOF once the
+        # workload's output is all written
         os.close(out_w)
         os.close(err_w)
     if on_stage is not None:
@@ -152,7 +155,8 @@ def _run_stage(manager: Manager, stage: Stage, argv: list[str], group: str, *,
     for reader in readers:
         reader.join(10)
     outcome = StageResult(stage.name, run.zone_id, str(run.state), run.exit_status,
-                          run.end_reason, bytes(collected[err_r]))
+                          run.end_reason, bytes(collected[err_r]),
+                          run.outcome.describe() if run.outcome is not None else "")
     output = bytes(collected[out_r]) if keep_output else b""
     return outcome, output
 

@@ -173,21 +173,6 @@ class Policy:
         except a terminate at 0, which still has to be carried out)."""
         return tuple(p for p in self.phases if p.at_ms > 0 or p.terminate)
 
-    def lifespan_scale(self, role: str | None = None,
-                       capabilities: frozenset[str] = frozenset()) -> float:
-        """The first matching segment selector's scale, else 1."""
-        for selector in self.segments:
-            if selector.matches(role, capabilities):
-                return selector.lifespan_scale
-        return 1.0
-
-    def selector_for(self, role: str | None = None,
-                     capabilities: frozenset[str] = frozenset()) -> SegmentSelector | None:
-        for selector in self.segments:
-            if selector.matches(role, capabilities):
-                return selector
-        return None
-
     def grant_for(self, sender: str, receiver: str) -> ChannelGrant | None:
         for grant in self.channels:
             if grant.allows(sender, receiver):

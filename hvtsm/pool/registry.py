@@ -60,7 +60,7 @@ def mark_idle(store: Store, guest_id: str, state: dict[str, Any], base: Restrict
             raise KeyError(guest_id)
         row.state = GuestState.IDLE
         row.domain = str(state.get("domain", ""))
-        row.channel = str(state.get("channel", ""))
+        row.channel = str(state.get("channel_path", ""))
         row.driver_state = json.dumps(state)
         row.baseline = json.dumps(base.to_json())
         row.holder = me() if hold else None

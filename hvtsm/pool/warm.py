@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hvtsm.errors import HvtsmError, ZoneError
 from hvtsm.pool import registry
@@ -50,7 +50,7 @@ from hvtsm.restrictions import Restrictions
 from hvtsm.store import Store
 from hvtsm.store.invoke_models import GuestState, WarmGuest
 from hvtsm.store.models import ZoneState
-from hvtsm.zones.base import ZoneHandle, ZoneSpec
+from hvtsm.zones.base import PooledDriver, ZoneHandle, ZoneSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Lease:
     state: dict[str, Any]
     base: Restrictions
     uses: int
-    handle: ZoneHandle | None = None
+    handle: ZoneHandle[Any] | None = None
     zone_id: str | None = None
 
 
@@ -82,11 +82,18 @@ class _Target:
     failures: list[str] = field(default_factory=list)
 
 
-class WarmPool:
-    """See the module docstring. `driver` is a LibvirtDriver (boot_guest, bind, scrub,
-    destroy_guest); the pool sets its `idle_sink`."""
+class IdleFeed(Protocol):
+    """Where the reports of guests that serve no zone arrive (the lifecycle's inbox)."""
 
-    def __init__(self, store: Store, driver: Any, *, memory: int = DEFAULT_POOL_MEMORY,
+    def subscribe_idle(self, sink: Callable[[str, str, str], None]) -> None: ...
+
+
+class WarmPool:
+    """See the module docstring. `driver` drives the pooled guests; `idle` feeds the pool
+    what their agents report while they serve no zone (the manager's `events`)."""
+
+    def __init__(self, store: Store, driver: PooledDriver, *, idle: IdleFeed | None = None,
+                 memory: int = DEFAULT_POOL_MEMORY,
                  max_uses: int = DEFAULT_MAX_USES, user: str = "nobody",
                  hold_links: bool = True, scratch: str = SCRATCH,
                  default_memory: int | None = None, standby: bool = True,
@@ -106,7 +113,8 @@ class WarmPool:
         self.standby = standby
         self._standby_policy = standby_policy
         self._standby_profile: dict[str, Any] | None = None
-        driver.idle_sink = self._on_idle
+        if idle is not None:
+            idle.subscribe_idle(self._on_idle)
         self._targets: dict[PoolKey, _Target] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -229,19 +237,20 @@ class WarmPool:
         return Lease(guest_id=row.id, key=key, state=json.loads(row.driver_state),
                      base=Restrictions.from_json(json.loads(row.baseline)), uses=row.uses)
 
-    def bind(self, lease: Lease, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
+    def bind(self, lease: Lease, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle[Any]:
         """`Manager.launch(create=...)`: the zone in the leased guest. On failure the guest
         is retired (ZoneError raised)."""
         lease.zone_id = spec.zone_id
         registry.bound_to(self.store, lease.guest_id, spec.zone_id)
         try:
-            handle = self.driver.bind(spec, bound(lease.base, initial), lease.state, lease.base)
+            # the start names the guest's standby (when there is one); the agent checks
+            # that it fits
+            handle = self.driver.bind(spec, bound(lease.base, initial), lease.state,
+                                      lease.base, standby=self.standby)
         except HvtsmError as exc:
             self._retire(lease, f"could not serve zone {spec.zone_id}: {exc}")
             raise
         self._held.add(lease.guest_id)
-        # the start names the guest's standby; the agent checks that it fits
-        handle.state["standby"] = self.standby
         lease.handle = handle
         return handle
 
@@ -263,7 +272,7 @@ class WarmPool:
         reported so far to reach the store (Manager.settle)."""
         handle = lease.handle
         applied = handle.applied if handle is not None else lease.base
-        state = handle.state if handle is not None else {}
+        left = self.driver.released(handle) if handle is not None else None
         uses = lease.uses + 1
 
         def outcome() -> Outcome:
@@ -272,9 +281,10 @@ class WarmPool:
             return Outcome(key=lease.key, request_key=request_key,
                            anomalies=registry.served_anomalies(self.store, lease.guest_id),
                            zone_state=zone_state, tightened=tightened(lease.base, applied),
-                           destroyed=bool(state.get("destroyed")) or handle is None,
+                           destroyed=left is None or left.destroyed,
                            uses=uses, max_uses=self.max_uses,
-                           nic_lost=lease.base.network.has_nic and not state.get("nic", True))
+                           nic_lost=lease.base.network.has_nic and left is not None
+                           and left.nic_lost)
 
         reason = retire_reason(outcome())
         if reason is None and lease.guest_id in self.tainted:
@@ -417,6 +427,6 @@ class WarmPool:
 
 
 def _driver_default_memory() -> int:
-    from hvtsm.zones.libvirt.driver import DEFAULT_MEMORY
+    from hvtsm.zones.libvirt.guests import DEFAULT_MEMORY
 
     return DEFAULT_MEMORY

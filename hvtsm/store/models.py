@@ -61,6 +61,10 @@ class Zone(SQLModel, table=True):
     ended_at: float | None = None
     exit_status: int | None = None
     end_reason: str | None = None
+    #: who ended it (hvtsm.lifecycle.outcome.EndCause); None while it runs
+    ended_by: str | None = None
+    #: anomalies were recorded against it, or the agent's containment ended it
+    hostile: bool | None = None
     #: index of the last phase in force (-1: none yet)
     phase_index: int = -1
     applied: str = "{}"  # JSON of Restrictions

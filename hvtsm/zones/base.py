@@ -1,20 +1,29 @@
-"""The zone driver interface every backend implements.
+"""The seams between the lifecycle and the zone drivers.
 
-A driver turns accumulated `Restrictions` into kernel or hypervisor state and
-nothing else: it decides no timing and writes no audit rows (the manager does).
+A driver turns accumulated `Restrictions` into kernel or hypervisor state and nothing else:
+it decides no timing and writes no audit rows (the lifecycle does). What a driver learns
+on its own (an agent's anomaly, a held code path, a fact that arrives after `apply`
+returned, a channel message, a problem of a pooled guest that serves no zone) it hands to
+the `DriverEvents` it was constructed with; it never holds a reference to the manager.
+
+Each backend keeps its own typed per-zone state (`DriverState`), which the lifecycle
+stores as JSON so a restarted controller can adopt the zone (`ZoneDriver.adopt`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from hvtsm.restrictions import Restrictions
 
 if TYPE_CHECKING:
+    from guest_agent.protocol import Message
+    from hvtsm.monitor.anomalies import AnomalyReport
     from hvtsm.monitor.code_path import CodePath
+    from hvtsm.monitor.link import AgentLink
 
 
 class Backend(StrEnum):
@@ -32,6 +41,7 @@ class ZoneSpec:
     #: user the workload runs as (None: the controller's own user)
     user: str | None = None
     cwd: str | None = None
+    #: the workload's environment; never part of the stored state (it carries secrets)
     env: Mapping[str, str] | None = None
     #: keep a memory image when the zone is ended while its workload runs (if the
     #: backend has one: a guest does)
@@ -40,8 +50,7 @@ class ZoneSpec:
     #: workload is not watched
     monitor: Mapping[str, Any] | None = None
     #: programs the workload may exec without being split into a transient zone, beside
-    #: its own and the policy's [transient] expect_exec (what `hvtsm analyze` found); the
-    #: manager puts them into the monitoring profile's `transient`
+    #: its own and the policy's [transient] expect_exec (what `hvtsm analyze` found)
     expect_exec: tuple[str, ...] = ()
     #: a transient zone: the zone it is split from
     parent: str | None = None
@@ -51,24 +60,49 @@ class ZoneSpec:
 
 @dataclass(frozen=True)
 class WorkloadIO:
-    """File descriptors (or subprocess.PIPE / None to inherit) for the workload."""
+    """File descriptors (or subprocess.PIPE / None to inherit) for the workload.
+
+    The caller may close its descriptors as soon as `ZoneDriver.start` returns: a driver
+    that writes to one later (a guest's output arrives over the agent link) keeps a
+    duplicate of its own."""
 
     stdin: int | None = None
     stdout: int | None = None
     stderr: int | None = None
 
 
-@dataclass
-class ZoneHandle:
-    """A live zone as a driver knows it.
+@dataclass(frozen=True)
+class StartFacts:
+    """What a driver knows about how a zone came to be, for the zone's start notice."""
 
-    `state` is JSON-serialisable driver data (paths, names, pids); the manager stores
-    it so a restarted controller can adopt the zone with `ZoneDriver.adopt`.
-    """
+    #: the accelerator of a guest ("kvm" or "qemu", i.e. TCG)
+    accel: str | None = None
+    boot_ms: float | None = None
+    #: worth auditing at the start (a transient zone's placement, a limit not enforced)
+    notes: tuple[str, ...] = ()
+
+
+class DriverState(Protocol):
+    """A backend's typed per-zone state; stored as JSON with the zone."""
+
+    @property
+    def user(self) -> str | None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    def facts(self) -> StartFacts: ...
+
+
+S = TypeVar("S", bound=DriverState)
+
+
+@dataclass
+class ZoneHandle(Generic[S]):
+    """A live zone as a driver knows it: its typed state and what is in force."""
 
     zone_id: str
     backend: Backend
-    state: dict[str, Any] = field(default_factory=dict)
+    state: S
     applied: Restrictions = field(default_factory=Restrictions)
 
 
@@ -82,14 +116,21 @@ class Workload(Protocol):
         """Exit status once it ended (negative: killed by that signal), else None."""
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Block until it ends (or the timeout passes: None). Adopted workloads whose
-        exit status cannot be known return 0 when their zone is empty."""
+        """Block until it ends (or the timeout passes: None). Returns only once every event
+        the zone's agent sent about the workload before its end has been handed to the
+        driver's `DriverEvents`, so whoever learns of the end learns of its cause first.
+        Adopted workloads whose exit status cannot be known return 0 when their zone is
+        empty."""
 
     @property
     def stdout(self) -> Any: ...
 
     @property
     def stderr(self) -> Any: ...
+
+    @property
+    def start_note(self) -> str | None:
+        """How it started, for the audit trail (a pooled guest's standby), or None."""
 
 
 @dataclass(frozen=True)
@@ -108,50 +149,126 @@ class ZoneStats:
     frozen: bool
 
 
+class DriverEvents(Protocol):
+    """Where a driver reports what it learns on its own (any thread; each call returns
+    quickly: anomalies and code paths are queued for the lifecycle's reactions)."""
+
+    def anomaly(self, zone_id: str, report: AnomalyReport) -> None: ...
+
+    def note(self, zone_id: str, kind: str, detail: str) -> None:
+        """A fact worth auditing that arrived after the call that caused it returned (an
+        unplug completing, what a guest sees of its memory, a memory dump)."""
+
+    def code_path(self, zone_id: str, request: CodePath) -> None:
+        """A held code path of the zone's agent (transient zones)."""
+
+    def channel(self, zone_id: str, message: Message) -> None:
+        """A validated channel_send or channel_ack of the zone's workload; raises
+        `hvtsm.monitor.link.ChannelFault` for one that cannot be used."""
+
+    def idle(self, guest: str, kind: str, detail: str) -> None:
+        """Something of a pooled guest that serves no zone (its pool taints it)."""
+
+
 class ZoneDriver(Protocol):
     backend: Backend
 
-    def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
+    def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle[Any]:
         """Make the zone's resources with `initial` already in force. All or nothing:
         on failure nothing is left behind and ZoneError is raised."""
 
-    def start(self, handle: ZoneHandle, argv: Sequence[str], io: WorkloadIO) -> Workload:
+    def start(self, handle: ZoneHandle[Any], argv: Sequence[str], io: WorkloadIO) -> Workload:
         """Start the workload inside the zone; returns once its first instruction ran
         (exec succeeded). Raises ZoneError (the zone stays, terminate it)."""
 
-    def apply(self, handle: ZoneHandle, restrictions: Restrictions) -> ApplyReport:
+    def apply(self, handle: ZoneHandle[Any], restrictions: Restrictions) -> ApplyReport:
         """Bring the zone to `restrictions` (always at least as tight as handle.applied).
         Updates handle.applied and handle.state."""
 
-    def freeze(self, handle: ZoneHandle) -> None: ...
+    def freeze(self, handle: ZoneHandle[Any]) -> None: ...
 
-    def thaw(self, handle: ZoneHandle) -> None: ...
+    def thaw(self, handle: ZoneHandle[Any]) -> None: ...
 
-    def terminate(self, handle: ZoneHandle) -> None:
+    def terminate(self, handle: ZoneHandle[Any]) -> None:
         """Kill everything in the zone and remove all its resources. Idempotent."""
 
-    def stats(self, handle: ZoneHandle) -> ZoneStats: ...
+    def stats(self, handle: ZoneHandle[Any]) -> ZoneStats: ...
 
-    def adopt(self, zone_id: str, state: dict[str, Any], applied: Restrictions) -> tuple[
-        ZoneHandle, Workload | None
-    ]:
+    def adopt(self, zone_id: str, state: Mapping[str, Any],
+              applied: Restrictions) -> tuple[ZoneHandle[Any], Workload | None]:
         """Rebuild a handle from stored state after a controller restart. The workload is
         None when nothing runs in the zone any more."""
 
-    def split(self, parent: ZoneHandle, spec: ZoneSpec, request: CodePath,
-              initial: Restrictions) -> tuple[ZoneHandle, Workload]:
+    def split(self, parent: ZoneHandle[Any], spec: ZoneSpec, request: CodePath,
+              initial: Restrictions) -> tuple[ZoneHandle[Any], Workload]:
         """Make transient zone `spec` inside `parent` with `initial` in force, put the
         process of `request` (held by the parent's agent) in it, then let its held call
         proceed. Its later children are in it by inheritance. The workload ends when the
         zone holds no process. Raises ZoneError (nothing made; the caller then `refuse`s).
         `apply`, `freeze`, `thaw`, `terminate` and `stats` take the returned handle."""
 
-    def refuse(self, parent: ZoneHandle, request: CodePath, reason: str) -> None:
+    def refuse(self, parent: ZoneHandle[Any], request: CodePath, reason: str) -> None:
         """Fail the held call of `request` (EPERM): its code path does not run."""
+
+    def channel_link(self, zone_id: str) -> AgentLink | None:
+        """The open link a zone's channel messages travel on (None: none)."""
 
     def leftovers(self) -> set[str]:
         """Zone ids that still have resources (cgroups, namespaces, domains) on this host."""
 
+    def resources(self, zone_id: str) -> list[str]:
+        """What `remove(zone_id)` would remove now, in its words (no change made)."""
+
     def remove(self, zone_id: str) -> list[str]:
         """Remove whatever resources of `zone_id` remain, killing its processes; returns
         a printable list of what was removed."""
+
+    def close(self) -> None:
+        """The controller is done with the driver (spare agents, connections)."""
+
+
+#: how the lifecycle makes its drivers: each gets the events it reports to
+DriverFactory = Callable[[DriverEvents], ZoneDriver]
+
+
+class PooledDriver(ZoneDriver, Protocol):
+    """A driver whose guests outlive their zones (a warm pool's)."""
+
+    def boot_guest(self, guest: str, net_index: int,
+                   baseline: Restrictions) -> Mapping[str, Any]:
+        """Boot a guest that serves no zone yet; returns its state for `bind`."""
+
+    def attach_guest(self, state: Mapping[str, Any], *, timeout: float = 10.0) -> None: ...
+
+    def detach_guest(self, guest: str) -> None: ...
+
+    def bind(self, spec: ZoneSpec, initial: Restrictions, state: Mapping[str, Any],
+             baseline: Restrictions, *, standby: bool = False) -> ZoneHandle[Any]:
+        """Make zone `spec` in the running pooled guest `state`; `standby`: its start may
+        name the guest's standby."""
+
+    def scrub(self, guest: str, user: str, scratch: str, *, timeout: float = 30.0) -> float:
+        """Between two zones of one guest: nothing of the previous workload's user left;
+        returns the seconds it took."""
+
+    def prepare_standby(self, guest: str, runtime: str, user: str,
+                        monitor: Mapping[str, Any]) -> dict[str, Any] | None: ...
+
+    def destroy_guest(self, guest: str) -> list[str]: ...
+
+    def guest_alive(self, guest: str) -> bool: ...
+
+    def guest_python(self) -> str: ...
+
+    def released(self, handle: ZoneHandle[Any]) -> GuestRelease:
+        """How a zone left its pooled guest (for the pool's rules)."""
+
+
+@dataclass(frozen=True)
+class GuestRelease:
+    """What a pooled guest's zone did to the guest."""
+
+    #: the guest was destroyed with its zone (ended under a running workload)
+    destroyed: bool
+    #: the guest's NIC is gone (a network cut unplugs it for good)
+    nic_lost: bool

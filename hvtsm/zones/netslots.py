@@ -72,6 +72,19 @@ def release(zone_id: str, *, root: Path = SLOTS_ROOT) -> list[str]:
     return released
 
 
+def held(zone_id: str, *, root: Path = SLOTS_ROOT) -> list[str]:
+    """The reservations `release` would drop now (nothing is changed)."""
+    out: list[str] = []
+    if not root.is_dir():
+        return out
+    for slots in root.iterdir():
+        for path in slots.iterdir():
+            with contextlib.suppress(OSError):
+                if path.read_text().strip() == zone_id:
+                    out.append(f"address slot {slots.name}/{path.name}")
+    return out
+
+
 def _stale(path: Path, alive: Callable[[str], bool]) -> bool:
     try:
         owner = path.read_text().strip()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy import load_policy
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail

@@ -29,6 +29,7 @@ from hvtsm.zones.cgroup.cgroupfs import CgroupV2, read_file, write_file
 from hvtsm.zones.cgroup.driver import CgroupDriver
 from hvtsm.zones.cgroup.mounts import ref_path
 from hvtsm.zones.cgroup.netns import SYS_NET, netns_path
+from hvtsm.zones.logged import LoggedEvents
 
 pytestmark = [
     pytest.mark.integration,
@@ -68,7 +69,7 @@ def caps() -> HostCapabilities:
 
 @pytest.fixture(scope="module")
 def driver(caps: HostCapabilities) -> CgroupDriver:
-    return CgroupDriver(caps)
+    return CgroupDriver(LoggedEvents(), caps)
 
 
 class Agent:
@@ -192,17 +193,17 @@ class Listener:
 
 
 def host_ip(handle: ZoneHandle) -> str:
-    return str(ipaddress.IPv4Interface(handle.state["host_addr"]).ip)
+    return str(ipaddress.IPv4Interface(handle.state.host_addr).ip)
 
 
 def zone_gone(handle: ZoneHandle) -> None:
     zone_id = handle.zone_id
-    for d in handle.state["cgroups"]:
+    for d in handle.state.cgroups:
         assert not os.path.exists(d), d
     assert not netns_path(zone_id).exists()
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"hvtsm-{zone_id}" not in netns
-    assert not (SYS_NET / handle.state["host_if"]).exists()
+    assert not (SYS_NET / handle.state.host_if).exists()
     assert not ref_path(zone_id).exists()
 
 
@@ -220,7 +221,7 @@ def test_network_full_then_loopback_then_none(zones: Zones) -> None:
         assert report.changed == {"network": "loopback"}
         assert agent.ask(f"connect {host_ip(handle)} {listener.ports[0]}").startswith("fail")
         assert agent.ask("connect 127.0.0.1 1") == "fail ECONNREFUSED"
-        assert not (SYS_NET / handle.state["host_if"]).exists()
+        assert not (SYS_NET / handle.state.host_if).exists()
 
         zones.driver.apply(handle, handle.applied.merged(network=NetworkMode.NONE))
         assert agent.ask("connect 127.0.0.1 1") == "fail ENETUNREACH"
@@ -487,7 +488,7 @@ def test_missing_executable(zones: Zones) -> None:
 
 def test_failure_inside_the_child_is_explained(zones: Zones) -> None:
     handle = zones.create()
-    pids_dir = Path(handle.state["cgroups"][-1])
+    pids_dir = Path(handle.state.cgroups[-1])
     os.rmdir(pids_dir)  # the child can no longer join this hierarchy
     with pytest.raises(ZoneError, match=r"joining the zone's cgroups: .*No such file"):
         zones.driver.start(handle, ["true"], WorkloadIO())
@@ -498,8 +499,8 @@ def test_failure_inside_the_child_is_explained(zones: Zones) -> None:
 def test_adopt_after_controller_restart(zones: Zones, caps: HostCapabilities) -> None:
     handle = zones.create(Restrictions(pids=50))
     workload = zones.start(handle, ["sleep", "60"], stdout=False)
-    state = json.loads(json.dumps(handle.state))  # as the store keeps it
-    fresh = CgroupDriver(caps)
+    state = json.loads(json.dumps(handle.state.to_json()))  # as the store keeps it
+    fresh = CgroupDriver(LoggedEvents(), caps)
     adopted, running = fresh.adopt(handle.zone_id, state, handle.applied)
     assert running is not None and running.pid == workload.pid
     assert running.poll() is None and running.wait(0.1) is None

@@ -13,13 +13,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
 
 from hvtsm.errors import ZoneError
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy.loader import parse_policy
 from hvtsm.policy.model import ChannelGrant
 from hvtsm.store import Store
@@ -96,7 +97,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, str
         pytest.skip("cgroup zones need root")
     db = f"sqlite:///{tmp_path_factory.mktemp('channels') / 'hvtsm.db'}"
     store = Store(db)
-    manager = Manager(store, CgroupDriver(probe_host()))
+    manager = Manager(store, partial(CgroupDriver, caps=probe_host()))
     manager.start()
     yield manager, db
     manager.shutdown()

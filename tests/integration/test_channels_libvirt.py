@@ -14,13 +14,13 @@ from collections.abc import Iterator
 import pytest
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy.loader import parse_policy
 from hvtsm.policy.model import ChannelGrant
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.zones.base import Backend, WorkloadIO
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 from tests.integration.test_libvirt_zone import _libvirt_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
@@ -66,7 +66,7 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
         pytest.skip(reason)
     assert reason is None, reason
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('gch') / 'hvtsm.db'}")
-    mgr = Manager(store, make_driver(Backend.LIBVIRT, probe_host()))
+    mgr = Manager(store, driver_factory(Backend.LIBVIRT, probe_host()))
     mgr.start()
     yield mgr
     mgr.shutdown()

@@ -10,13 +10,14 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from hvtsm.host import probe_host
 from hvtsm.invoke import Invoker, InvokeRequest
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.zones.base import Backend
@@ -31,7 +32,7 @@ def invoker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Invoker]:
     if os.geteuid() != 0:
         pytest.skip("cgroup zones need root")
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('invoke') / 'hvtsm.db'}")
-    manager = Manager(store, CgroupDriver(probe_host()), actor="test")
+    manager = Manager(store, partial(CgroupDriver, caps=probe_host()), actor="test")
     manager.start()
     yield Invoker(manager)
     manager.shutdown()

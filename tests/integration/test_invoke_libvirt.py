@@ -22,13 +22,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import select
 
 from hvtsm.host import probe_host
 from hvtsm.invoke import Invoker, InvokeRequest
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.pool import registry
 from hvtsm.pool.rules import PoolKey
 from hvtsm.pool.warm import WarmPool
@@ -36,7 +37,7 @@ from hvtsm.store import Store
 from hvtsm.store.invoke_models import GuestState
 from hvtsm.store.models import Zone, ZoneEvent
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 from tests.integration.cli_helpers import hvtsm
 from tests.integration.test_libvirt_zone import _libvirt_ready
 
@@ -81,10 +82,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         pytest.skip(reason)
     assert reason is None, reason
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('winv') / 'hvtsm.db'}")
-    driver = make_driver(Backend.LIBVIRT, probe_host())
-    manager = Manager(store, driver, actor="test")
+    manager = Manager(store, driver_factory(Backend.LIBVIRT, probe_host()), actor="test")
+    driver: Any = manager.driver
     manager.start()
-    pool = WarmPool(store, driver)
+    pool = WarmPool(store, driver, idle=manager.events)
     guests = pool.fill(KEY, 2)  # both boot at once
     yield Setup(store, manager, pool, Invoker(manager, pool=pool), driver, guests)
     pool.close(drain=True)
@@ -112,7 +113,7 @@ def standby_pid(setup: Setup, zone_id: str) -> int:
 
 def guest_run(setup: Setup, guest: str, argv: list[str]) -> tuple[int | None, str]:
     """Run an administrative command in a pooled guest over its agent link (root)."""
-    link = setup.driver._links[guest]  # type: ignore[attr-defined]
+    link = setup.driver.guests.link(guest)  # type: ignore[attr-defined]
     work = link.start(argv)
     out = work.stdout.read().decode()
     return work.wait(30), out

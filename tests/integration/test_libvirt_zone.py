@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import parse_policy
 from hvtsm.store import Store
-from hvtsm.zones.base import Backend
+from hvtsm.zones.base import Backend, DriverFactory
 from tests.integration.cli_helpers import audit, hvtsm, json_lines
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
@@ -68,10 +68,11 @@ def ready() -> None:
     assert reason is None, reason
 
 
-def controller(driver: object, tmp_path: Path, policy_text: str) -> tuple[Store, Manager, Any]:
+def controller(driver: DriverFactory, tmp_path: Path,
+               policy_text: str) -> tuple[Store, Manager, Any]:
     """A started manager over a fresh store, and the parsed policy."""
     store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
-    manager = Manager(store, driver)  # type: ignore[arg-type]
+    manager = Manager(store, driver)
     manager.start()
     return store, manager, parse_policy(policy_text.encode(), source="test.toml")
 
@@ -84,21 +85,22 @@ def wait_phase(run: object, index: int, timeout: float = 30) -> None:
 
 
 def test_guest_zone_tightens_live(ready: None, tmp_path: Path, listener: int) -> None:
-    from hvtsm.zones.factory import make_driver
+    from hvtsm.zones.factory import driver_factory
     from hvtsm.zones.libvirt.driver import LibvirtOptions, domain_name
 
     dumps = Path(tempfile.mkdtemp(prefix="hvtsm-dumps-", dir="/var/tmp"))
-    driver = make_driver(Backend.LIBVIRT, probe_host(),
+    factory = driver_factory(Backend.LIBVIRT, probe_host(),
                          libvirt=LibvirtOptions(accel="auto", dump_dir=dumps))
-    store, manager, policy = controller(driver, tmp_path, POLICY)
+    store, manager, policy = controller(factory, tmp_path, POLICY)
+    driver: Any = manager.driver
     run = None
     try:
         run = manager.launch(policy, ["sleep", "60"], policy_toml=POLICY, user="root")
         state = run.handle.state
         link = driver.agent_link(run.zone_id)
         assert link is not None
-        gateway = state["host_addr"].split("/")[0]
-        assert state["accel"] in ("kvm", "qemu")
+        gateway = state.host_addr.split("/")[0]
+        assert state.accel in ("kvm", "qemu")
         before = link.probe("tcp_connect", host=gateway, port=listener, timeout=3)
         assert before["ok"], before
         mem_before = int(link.probe("meminfo")["MemTotal"])
@@ -135,10 +137,11 @@ def test_guest_zone_tightens_live(ready: None, tmp_path: Path, listener: int) ->
         assert run.ended.wait(30)
         with pytest.raises(libvirt.libvirtError):
             driver.connection.get().lookupByName(domain_name(run.zone_id))
-        assert not Path(state["dir"]).exists()
-        dump = Path(state["dump"])
+        assert not Path(state.dir).exists()
+        assert state.dump is not None
+        dump = Path(state.dump)
         assert dump.parent == dumps and dump.stat().st_size > 100 * 1024 * 1024
-        assert not Path(f"/sys/class/net/{state['tap']}").exists()
+        assert not Path(f"/sys/class/net/{state.tap}").exists()
         events = [e for e in zone_trail_summaries(store, run.zone_id)]
         assert any("phase 2: network loopback" in e for e in events)
     finally:
@@ -200,17 +203,18 @@ def _restart_libvirtd() -> None:
 
 
 def test_zone_survives_a_libvirtd_restart(ready: None, tmp_path: Path, listener: int) -> None:
-    from hvtsm.zones.factory import make_driver
+    from hvtsm.zones.factory import driver_factory
     from hvtsm.zones.libvirt.driver import LibvirtOptions, domain_name
 
-    driver = make_driver(Backend.LIBVIRT, probe_host(), libvirt=LibvirtOptions())
-    _store, manager, policy = controller(driver, tmp_path, RESTART)
+    factory = driver_factory(Backend.LIBVIRT, probe_host(), libvirt=LibvirtOptions())
+    _store, manager, policy = controller(factory, tmp_path, RESTART)
+    driver: Any = manager.driver
     run = None
     try:
         run = manager.launch(policy, ["sleep", "60"], policy_toml=RESTART, user="root")
         link = driver.agent_link(run.zone_id)
         assert link is not None
-        gateway = run.handle.state["host_addr"].split("/")[0]
+        gateway = run.handle.state.host_addr.split("/")[0]
         assert link.probe("tcp_connect", host=gateway, port=listener, timeout=3)["ok"]
         _restart_libvirtd()
         wait_phase(run, 1, timeout=40)

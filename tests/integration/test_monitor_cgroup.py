@@ -8,12 +8,13 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.monitor import host_agent
 from hvtsm.policy import load_policy
 from hvtsm.store import Store
@@ -42,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, S
     if os.geteuid() != 0:
         pytest.skip("cgroup zones need root")
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('mon') / 'hvtsm.db'}")
-    manager = Manager(store, CgroupDriver(caps))
+    manager = Manager(store, partial(CgroupDriver, caps=caps))
     manager.start()
     with corpus_dir() as corpus, decoy_key():
         yield manager, store, corpus
@@ -111,7 +112,7 @@ def test_a_killed_agent_ends_its_zone(setup: tuple[Manager, Store, Path]) -> Non
     manager, store, _ = setup
     policy = load_policy(DEFAULT_POLICY)
     run = manager.launch(policy, ["/bin/sleep", "60"], user="nobody")
-    os.kill(run.handle.state["agent_pid"], signal.SIGKILL)
+    os.kill(run.handle.state.agent_pid, signal.SIGKILL)
     assert run.ended.wait(15)
     manager.settle()
     assert run.state is ZoneState.TERMINATED

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.store import Store
 from hvtsm.store.models import ZoneState
 from hvtsm.zones.base import Backend
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 from tests.integration.monitor_corpus import (
     Case,
     Outcome,
@@ -42,7 +42,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, S
         pytest.skip(reason)
     assert reason is None, reason
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('gmon') / 'hvtsm.db'}")
-    manager = Manager(store, make_driver(Backend.LIBVIRT, probe_host()))
+    manager = Manager(store, driver_factory(Backend.LIBVIRT, probe_host()))
     manager.start()
     with corpus_dir() as corpus, decoy_key():
         yield manager, store, corpus

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import inspect
 from sqlmodel import select
 
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import parse_policy
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
@@ -36,7 +36,7 @@ action = "terminate"
 def test_timeline_and_audit_on_postgres(pg_empty_url: str) -> None:
     store = Store(pg_empty_url)
     driver = FakeDriver()
-    manager = Manager(store, driver)
+    manager = Manager(store, driver.bound)
     manager.start()
     table = manager.timeline.table
     assert inspect(store.engine).has_table(table)
@@ -60,7 +60,7 @@ def test_timeline_and_audit_on_postgres(pg_empty_url: str) -> None:
 def test_adoption_on_postgres(pg_empty_url: str) -> None:
     store = Store(pg_empty_url)
     driver = FakeDriver()
-    first = Manager(store, driver)
+    first = Manager(store, driver.bound)
     first.start()
     policy = parse_policy(POLICY.encode(), source="pg.toml")
     run = first.launch(policy, ["sleep"], policy_toml=POLICY)
@@ -70,7 +70,7 @@ def test_adoption_on_postgres(pg_empty_url: str) -> None:
         assert row is not None
         row.pid_start = -1  # the recorded process is gone
     time.sleep(0.8)
-    second = Manager(store, driver)
+    second = Manager(store, driver.bound)
     assert second.start(adopt=True) == [run.zone_id]
     assert second.zones[run.zone_id].ended.wait(10)
     second.shutdown()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from sqlmodel import select
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager, ZoneRun
+from hvtsm.lifecycle import Manager, ZoneRun
 from hvtsm.policy import load_policy
 from hvtsm.store import Store
 from hvtsm.store.models import Anomaly, Zone, ZoneEvent, ZoneState
@@ -79,7 +80,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, S
     for n in (1, 8):
         (tmp / f"parent{n}.toml").write_text(PARENT.format(max_zones=n))
     store = Store(f"sqlite:///{tmp / 'hvtsm.db'}")
-    manager = Manager(store, CgroupDriver(caps))
+    manager = Manager(store, partial(CgroupDriver, caps=caps))
     manager.start()
     yield manager, store, tmp
     manager.shutdown()

@@ -16,12 +16,12 @@ import pytest
 from sqlmodel import select
 
 from hvtsm.host import probe_host
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.policy import load_policy
 from hvtsm.store import Store
 from hvtsm.store.models import Zone, ZoneEvent, ZoneState
 from hvtsm.zones.base import Backend, WorkloadIO
-from hvtsm.zones.factory import make_driver
+from hvtsm.zones.factory import driver_factory
 from tests.integration.test_libvirt_zone import _libvirt_ready
 from tests.integration.test_transient_cgroup import CHILD, PARENT
 
@@ -40,7 +40,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, S
     (tmp / "parent.toml").write_text(PARENT.format(max_zones=4).replace(
         "lifespan_scale = 0.1", "lifespan_scale = 0.25"))
     store = Store(f"sqlite:///{tmp / 'hvtsm.db'}")
-    manager = Manager(store, make_driver(Backend.LIBVIRT, probe_host()))
+    manager = Manager(store, driver_factory(Backend.LIBVIRT, probe_host()))
     manager.start()
     yield manager, store, tmp
     manager.shutdown()

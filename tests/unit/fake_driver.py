@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from hvtsm.errors import ZoneError
@@ -12,6 +13,8 @@ from hvtsm.restrictions import Restrictions
 from hvtsm.zones.base import (
     ApplyReport,
     Backend,
+    DriverEvents,
+    StartFacts,
     WorkloadIO,
     ZoneHandle,
     ZoneSpec,
@@ -19,7 +22,24 @@ from hvtsm.zones.base import (
 )
 
 
+@dataclass
+class FakeState:
+    net_index: int = 0
+    frozen: bool = False
+    user: str | None = None
+    parent: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"net_index": self.net_index, "frozen": self.frozen, "user": self.user,
+                "parent": self.parent}
+
+    def facts(self) -> StartFacts:
+        return StartFacts()
+
+
 class FakeWorkload:
+    start_note: str | None = None
+
     def __init__(self, pid: int) -> None:
         self._pid = pid
         self.status: int | None = None
@@ -45,27 +65,37 @@ class FakeWorkload:
 
 
 class FakeDriver:
+    """Made by the lifecycle: `Manager(store, FakeDriver)` (or `driver.bound`)."""
+
     backend = Backend.CGROUP
 
-    def __init__(self) -> None:
+    def __init__(self, events: DriverEvents | None = None) -> None:
+        self.events = events
         self.applied: list[tuple[str, float, Restrictions]] = []
         self.workloads: dict[str, FakeWorkload] = {}
         self.live: set[str] = set()
         self.fail_apply: str | None = None
         self.fail_start = False
 
-    def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle:
-        self.live.add(spec.zone_id)
-        return ZoneHandle(spec.zone_id, self.backend, {"net_index": spec.net_index}, initial)
+    def bound(self, events: DriverEvents) -> FakeDriver:
+        """This fake as a driver factory: `Manager(store, driver.bound)` keeps the test's
+        own instance (configured before the manager exists)."""
+        self.events = events
+        return self
 
-    def start(self, handle: ZoneHandle, argv: Sequence[str], io: WorkloadIO) -> FakeWorkload:
+    def create(self, spec: ZoneSpec, initial: Restrictions) -> ZoneHandle[Any]:
+        self.live.add(spec.zone_id)
+        return ZoneHandle(spec.zone_id, self.backend, FakeState(spec.net_index, user=spec.user),
+                          initial)
+
+    def start(self, handle: ZoneHandle[Any], argv: Sequence[str], io: WorkloadIO) -> FakeWorkload:
         if self.fail_start:
             raise ZoneError(f"cannot execute {argv[0]}", zone_id=handle.zone_id)
         workload = FakeWorkload(10_000 + len(self.workloads))
         self.workloads[handle.zone_id] = workload
         return workload
 
-    def apply(self, handle: ZoneHandle, restrictions: Restrictions) -> ApplyReport:
+    def apply(self, handle: ZoneHandle[Any], restrictions: Restrictions) -> ApplyReport:
         if self.fail_apply and self.fail_apply in restrictions.describe():
             raise ZoneError(f"cannot apply {self.fail_apply}", zone_id=handle.zone_id)
         changed = restrictions.changes_from(handle.applied)
@@ -73,24 +103,24 @@ class FakeDriver:
         self.applied.append((handle.zone_id, time.time(), restrictions))
         return ApplyReport(changed)
 
-    def freeze(self, handle: ZoneHandle) -> None:
-        handle.state["frozen"] = True
+    def freeze(self, handle: ZoneHandle[Any]) -> None:
+        handle.state.frozen = True
 
-    def thaw(self, handle: ZoneHandle) -> None:
-        handle.state["frozen"] = False
+    def thaw(self, handle: ZoneHandle[Any]) -> None:
+        handle.state.frozen = False
 
-    def terminate(self, handle: ZoneHandle) -> None:
+    def terminate(self, handle: ZoneHandle[Any]) -> None:
         self.live.discard(handle.zone_id)
         if handle.zone_id in self.workloads:
             self.workloads[handle.zone_id].exit(-9)
 
-    def stats(self, handle: ZoneHandle) -> ZoneStats:
+    def stats(self, handle: ZoneHandle[Any]) -> ZoneStats:
         return ZoneStats(procs=1, memory_bytes=0, cpu_usage_ns=0, frozen=False)
 
-    def adopt(self, zone_id: str, state: dict[str, Any], applied: Restrictions) -> tuple[
-        ZoneHandle, FakeWorkload | None
+    def adopt(self, zone_id: str, state: Mapping[str, Any], applied: Restrictions) -> tuple[
+        ZoneHandle[Any], FakeWorkload | None
     ]:
-        handle = ZoneHandle(zone_id, self.backend, state, applied)
+        handle = ZoneHandle(zone_id, self.backend, FakeState(**state), applied)
         workload = self.workloads.get(zone_id)
         if workload is None or workload.done.is_set():
             return handle, None
@@ -99,6 +129,15 @@ class FakeDriver:
     def leftovers(self) -> set[str]:
         return set(self.live)
 
+    def resources(self, zone_id: str) -> list[str]:
+        return [f"fake {zone_id}"] if zone_id in self.live else []
+
     def remove(self, zone_id: str) -> list[str]:
         self.live.discard(zone_id)
         return [f"fake {zone_id}"]
+
+    def channel_link(self, zone_id: str) -> None:
+        return None
+
+    def close(self) -> None:
+        pass

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from hvtsm.manager import Manager
-from hvtsm.monitor.events import MonitorHooks
+from hvtsm.lifecycle import Manager
+from hvtsm.monitor.events import LinkEvents
 from hvtsm.monitor.link import AgentLink
 from hvtsm.policy import parse_policy
 from hvtsm.store import Store
@@ -49,13 +49,12 @@ def rss_mib() -> float:
 @pytest.mark.parametrize("stream", ["random-bytes", "huge-line", "flood", "junk-json"])
 def test_hostile_stream_flags_the_zone(tmp_path: Path, stream: str) -> None:
     store = Store(f"sqlite:///{tmp_path / 'hvtsm.db'}")
-    manager = Manager(store, FakeDriver())
+    manager = Manager(store, FakeDriver)
     manager.start()
     run = manager.launch(parse_policy(POLICY.encode(), source="h.toml"), ["true"],
                          policy_toml=POLICY)
-    hooks = MonitorHooks()
-    hooks.anomaly = manager._driver_anomaly
-    on_problem, on_event = hooks.handlers(run.zone_id)
+    sink = LinkEvents.for_zone(manager.events, run.zone_id)
+    on_problem, on_event = sink.problem, sink.event
     ours, theirs = socket.socketpair()
     link = AgentLink.from_socket(ours, zone_id=run.zone_id, on_problem=on_problem,
                                  on_event=on_event)

@@ -11,7 +11,7 @@ import pytest
 from sqlmodel import select
 
 from hvtsm.errors import ZoneError
-from hvtsm.manager import Manager, Notice
+from hvtsm.lifecycle import Manager, Notice
 from hvtsm.policy import parse_policy
 from hvtsm.restrictions import NetworkMode
 from hvtsm.store import Store
@@ -54,7 +54,7 @@ def policy(text: str = POLICY):
 def test_phases_apply_in_order_then_terminate(store: Store) -> None:
     driver = FakeDriver()
     notices: list[Notice] = []
-    manager = Manager(store, driver, listener=notices.append)
+    manager = Manager(store, driver.bound, listener=notices.append)
     manager.start()
     run = manager.launch(policy(), ["true"], policy_toml=POLICY)
     assert run.ended.wait(5)
@@ -76,7 +76,7 @@ def test_phases_apply_in_order_then_terminate(store: Store) -> None:
 
 def test_workload_exit_cancels_pending_transitions(store: Store) -> None:
     driver = FakeDriver()
-    manager = Manager(store, driver)
+    manager = Manager(store, driver.bound)
     manager.start()
     run = manager.launch(policy(), ["true"], policy_toml=POLICY)
     driver.workloads[run.zone_id].exit(3)
@@ -89,7 +89,7 @@ def test_workload_exit_cancels_pending_transitions(store: Store) -> None:
 
 def test_accelerate_divides_time_left(store: Store) -> None:
     driver = FakeDriver()
-    manager = Manager(store, driver)
+    manager = Manager(store, driver.bound)
     manager.start()
     text = SLOW
     run = manager.launch(policy(text), ["true"], policy_toml=text)
@@ -109,7 +109,7 @@ def test_accelerate_divides_time_left(store: Store) -> None:
 
 def test_anomaly_reaction_is_audited(store: Store) -> None:
     driver = FakeDriver()
-    manager = Manager(store, driver)
+    manager = Manager(store, driver.bound)
     manager.start()
     text = SLOW
     run = manager.launch(policy(text), ["true"], policy_toml=text)
@@ -124,7 +124,7 @@ def test_anomaly_reaction_is_audited(store: Store) -> None:
 def test_failed_tightening_fails_closed(store: Store) -> None:
     driver = FakeDriver()
     driver.fail_apply = "network"
-    manager = Manager(store, driver)
+    manager = Manager(store, driver.bound)
     manager.start()
     run = manager.launch(policy(), ["true"], policy_toml=POLICY)
     assert run.ended.wait(5)
@@ -136,7 +136,7 @@ def test_failed_tightening_fails_closed(store: Store) -> None:
 def test_start_failure_leaves_a_failed_record_and_nothing_else(store: Store) -> None:
     driver = FakeDriver()
     driver.fail_start = True
-    manager = Manager(store, driver)
+    manager = Manager(store, driver.bound)
     manager.start()
     with pytest.raises(ZoneError):
         manager.launch(policy(), ["nope"], policy_toml=POLICY)
@@ -155,7 +155,7 @@ def _dead_pid() -> int:
 
 def test_restart_applies_overdue_tightenings_at_once_and_late(store: Store) -> None:
     driver = FakeDriver()
-    first = Manager(store, driver)
+    first = Manager(store, driver.bound)
     first.start()
     run = first.launch(policy(), ["sleep"], policy_toml=POLICY)
     # the controller "dies": its scheduler stops, its table and rows stay as they were
@@ -166,7 +166,7 @@ def test_restart_applies_overdue_tightenings_at_once_and_late(store: Store) -> N
         row.pid = _dead_pid()
     time.sleep(1.5)  # phases 1-2 and the terminate fall due while nobody runs
     assert driver.applied == []
-    second = Manager(store, driver)
+    second = Manager(store, driver.bound)
     adopted = second.start(adopt=True)
     assert adopted == [run.zone_id]
     adopted_run = second.zones[run.zone_id]

@@ -47,8 +47,8 @@ def test_readings_splits_into_fetch_parse_compute() -> None:
         ("fetch", "fetch", ("fetch",)), ("parse", "parse", ("parse",)),
         ("compute", "compute", ("summarize",))]
     fetch, parse, compute = plan.stages
-    assert fetch.policy.name == "segment-fetch" and fetch.lifespan_ms == 10_000
-    assert parse.policy.name == "segment-parse" and parse.lifespan_ms == 2_000
+    assert fetch.policy.name == "segment-fetch" and fetch.lifespan_ms == 30_000
+    assert parse.policy.name == "segment-parse" and parse.lifespan_ms == 10_000
     # the parse zone has no network from its first instruction
     assert str(parse.policy.initial().network) == "none"
     assert str(compute.policy.initial().network) == "none"

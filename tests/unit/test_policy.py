@@ -8,6 +8,7 @@ from guest_agent.profile import Profile
 from hvtsm.errors import PolicyError
 from hvtsm.policy import Reaction, load_policy, parse_policy
 from hvtsm.policy.model import Containment
+from hvtsm.policy.segments import choose
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -167,9 +168,9 @@ match = { capability = ["network", "exec"] }
 lifespan_scale = 0.5
 """)
     assert policy.anomaly.reaction is Reaction.TERMINATE
-    assert policy.lifespan_scale("input-validation") == 0.25
-    assert policy.lifespan_scale("parser", frozenset({"network", "exec", "x"})) == 0.5
-    assert policy.lifespan_scale("parser", frozenset({"network"})) == 1.0
+    assert choose(policy, [("input-validation", frozenset())]).scale == 0.25
+    assert choose(policy, [("parser", frozenset({"network", "exec", "x"}))]).scale == 0.5
+    assert choose(policy, [("parser", frozenset({"network"}))]).scale == 1.0
 
 
 @pytest.mark.parametrize(("section", "field"), [

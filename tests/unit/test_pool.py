@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ from hvtsm.store import Store
 from hvtsm.store.audit import record_anomaly
 from hvtsm.store.invoke_models import GuestState, WarmGuest
 from hvtsm.store.models import ZoneState
-from hvtsm.zones.base import Backend, ZoneHandle, ZoneSpec
+from hvtsm.zones.base import Backend, GuestRelease, StartFacts, ZoneHandle, ZoneSpec
+from hvtsm.zones.logged import LoggedEvents
 
 KEY = PoolKey("python3", "untrusted")
 GIB = 1 << 30
@@ -155,18 +158,35 @@ def test_claim_keeps_to_key_and_skips_live_holders(store: Store) -> None:
 
 # -- WarmPool with a fake guest driver -------------------------------------------------------
 
+@dataclass
+class FakeGuestState:
+    guest: str
+    nic: bool = True
+    bound: bool = False
+    standby: bool = False
+    destroyed: bool = False
+    user: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"guest": self.guest, "nic": self.nic, "bound": self.bound}
+
+    def facts(self) -> StartFacts:
+        return StartFacts()
+
+
 class FakeGuests:
-    """Stands in for LibvirtDriver's guest methods; records what was done."""
+    """Stands in for LibvirtDriver's guest methods; records what was done. Its idle
+    reports go through `events` as the real driver's do."""
 
     backend = Backend.LIBVIRT
 
     def __init__(self) -> None:
+        self.events = LoggedEvents()
         self.running: set[str] = set()
         self.scrubs: list[str] = []
         self.destroyed: list[str] = []
         self.detached: list[str] = []
         self.fail_scrub = False
-        self.idle_sink: Any = None
         #: ("scrub" | "standby", guest) in the order they happened
         self.steps: list[tuple[str, str]] = []
         self.standby_error: str | None = None
@@ -174,7 +194,7 @@ class FakeGuests:
 
     def boot_guest(self, guest: str, net_index: int, base: Restrictions) -> dict[str, Any]:
         self.running.add(guest)
-        return {"guest": guest, "domain": f"hvtsm-{guest}", "channel": "/nonexistent",
+        return {"guest": guest, "domain": f"hvtsm-{guest}", "channel_path": "/nonexistent",
                 "nic": True, "boot_ms": 1.0}
 
     def scrub(self, guest: str, user: str, scratch: str) -> float:
@@ -195,9 +215,14 @@ class FakeGuests:
     def detach_guest(self, guest: str) -> None:
         self.detached.append(guest)
 
-    def bind(self, spec: ZoneSpec, initial: Restrictions, state: dict[str, Any],
-             base: Restrictions) -> ZoneHandle:
-        return ZoneHandle(spec.zone_id, self.backend, dict(state, bound=True), initial)
+    def bind(self, spec: ZoneSpec, initial: Restrictions, state: Mapping[str, Any],
+             base: Restrictions, *, standby: bool = False) -> ZoneHandle[Any]:
+        return ZoneHandle(spec.zone_id, self.backend,
+                          FakeGuestState(str(state["guest"]), bound=True, standby=standby),
+                          initial)
+
+    def released(self, handle: ZoneHandle[Any]) -> GuestRelease:
+        return GuestRelease(destroyed=handle.state.destroyed, nic_lost=not handle.state.nic)
 
     def destroy_guest(self, guest: str) -> list[str]:
         self.running.discard(guest)
@@ -209,7 +234,7 @@ class FakeGuests:
 
 
 def serve(pool: WarmPool, zone_id: str, initial: Restrictions = NO_LIMITS, *,
-          key: PoolKey = KEY) -> tuple[Any, ZoneHandle]:
+          key: PoolKey = KEY) -> tuple[Any, ZoneHandle[Any]]:
     lease = pool.acquire(key, initial)
     assert lease is not None
     handle = pool.bind(lease, ZoneSpec(zone_id=zone_id, net_index=1), initial)
@@ -218,7 +243,7 @@ def serve(pool: WarmPool, zone_id: str, initial: Restrictions = NO_LIMITS, *,
 
 def test_pool_reuses_a_clean_guest_and_retires_after_max_uses(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, max_uses=2, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, max_uses=2, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
     assert pool.fill(KEY, 1) == []  # already there
     lease, _ = serve(pool, "z1")
@@ -237,7 +262,7 @@ def test_pool_reuses_a_clean_guest_and_retires_after_max_uses(store: Store) -> N
 
 def test_anomaly_in_any_served_zone_taints(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
     lease, _ = serve(pool, "z1")
     with store.session() as session:
@@ -259,10 +284,11 @@ def test_anomaly_in_any_served_zone_taints(store: Store) -> None:
 def test_retired_after(store: Store, state: ZoneState, initial: Restrictions,
                        handle_state: dict[str, Any], words: str) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
     lease, handle = serve(pool, "z1", initial)
-    handle.state.update(handle_state)
+    for name, value in handle_state.items():
+        setattr(handle.state, name, value)
     reason = pool.release(lease, zone_state=state, request_key=KEY)
     assert reason is not None and words in reason
     assert fake.destroyed == [guest]
@@ -270,7 +296,7 @@ def test_retired_after(store: Store, state: ZoneState, initial: Restrictions,
 
 def test_failed_scrub_retires(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
     lease, _ = serve(pool, "z1")
     fake.fail_scrub = True
@@ -280,7 +306,7 @@ def test_failed_scrub_retires(store: Store) -> None:
 
 def test_request_needing_more_memory_gets_no_guest(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, memory=GIB // 2, default_memory=GIB // 4)
+    pool = WarmPool(store, fake, idle=fake.events, memory=GIB // 2, default_memory=GIB // 4)
     pool.fill(KEY, 1)
     assert pool.acquire(KEY, Restrictions(memory=GIB)) is None
     assert pool.acquire(PoolKey("python3", "trusted"), Restrictions()) is None
@@ -289,10 +315,10 @@ def test_request_needing_more_memory_gets_no_guest(store: Store) -> None:
 
 def test_idle_guest_problem_taints_it(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
-    fake.idle_sink(guest, "event", "stats")  # routine: nothing happens
-    fake.idle_sink(guest, "heartbeat_lost", "no heartbeat for 3 s")
+    fake.events.idle(guest, "event", "stats")  # routine: nothing happens
+    fake.events.idle(guest, "heartbeat_lost", "no heartbeat for 3 s")
     deadline = time.monotonic() + 5
 
     def retired() -> bool:
@@ -310,7 +336,7 @@ def test_idle_guest_problem_taints_it(store: Store) -> None:
 
 def test_gone_domain_is_retired_on_claim_and_drain(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     first, second = pool.fill(KEY, 2)
     fake.running.discard(first)  # the domain died while idle
     lease = pool.acquire(KEY, Restrictions())
@@ -344,13 +370,13 @@ def test_me_names_this_process() -> None:
 
 def test_standby_prepared_after_each_scrub_and_named_at_bind(store: Store) -> None:
     fake = FakeGuests()
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
     assert fake.steps == [("scrub", guest), ("standby", guest)]
     # the filter's deny list is the default policy's
     assert "ptrace" in fake.standby_profiles[0]["deny_syscalls"]
     lease, handle = serve(pool, "z1")
-    assert handle.state["standby"] is True  # the driver's start names the standby
+    assert handle.state.standby is True  # the driver's start names the standby
     assert pool.release(lease, zone_state=ZoneState.EXITED, request_key=KEY) is None
     # the new standby comes after the scrub's check, never before
     assert fake.steps[2:] == [("scrub", guest), ("standby", guest)]
@@ -361,7 +387,7 @@ def test_standby_prepared_after_each_scrub_and_named_at_bind(store: Store) -> No
 def test_a_failed_standby_leaves_a_serving_guest_and_off_means_none(store: Store) -> None:
     fake = FakeGuests()
     fake.standby_error = "the loader did not start"
-    pool = WarmPool(store, fake, default_memory=GIB // 2)
+    pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
     [guest] = pool.fill(KEY, 1)
     assert "no standby: the loader did not start" in registry.trail(store, guest)[-1].detail
     lease, handle = serve(pool, "z1")
@@ -370,7 +396,7 @@ def test_a_failed_standby_leaves_a_serving_guest_and_off_means_none(store: Store
     assert pool.release(lease, zone_state=ZoneState.EXITED, request_key=KEY) is None
     assert ("standby", guest) not in fake.steps
     _lease, handle = serve(pool, "z2")
-    assert handle.state["standby"] is False
+    assert handle.state.standby is False
 
 
 def test_start_note_words_for_the_zone_trail() -> None:

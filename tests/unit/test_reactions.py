@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from hvtsm.manager import Manager, Notice
-from hvtsm.monitor.anomalies import from_agent_event, from_link_problem, zone_profile
-from hvtsm.monitor.events import MonitorHooks
+from hvtsm.lifecycle import Manager, Notice
+from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem, zone_profile
+from hvtsm.monitor.events import LinkEvents
 from hvtsm.policy import parse_policy
 from hvtsm.restrictions import EgressRule, NetworkMode, Restrictions
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.store.models import Anomaly, Reaction, ZoneState
+from hvtsm.zones.logged import LoggedEvents
 from tests.unit.fake_driver import FakeDriver
 
 POLICY = """
@@ -56,7 +57,7 @@ def store(tmp_path: Path) -> Store:
 def launch(store: Store, notices: list[Notice] | None = None) -> tuple[Manager, FakeDriver,
                                                                        str]:
     driver = FakeDriver()
-    manager = Manager(store, driver, listener=None if notices is None else notices.append)
+    manager = Manager(store, driver.bound, listener=None if notices is None else notices.append)
     manager.start()
     run = manager.launch(parse_policy(POLICY.encode(), source="esc.toml"), ["true"],
                          policy_toml=POLICY)
@@ -80,13 +81,15 @@ def test_repeated_anomalies_escalate(store: Store) -> None:
     assert min(run.pending.values()) < first_due - 10  # 30 s left became 15 s
     assert react(manager, zone_id) == "jump"
     assert react(manager, zone_id) == "freeze"
-    assert run.state is ZoneState.FROZEN and run.handle.state["frozen"]
+    assert run.state is ZoneState.FROZEN and run.handle.state.frozen
     assert react(manager, zone_id) == "terminate"
     assert run.ended.wait(5)
-    # the zone is gone: still audited, no reaction left to take
-    assert react(manager, zone_id) is None
+    # the zone is gone: still audited, its reaction recorded with no effect left to take,
+    # and the zone's outcome says it was hostile
+    assert react(manager, zone_id) == "terminate"
     manager.shutdown()
-    assert reactions(store) == ["accelerate", "jump", "freeze", "terminate"]
+    assert reactions(store) == ["accelerate", "jump", "freeze", "terminate", "terminate"]
+    assert run.outcome is not None and run.outcome.hostile and run.outcome.anomalies == 5
     with store.session() as session:
         assert len(session.exec(select(Anomaly)).all()) == 5
 
@@ -102,9 +105,7 @@ def test_category_override_terminates_at_once(store: Store) -> None:
 def test_agent_event_reaches_the_audit_with_its_evidence(store: Store) -> None:
     notices: list[Notice] = []
     manager, _, zone_id = launch(store, notices)
-    hooks = MonitorHooks()
-    hooks.anomaly = manager._driver_anomaly
-    _, on_event = hooks.handlers(zone_id)
+    on_event = LinkEvents.for_zone(manager.events, zone_id).event
     on_event({"type": "event", "kind": "anomaly", "seq": 3, "data": EVIDENCE})
     deadline = time.time() + 5
     while not reactions(store) and time.time() < deadline:
@@ -118,16 +119,21 @@ def test_agent_event_reaches_the_audit_with_its_evidence(store: Store) -> None:
     assert "pid 42" in anomaly.summary and "killed" in anomaly.summary
     assert anomaly.data["evidence"]["args"] == {"request": 16, "target": 7}
     seen = [n for n in notices if n.kind == "anomaly"]
-    assert seen and seen[0].data["evidence"]["syscall"] == "ptrace"
+    assert seen and seen[0].evidence["syscall"] == "ptrace"
 
 
 def test_link_problems_fail_closed() -> None:
     got: list[tuple[str, str]] = []
     notes: list[tuple[str, str, str]] = []
-    hooks = MonitorHooks()
-    hooks.anomaly = lambda zone, report: got.append((zone, report.category))
-    hooks.report = lambda zone, kind, detail: notes.append((zone, kind, detail))
-    on_problem, on_event = hooks.handlers("z1")
+    class Recorder(LoggedEvents):
+        def anomaly(self, zone_id: str, report: AnomalyReport) -> None:
+            got.append((zone_id, report.category))
+
+        def note(self, zone_id: str, kind: str, detail: str) -> None:
+            notes.append((zone_id, kind, detail))
+
+    sink = LinkEvents.for_zone(Recorder(), "z1")
+    on_problem, on_event = sink.problem, sink.event
     for kind in ("heartbeat_lost", "disconnected", "malformed", "oversized", "flood",
                  "seq_gap", "events_dropped", "something_new"):
         on_problem(kind, "detail")
@@ -184,7 +190,7 @@ def test_an_old_store_gains_the_evidence_column(tmp_path: Path) -> None:
 
 def test_drops_are_anomalies_only_when_the_policy_says_so(store: Store) -> None:
     text = POLICY + "drops_are_anomalies = false\n"
-    manager = Manager(store, FakeDriver())
+    manager = Manager(store, FakeDriver)
     manager.start()
     run = manager.launch(parse_policy(text.encode(), source="d.toml"), ["true"],
                          policy_toml=text)

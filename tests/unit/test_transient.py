@@ -15,15 +15,15 @@ import pytest
 from guest_agent.monitor import Monitor, Transient, Watch
 from guest_agent.profile import Profile, ProfileError, TransientWatch
 from guest_agent.protocol import validate
-from hvtsm.manager import Manager
+from hvtsm.lifecycle import Manager
 from hvtsm.monitor.anomalies import AnomalyReport
 from hvtsm.monitor.code_path import CodePath, from_event
 from hvtsm.policy import load_policy
+from hvtsm.policy.transient import expected_programs, monitor_transient
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode, Restrictions
 from hvtsm.store import Store
-from hvtsm.transient import expected_programs, monitor_transient, tighter
 from hvtsm.zones.base import ZoneHandle, ZoneSpec
-from tests.unit.fake_driver import FakeDriver, FakeWorkload
+from tests.unit.fake_driver import FakeDriver, FakeState, FakeWorkload
 
 # -- the profile ----------------------------------------------------------------------------
 
@@ -182,12 +182,12 @@ def test_tighter_takes_the_tighter_of_each_field() -> None:
                      cpu_quota=50, cpus=frozenset({0, 1}))
     b = Restrictions(network=NetworkMode.FULL, egress=(inner,), memory=200, pids=10,
                      cpus=frozenset({1}), filesystem=FilesystemMode.RO)
-    t = tighter(a, b)
+    t = a.tighter(b)
     assert (t.memory, t.pids, t.cpu_quota, t.cpus) == (100, 10, 50, frozenset({1}))
     assert t.egress == (inner,) and t.filesystem is FilesystemMode.RO
-    assert tighter(b, Restrictions(network=NetworkMode.NONE)).network is NetworkMode.NONE
-    assert tighter(b, Restrictions(network=NetworkMode.NONE)).egress is None
-    assert not a.loosenings(tighter(a, b)) and not b.loosenings(tighter(a, b))
+    assert b.tighter(Restrictions(network=NetworkMode.NONE)).network is NetworkMode.NONE
+    assert b.tighter(Restrictions(network=NetworkMode.NONE)).egress is None
+    assert not a.loosenings(a.tighter(b)) and not b.loosenings(a.tighter(b))
 
 
 def test_expected_programs_are_the_workloads_own_the_policys_and_the_callers() -> None:
@@ -207,16 +207,16 @@ class SplittingDriver(FakeDriver):
         self.refused: list[tuple[int, str]] = []
         self.splits: list[tuple[str, int, Restrictions]] = []
 
-    def split(self, parent: ZoneHandle, spec: ZoneSpec, request: CodePath,
-              initial: Restrictions) -> tuple[ZoneHandle, FakeWorkload]:
+    def split(self, parent: ZoneHandle[Any], spec: ZoneSpec, request: CodePath,
+              initial: Restrictions) -> tuple[ZoneHandle[Any], FakeWorkload]:
         self.splits.append((spec.zone_id, request.pid, initial))
         self.live.add(spec.zone_id)
         work = FakeWorkload(request.pid)
         self.workloads[spec.zone_id] = work
-        return ZoneHandle(spec.zone_id, self.backend, {"parent": parent.zone_id},
+        return ZoneHandle(spec.zone_id, self.backend, FakeState(parent=parent.zone_id),
                           initial), work
 
-    def refuse(self, parent: ZoneHandle, request: CodePath, reason: str) -> None:
+    def refuse(self, parent: ZoneHandle[Any], request: CodePath, reason: str) -> None:
         self.refused.append((request.hold, reason))
 
 
@@ -229,7 +229,7 @@ def fake_manager(tmp_path: Path, max_zones: int = 1) -> tuple[Manager, Splitting
         'network = "loopback"\n[transient]\nenabled = true\npolicy = "child.toml"\n'
         f'lifespan_scale = 0.5\nmax_zones = {max_zones}\n')
     driver = SplittingDriver()
-    manager = Manager(Store(f"sqlite:///{tmp_path / 'db'}"), driver)
+    manager = Manager(Store(f"sqlite:///{tmp_path / 'db'}"), driver.bound)
     manager.start()
     return manager, driver, load_policy(tmp_path / "p.toml")
 
@@ -248,7 +248,7 @@ def wait_for(predicate: Any, timeout: float = 5) -> None:
 def test_split_never_looser_than_parent_then_limit_then_parent_end(tmp_path: Path) -> None:
     manager, driver, policy = fake_manager(tmp_path)
     parent = manager.launch(policy, ["/bin/true"])
-    manager._driver_code_path(parent.zone_id, request(1, 501))
+    manager.events.code_path(parent.zone_id, request(1, 501))
     wait_for(lambda: len(parent.children) == 1)
     child = manager.zones[parent.children[0]]
     (_zone, pid, initial), = driver.splits
@@ -258,7 +258,7 @@ def test_split_never_looser_than_parent_then_limit_then_parent_end(tmp_path: Pat
     assert initial.network is NetworkMode.NONE
     assert child.pending == {1: pytest.approx(child.started_at + 5, abs=0.01)}
     # one split too many: refused, and an anomaly of the parent
-    manager._driver_code_path(parent.zone_id, request(2, 502))
+    manager.events.code_path(parent.zone_id, request(2, 502))
     wait_for(lambda: driver.refused)
     assert driver.refused[0][0] == 2 and "max_zones" in driver.refused[0][1]
     manager.settle()
@@ -266,7 +266,7 @@ def test_split_never_looser_than_parent_then_limit_then_parent_end(tmp_path: Pat
     # an anomaly the agent names the transient zone for is the transient zone's: its
     # policy terminates it, the parent goes on
     report = AnomalyReport("connect-out", "x", "agent", {"zone": child.zone_id})
-    manager._driver_anomaly(parent.zone_id, report)
+    manager.events.anomaly(parent.zone_id, report)
     assert child.ended.wait(5) and str(child.state) == "terminated"
     assert not parent.ended.is_set() and parent.anomalies == 1
     # a zone it does not own stays with the parent
@@ -278,7 +278,7 @@ def test_split_never_looser_than_parent_then_limit_then_parent_end(tmp_path: Pat
 def test_parent_tightening_and_end_reach_the_child(tmp_path: Path) -> None:
     manager, driver, policy = fake_manager(tmp_path, max_zones=4)
     parent = manager.launch(policy, ["/bin/true"])
-    manager._driver_code_path(parent.zone_id, request(1, 600))
+    manager.events.code_path(parent.zone_id, request(1, 600))
     wait_for(lambda: len(parent.children) == 1)
     child = manager.zones[parent.children[0]]
     child.handle.applied = Restrictions(network=NetworkMode.FULL, memory=1 << 30)

@@ -132,10 +132,17 @@ def _enter_zone(entry: Entry, netns_fd: int, report: _ChildReport) -> Callable[[
 
 
 class ZoneWorkload:
-    """A workload this controller started (wraps its Popen)."""
+    """A workload this controller started (wraps its Popen). Its end is known here first
+    (it is our child); `barrier` then waits until the zone's agent has delivered what it
+    said before, so the cause of an end is never behind the end itself."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    start_note: str | None = None
+
+    def __init__(self, popen: subprocess.Popen[bytes],
+                 barrier: Callable[[], None] | None = None) -> None:
         self.popen = popen
+        self._barrier = barrier
+        self._flushed = threading.Event()
 
     @property
     def pid(self) -> int:
@@ -146,9 +153,13 @@ class ZoneWorkload:
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
-            return self.popen.wait(timeout)
+            status = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        if self._barrier is not None and not self._flushed.is_set():
+            self._barrier()
+            self._flushed.set()
+        return status
 
     @property
     def stdin(self) -> IO[bytes] | None:
@@ -168,6 +179,7 @@ class AdoptedWorkload:
     unknown; it counts as ended (status 0) once its zone holds no process."""
 
     POLL_INTERVAL = 0.05
+    start_note: str | None = None
 
     def __init__(self, cgroup: ZoneCgroup, pid: int) -> None:
         self.cgroup = cgroup
@@ -198,8 +210,11 @@ class AdoptedWorkload:
 
 
 def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
-          env: Mapping[str, str] | None, cwd: str | None) -> ZoneWorkload:
-    """Start `argv` in the zone; returns once exec succeeded."""
+          env: Mapping[str, str] | None, cwd: str | None,
+          barrier: Callable[[], None] | None = None) -> ZoneWorkload:
+    """Start `argv` in the zone; returns once exec succeeded. The program is looked up in
+    the workload's PATH here, so the zone's first exec is the program itself (a search
+    by the child would try each PATH directory: execs of files that do not exist)."""
     try:
         netns_fd = os.open(entry.netns_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -209,9 +224,11 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
     child_env = dict(os.environ if env is None else env)
     if entry.user is not None:
         child_env.update(HOME=entry.user.home, USER=entry.user.name, LOGNAME=entry.user.name)
+    executable = _resolve(argv[0], child_env, entry.zone_id)
     try:
         popen = subprocess.Popen(
-            list(argv), stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, env=child_env,
+            list(argv), executable=executable, stdin=io.stdin, stdout=io.stdout,
+            stderr=io.stderr, env=child_env,
             cwd=cwd, preexec_fn=_enter_zone(entry, netns_fd, report),
             # its own session: the controller's terminal signals and hangups stay with the
             # controller, which ends the zone itself (and a zone outlives a dead controller)
@@ -226,7 +243,18 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
     finally:
         os.close(netns_fd)
         report.close()
-    return ZoneWorkload(popen)
+    return ZoneWorkload(popen, barrier)
+
+
+def _resolve(program: str, env: Mapping[str, str], zone_id: str) -> str:
+    """`program` as a path: as given when it names one, else found in the PATH of `env`
+    (the zone sees the host's files, so the host's lookup is the zone's)."""
+    if "/" in program:
+        return program
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise ZoneError(f"cannot execute {program!r}: not found in PATH", zone_id=zone_id)
+    return found
 
 
 def channel_listener(netns_path: str, zone_id: str) -> socket.socket:

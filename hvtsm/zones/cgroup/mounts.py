@@ -163,6 +163,11 @@ def drop_ns_ref(zone_id: str) -> list[str]:
     return [f"mount namespace reference {path}"]
 
 
+def would_drop_ns_ref(zone_id: str) -> list[str]:
+    path = ref_path(zone_id)
+    return [f"mount namespace reference {path}"] if path.exists() else []
+
+
 def ref_zone_ids() -> set[str]:
     try:
         return {e.name for e in os.scandir(NS_REF_DIR) if e.is_file()}

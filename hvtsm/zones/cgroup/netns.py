@@ -129,6 +129,15 @@ def destroy(zone_id: str, *, ip: str = "ip") -> list[str]:
     return removed
 
 
+def would_destroy(zone_id: str) -> list[str]:
+    """What `destroy` would remove now (nothing is changed)."""
+    host_if = host_if_name(zone_id)
+    out = [f"veth {host_if}"] if (SYS_NET / host_if).exists() else []
+    if netns_path(zone_id).exists():
+        out.append(f"netns {netns_name(zone_id)}")
+    return out
+
+
 def zone_ids() -> set[str]:
     """Zones with a namespace or a host-side veth of ours on this host."""
     out: set[str] = set()

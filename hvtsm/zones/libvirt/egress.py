@@ -39,3 +39,10 @@ def remove_egress(zone_id: str, *, nft: str) -> bool:
     result = run([nft, "delete", "table", "inet", table_name(zone_id)], check=False,
                  zone_id=zone_id)
     return result.returncode == 0
+
+
+def has_egress(zone_id: str, *, nft: str) -> bool:
+    """Whether the zone's table exists (nothing is changed)."""
+    result = run([nft, "list", "table", "inet", table_name(zone_id)], check=False,
+                 zone_id=zone_id)
+    return result.returncode == 0

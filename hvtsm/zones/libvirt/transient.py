@@ -4,8 +4,8 @@ answered by a `transient` event this module waits for. The host cannot reach a g
 cgroups, so the agent writes them; the held call is released only once the process is in
 its cgroup (the agent refuses the call when it could not place it: fail closed).
 
-A transient zone's handle names its parent (`state["parent"]`) and the guest domain; the
-libvirt driver sends every operation on such a handle here instead of to the domain.
+A transient zone's state names its parent and the guest domain; the libvirt driver sends
+every operation on such a handle here instead of to the domain.
 """
 
 from __future__ import annotations
@@ -15,19 +15,28 @@ import time
 from typing import Any
 
 from hvtsm.errors import ZoneError
+from hvtsm.monitor.anomalies import agent_network
 from hvtsm.monitor.code_path import CodePath
 from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import Restrictions
-from hvtsm.transient import agent_network, limits_of
-from hvtsm.zones.base import ApplyReport, ZoneHandle, ZoneSpec, ZoneStats
+from hvtsm.zones.base import ApplyReport, Backend, ZoneHandle, ZoneSpec, ZoneStats
+from hvtsm.zones.libvirt.state import GuestTransientState, GuestZoneState
 
 #: how long an operation's answer may take (a TCG guest is slow)
 ACK_TIMEOUT = 15.0
 
 
+def limits_of(restrictions: Restrictions) -> dict[str, Any]:
+    """The `transient.limits` of the wire protocol (a guest's transient cgroup)."""
+    return {"memory": restrictions.memory, "pids": restrictions.pids,
+            "cpu_quota": restrictions.cpu_quota, "cpu_shares": restrictions.cpu_shares}
+
+
 class TransientGuestWorkload:
     """The processes of a transient zone in a guest: ended when the agent reports its
     cgroup empty, or when the guest is gone. Their exit status is not known (0)."""
+
+    start_note: str | None = None
 
     def __init__(self, pid: int, ended: threading.Event, gone: threading.Event) -> None:
         self._pid = pid
@@ -105,44 +114,47 @@ class GuestTransients:
                             f"{str(answer.get('error'))[:300]}", zone_id=zone_id)
         return answer
 
-    def split(self, link: AgentLink | None, parent: ZoneHandle, spec: ZoneSpec,
-              request: CodePath, initial: Restrictions,
-              gone: threading.Event) -> tuple[ZoneHandle, TransientGuestWorkload]:
-        workload = request.workload or str(parent.state.get("workload"))
+    def split(self, link: AgentLink | None, parent_id: str, parent: GuestZoneState,
+              spec: ZoneSpec, request: CodePath, initial: Restrictions,
+              gone: threading.Event) -> tuple[ZoneHandle[GuestTransientState],
+                                              TransientGuestWorkload]:
+        workload = request.workload or str(parent.workload)
         answer = self._call(link, workload, "split", spec.zone_id, hold=request.hold,
                             cgroup=spec.zone_id, limits=limits_of(initial),
                             network=agent_network(initial))
-        state = {"parent": parent.zone_id, "transient": True,
-                 "domain": parent.state.get("domain"), "workload": workload,
-                 "cgroup": answer.get("cgroup"), "pid": request.pid,
-                 "user": parent.state.get("user"), "frozen": False,
-                 "notes": [f"guest cgroup {answer.get('cgroup')}; the call was held "
-                           f"{answer.get('held_ms')} ms"]}
-        handle = ZoneHandle(spec.zone_id, parent.backend, state, initial)
+        cgroup = answer.get("cgroup")
+        state = GuestTransientState(
+            parent=parent_id, domain=parent.domain, workload=workload,
+            cgroup=cgroup if isinstance(cgroup, str) else None, pid=request.pid,
+            user=parent.user, notes=[f"guest cgroup {cgroup}; the call was held "
+                                     f"{answer.get('held_ms')} ms"])
+        handle = ZoneHandle(spec.zone_id, Backend.LIBVIRT, state, initial)
         return handle, TransientGuestWorkload(request.pid, self.ended(spec.zone_id), gone)
 
-    def refuse(self, link: AgentLink | None, parent: ZoneHandle, request: CodePath,
-               reason: str) -> None:
+    def refuse(self, link: AgentLink | None, parent_id: str, parent: GuestZoneState,
+               request: CodePath, reason: str) -> None:
         if link is None or link.closed:
             raise ZoneError("no agent link: the agent's hold times out and refuses",
-                            zone_id=parent.zone_id)
-        link.transient(request.workload or str(parent.state.get("workload")), "deny",
+                            zone_id=parent_id)
+        link.transient(request.workload or str(parent.workload), "deny",
                        hold=request.hold, reason=reason[:500])
 
-    def apply(self, link: AgentLink | None, handle: ZoneHandle,
+    def apply(self, link: AgentLink | None, handle: ZoneHandle[GuestTransientState],
               restrictions: Restrictions) -> ApplyReport:
         changed = restrictions.changes_from(handle.applied)
-        answer = self._call(link, str(handle.state["workload"]), "update", handle.zone_id,
+        answer = self._call(link, handle.state.workload, "update", handle.zone_id,
                             limits=limits_of(restrictions),
                             network=agent_network(restrictions))
         handle.applied = restrictions
         return ApplyReport(changed, tuple(str(s) for s in answer.get("set") or ()))
 
-    def act(self, link: AgentLink | None, handle: ZoneHandle, op: str) -> dict[str, Any]:
+    def act(self, link: AgentLink | None, handle: ZoneHandle[GuestTransientState],
+            op: str) -> dict[str, Any]:
         """kill, freeze, thaw or stats on the zone's guest cgroup."""
-        return self._call(link, str(handle.state["workload"]), op, handle.zone_id)
+        return self._call(link, handle.state.workload, op, handle.zone_id)
 
-    def terminate(self, link: AgentLink | None, handle: ZoneHandle) -> None:
+    def terminate(self, link: AgentLink | None,
+                  handle: ZoneHandle[GuestTransientState]) -> None:
         if self.ended(handle.zone_id).is_set():
             return
         if link is not None and not link.closed:
@@ -150,9 +162,10 @@ class GuestTransients:
         # a guest without its agent link is being destroyed with everything in it
         self.ended(handle.zone_id).set()
 
-    def stats(self, link: AgentLink | None, handle: ZoneHandle) -> ZoneStats:
+    def stats(self, link: AgentLink | None,
+              handle: ZoneHandle[GuestTransientState]) -> ZoneStats:
         answer = self.act(link, handle, "stats")
         procs, memory = answer.get("procs"), answer.get("memory")
         return ZoneStats(procs=procs if isinstance(procs, int) else 0,
                          memory_bytes=memory if isinstance(memory, int) else None,
-                         cpu_usage_ns=None, frozen=bool(handle.state.get("frozen")))
+                         cpu_usage_ns=None, frozen=handle.state.frozen)

@@ -55,6 +55,8 @@ class DomainWorkload:
     """An adopted guest zone: its stream went with the dead controller, so it lives as
     long as its domain does."""
 
+    start_note: str | None = None
+
     def __init__(self, domain_gone: threading.Event) -> None:
         self.domain_gone = domain_gone
         self.stdout = None

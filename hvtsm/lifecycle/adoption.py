@@ -1,0 +1,97 @@
+"""Taking over the zones of controllers that died: their live zones are rebuilt from the
+store (`ZoneDriver.adopt` from the stored driver state), their jobs move into this
+controller's table, and every transition that fell due meanwhile fires at once, audited as
+late ("fell due while no controller ran").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+
+from hvtsm.controllers import claim_zone, dead_controllers, orphaned_zones
+from hvtsm.errors import ZoneError
+from hvtsm.lifecycle.core import Core
+from hvtsm.lifecycle.ending import Ending
+from hvtsm.lifecycle.zonerun import ZoneKind, ZoneRun
+from hvtsm.policy import parse_policy
+from hvtsm.restrictions import Restrictions
+from hvtsm.store.audit import record_event
+from hvtsm.store.models import Controller, Zone, ZoneState
+from hvtsm.timeline import job_id
+from hvtsm.zones.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class Adoption:
+    def __init__(self, core: Core, ending: Ending) -> None:
+        self.core = core
+        self.ending = ending
+
+    def orphans(self) -> tuple[list[Zone], list[Controller]]:
+        """The live zones of dead controllers this one can take over, and those controllers
+        (a dead controller's schedule moves as a whole, so only controllers whose zones this
+        one can all drive are taken over)."""
+        with self.core.store.session() as session:
+            orphans = orphaned_zones(session)
+            backends = {str(b) for b in self.core.drivers}
+            blocked = {z.controller_id for z in orphans if z.backend not in backends}
+            dead = [c for c in dead_controllers(session) if c.id not in blocked]
+            return [z for z in orphans if z.controller_id not in blocked], dead
+
+    def adopt(self, zone: Zone) -> ZoneRun | None:
+        """Take over one zone; None when nothing runs in it any more (it is finished)."""
+        policy = parse_policy(zone.policy_toml.encode(), source=zone.policy_source)
+        applied = Restrictions.from_json(json.loads(zone.applied))
+        driver = self.core.driver_for(Backend(zone.backend))
+        handle, workload = driver.adopt(zone.id, json.loads(zone.driver_state), applied)
+        run = ZoneRun(zone_id=zone.id, policy=policy, scale=zone.lifespan_scale,
+                      kind=ZoneKind(zone.kind), name=zone.name, group=zone.group_id,
+                      parent=zone.parent_id, handle=handle, workload=workload,
+                      started_at=zone.started_at or zone.created_at,
+                      pending={int(k): v for k, v in json.loads(zone.pending).items()},
+                      phase_index=zone.phase_index, state=ZoneState(zone.state))
+        run.overdue = {i for i, due in run.pending.items() if due <= time.time()}
+        if zone.name is not None and workload is not None:
+            # its group's held messages died with the old controller; it can go on sending
+            with contextlib.suppress(ZoneError):
+                broker = self.core.channels()
+                broker.register(zone.id, name=zone.name, group=zone.group_id,
+                                grants=policy.channels, phase=zone.phase_index)
+                broker.started(zone.id)
+        self.core.zones.add(run)
+        claim_zone(zone.id)
+        with self.core.store.session() as session:
+            record_event(session, zone_id=zone.id, kind="adopted",
+                         detail=f"by controller {self.core.controller.id}; "
+                         f"{len(run.pending)} transition(s) pending")
+            self.core.save(session, run)
+        run.opened.set()
+        if workload is None:
+            with run.lock:
+                run.state = ZoneState.EXITED
+                driver.terminate(handle)
+                self.ending.finish(run, None)
+            return None
+        self.ending.watch(run)
+        return run
+
+    def reschedule(self, runs: list[ZoneRun]) -> None:
+        """Jobs an adopted zone should have and its table lost (a crash between writing the
+        zone's row and its schedule) are made again."""
+        scheduled = self.core.timeline.pending()
+        for run in runs:
+            with run.lock:
+                for index, due in run.pending.items():
+                    if job_id(run.zone_id, index) not in scheduled:
+                        self.core.timeline.schedule(run.zone_id, index, due)
+
+    def forget(self, dead: list[Controller]) -> None:
+        with self.core.store.session() as session:
+            for c in dead:
+                row = session.get(Controller, c.id)
+                if row is not None:
+                    session.delete(row)
