@@ -47,8 +47,10 @@ class Ending:
         self.core.supervisor.once(f"wait-{run.zone_id}", wait)
 
     def end(self, run: ZoneRun, reason: str, cause: EndCause) -> None:
-        """End the zone under its workload (caller holds run.lock). The workload's end
-        (the waiter) then finishes it; a zone with no workload finishes at once."""
+        """End the zone under its workload (caller holds run.lock). Once the driver has
+        killed everything in it the zone is over: it finishes at once when the workload's
+        status is known by then (the waiter's later news of it changes nothing), else when
+        the waiter hears of it."""
         if not run.live:
             return
         run.state = ZoneState.TERMINATED
@@ -56,9 +58,10 @@ class Ending:
         run.end_reason_given = reason
         self.core.timeline.cancel(run.zone_id, list(run.pending))
         self.end_children(run)
-        self._terminate(run)
-        if run.workload is None:
-            self.finish(run, None)
+        if self._terminate(run):
+            status = run.workload.poll() if run.workload is not None else None
+            if run.workload is None or status is not None:
+                self.finish(run, status)
 
     def exited(self, run: ZoneRun, status: int | None) -> None:
         """The workload ended (the inbox, after everything its agent said before)."""
@@ -119,14 +122,17 @@ class Ending:
                                  detail=reason)
                 self.end(child, reason, EndCause.PARENT)
 
-    def _terminate(self, run: ZoneRun) -> None:
+    def _terminate(self, run: ZoneRun) -> bool:
+        """Kill and remove everything of the zone; False when that failed (audited)."""
         if run.handle is None:
-            return
+            return True
         try:
             self.core.driver_of(run).terminate(run.handle)
+            return True
         except HvtsmError as exc:
             # what is left is `hvtsm cleanup`'s; the zone is over for the lifecycle
             log.warning("zone %s: terminate: %s", run.zone_id, exc)
             with self.core.store.session() as session:
                 record_event(session, zone_id=run.zone_id, kind="error",
                              detail=f"its resources could not all be removed: {exc}")
+            return False

@@ -70,9 +70,9 @@ class Phases:
                 return  # ended, or already in force: applied together with a later phase
             phase = run.policy.phases[phase_index]
             if phase.terminate:
+                self._terminating(run, phase_index, due)
                 self.ending.end(run, f"policy {run.policy.name}: lifespan ended "
                                 f"(phase {phase_index})", EndCause.POLICY)
-                self._terminated(run, phase_index, due)
                 return
             previous = run.handle.applied
             target = self._bound(run, phase.restrictions)
@@ -82,9 +82,9 @@ class Phases:
                 with self.core.store.session() as session:
                     record_event(session, zone_id=zone_id, kind="error",
                                  detail=f"phase {phase_index} could not be applied: {exc}")
+                self._terminating(run, phase_index, due)
                 self.ending.end(run, f"phase {phase_index} could not be applied ({exc}); "
                                 "terminated to fail closed", EndCause.FAIL_CLOSED)
-                self._terminated(run, phase_index, due)
                 return
             applied = time.time()
             changes = target.changes_from(previous)
@@ -92,7 +92,8 @@ class Phases:
             self._follow(run)
         self.core.notify(self.notice(run, phase_index, due, applied, changes))
 
-    def _terminated(self, run: ZoneRun, phase_index: int, due: float) -> None:
+    def _terminating(self, run: ZoneRun, phase_index: int, due: float) -> None:
+        """The phase that ends the zone, recorded and told before the end it causes."""
         done = time.time()
         changes = {"action": "terminate"}
         self.mark(run, phase_index, due, done, changes)

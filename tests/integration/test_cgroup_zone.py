@@ -467,7 +467,7 @@ def test_leftovers_and_remove_clean_a_forgotten_zone(zones: Zones,
                                                      caps: HostCapabilities) -> None:
     handle = zones.create()
     workload = zones.start(handle, ["sleep", "60"], stdout=False)
-    fresh = CgroupDriver(caps)  # a controller that never knew the zone
+    fresh = CgroupDriver(LoggedEvents(), caps)  # a controller that never knew the zone
     assert handle.zone_id in fresh.leftovers()
     removed = fresh.remove(handle.zone_id)
     text = "\n".join(removed)
