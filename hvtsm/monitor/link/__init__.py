@@ -57,6 +57,12 @@ Workload output never blocks the reader: each destination (a pipe the caller rea
 file descriptor such as the CLI's own stdout) gets its own writer thread, with at most
 `SINK_LIMIT` bytes waiting; beyond that output is dropped, counted and reported.
 
+The heartbeat watchdog judges silence by what the agent could have sent: before it reports
+heartbeat_lost it reads what waits in the socket, and time the reader itself was away (a
+pause of its own, a poll that woke up late because the controller was starved, a slow
+handler) is no silence of the agent's: the agent gets a fresh grace from the reader's next
+look (see `watchdog`).
+
 The package, one job a module (`AgentLink` in agent_link.py is the facade over them):
     limits      the constants above, and `Limits`, one link's budgets
     checks      which of the agent's values to believe (pids, seqs, statuses, times, periods)
@@ -84,6 +90,7 @@ from hvtsm.monitor.link.hello import Hello
 from hvtsm.monitor.link.limits import (
     CHANNEL_LINES_PER_S,
     DISCARD_CHUNK,
+    DRAIN_READS,
     ERRORS_KEPT,
     EVENTS_PER_S,
     FEED_CHUNK,
@@ -109,7 +116,7 @@ from hvtsm.monitor.link.limits import (
 from hvtsm.monitor.link.workload import RemoteWorkload, WorkloadHost
 
 __all__ = [
-    "CHANNEL_LINES_PER_S", "DISCARD_CHUNK", "ERRORS_KEPT", "EVENTS_PER_S",
+    "CHANNEL_LINES_PER_S", "DISCARD_CHUNK", "DRAIN_READS", "ERRORS_KEPT", "EVENTS_PER_S",
     "FEED_CHUNK", "FLOOD_BYTES", "FLOOD_MESSAGES", "HEARTBEAT_MISSES", "MAX_DETAIL",
     "MAX_EPOCH", "MAX_HEARTBEAT", "MAX_PID", "MAX_SEQ", "MAX_STATUS", "MIN_HEARTBEAT",
     "MIN_STATUS", "PROBE_GRACE", "PROBLEMS_PER_S", "READ_CHUNK", "SINK_LIMIT", "TIMED_PROBES",

@@ -53,6 +53,10 @@ READ_CHUNK = 64 * 1024
 DISCARD_CHUNK = 1024 * 1024
 #: bytes decoded at once: bounds the items (a ProtocolError per junk line) held at a time
 FEED_CHUNK = 16 * 1024
+#: reads the watchdog makes of what waits in the socket before it calls the agent silent
+#: (it stops at the first message; more reads than this is a flood of junk, not a heartbeat)
+DRAIN_READS = 64
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -3,7 +3,9 @@ flood budgets, hands each item to the dispatcher, and runs the heartbeat watchdo
 
 It fails closed: nothing it reads can crash or block it (a failure of its own ends the
 link, reported as disconnected), and its memory is bounded (one unfinished line of at most
-MAX_MESSAGE_BYTES, decoded FEED_CHUNK bytes at a time).
+MAX_MESSAGE_BYTES, decoded FEED_CHUNK bytes at a time). It measures its own stalls (a poll
+that woke late, an iteration that took long) for the watchdog, and reads what waits in the
+socket before the watchdog calls the agent silent (see `watchdog`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Protocol
 
 from guest_agent.protocol import AGENT_TYPES, Decoder, Item
 from hvtsm.monitor.link.flood import FloodControl, Mode
-from hvtsm.monitor.link.limits import DISCARD_CHUNK, FEED_CHUNK, READ_CHUNK
+from hvtsm.monitor.link.limits import DISCARD_CHUNK, DRAIN_READS, FEED_CHUNK, READ_CHUNK
 from hvtsm.monitor.link.problems import ProblemLog
 from hvtsm.monitor.link.state import LinkState
 from hvtsm.monitor.link.transport import Transport
@@ -37,7 +39,7 @@ class Poller(Protocol):
     def poll(self, timeout: float | None = ..., /) -> list[tuple[int, int]]: ...
 
 
-#: makes the reader's poller
+#: makes the reader's poller: the seam where tests starve the reader (a poll that wakes late)
 new_poller: Callable[[], Poller] = select.poll
 
 
@@ -106,15 +108,22 @@ class Reader:
             timeout = self._watchdog.timeout_ms(now, self._state.hello)
             if paused is not None:
                 timeout = min(timeout, paused)
+            began = time.monotonic()
             try:
                 events = poller.poll(timeout)
             except InterruptedError:
                 continue
+            woke = time.monotonic()
+            # a poll that woke much later than it asked: the reader was not running
+            self._watchdog.excuse(began + timeout / 1000, woke, self._state.hello)
             for fd, _ in events:
                 if fd == wake:
                     return
                 self._read_once()
-            self._tick(time.monotonic())
+            done = time.monotonic()
+            # an iteration that took long (a slow handler): the reader did not look meanwhile
+            self._watchdog.excuse(woke, done, self._state.hello)
+            self._tick(done)
 
     def _read_once(self) -> bool:
         """Read and handle what waits in the socket (one chunk); whether there was any."""
@@ -163,7 +172,18 @@ class Reader:
         self._problems.flush(now)
         if self._flood.mode is Mode.PAUSE:  # a pause of ours is no silence of the agent's
             return
-        silence = self._watchdog.silence(now, self._state.hello)
+        if self._watchdog.silence(now, self._state.hello) is None:
+            return
+        # a heartbeat that arrived but was not read yet is no silence: read what waits
+        # first (up to the first message, or DRAIN_READS chunks of junk)
+        heard = self._watchdog.last
+        for _ in range(DRAIN_READS):
+            if self._flood.mode is Mode.PAUSE or not self._read_once() \
+                    or self._state.closed or self._watchdog.last != heard:
+                break
+        if self._state.closed or self._flood.mode is Mode.PAUSE:
+            return
+        silence = self._watchdog.silence(time.monotonic(), self._state.hello)
         if silence is not None:
             self._watchdog.declare()
             self._problems.problem("heartbeat_lost", silence.detail)

@@ -1,8 +1,18 @@
 """The heartbeat watchdog: silence longer than HEARTBEAT_MISSES heartbeat periods (the
 grace) is `heartbeat_lost`, reported once until the agent speaks again.
 
-A pause of the reader's own (flood control) is no silence of the agent's: after it the
-agent gets a fresh grace (`resumed`).
+Silence is judged by what the agent could have sent, not by how long the reader did not
+look. Time the reader itself was away is no silence of the agent's: a pause of its own
+(flood control), a poll that woke up much later than it asked (the controller starved: 50
+runs on two cores), an iteration that took long (a slow handler). After each, the agent
+gets a fresh grace from the moment the reader could look again (`resumed`). And before
+the watchdog calls the agent silent, the reader reads what waits in the socket: a
+heartbeat that arrived but was not read yet is no silence either.
+
+A stall counts as the reader's once it passes one heartbeat period (grace / MISSES): a
+punctual agent's true silence stays under one period, a stall not excused under another,
+and the two together stay within the grace of three, so an agent that keeps its period
+is never reported; a silent one is reported within the grace of the reader's last look.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ class Watchdog:
         self.explicit_grace = grace
         #: time.monotonic() of the last valid message (None: none yet)
         self.last: float | None = None
-        #: since when the reader looks again after a pause of its own
+        #: since when the reader looks again after a pause or a stall of its own
         self.looking_since = -math.inf
         self.lost = False
 
@@ -60,8 +70,18 @@ class Watchdog:
         return was
 
     def resumed(self, now: float) -> None:
-        """The reader looks again at `now` after a pause of its own."""
+        """The reader looks again at `now` after time away of its own."""
         self.looking_since = max(self.looking_since, now)
+
+    def excuse(self, meant: float, looked: float, hello: Hello | None) -> bool:
+        """The reader meant to look at `meant` and looked at `looked`: a delay longer than
+        one heartbeat period was the reader's (see the module docstring), and the agent
+        gets a fresh grace from `looked`. Whether it did."""
+        grace = self.grace(hello)
+        if grace is None or looked - meant <= grace / HEARTBEAT_MISSES:
+            return False
+        self.resumed(looked)
+        return True
 
     def timeout_ms(self, now: float, hello: Hello | None) -> int:
         """How long the reader may wait for input before the watchdog must look."""
