@@ -33,7 +33,8 @@ Problem kinds (`ProblemHandler`):
     oversized       a line longer than MAX_MESSAGE_BYTES (discarded up to its newline)
     seq_gap         messages the agent numbered never arrived (dropped, or discarded here)
     seq_regress     a seq not above the one before
-    heartbeat_lost  silence longer than HEARTBEAT_MISSES heartbeat periods
+    heartbeat_lost  silence longer than HEARTBEAT_MISSES heartbeat periods (the reader's
+                    own stalls and pauses are no silence: see below)
     agent_restart   a new hello whose seq went back: the agent process restarted
     agent_error     the agent reported an error not tied to a waiting request
     output_dropped  a workload stream's reader fell SINK_LIMIT bytes behind
@@ -62,6 +63,10 @@ heartbeat_lost it reads what waits in the socket, and time the reader itself was
 pause of its own, a poll that woke up late because the controller was starved, a slow
 handler) is no silence of the agent's: the agent gets a fresh grace from the reader's next
 look (see `watchdog`).
+
+The budgets (FLOOD_MESSAGES, FLOOD_BYTES, EVENTS_PER_S, CHANNEL_LINES_PER_S, PROBLEMS_PER_S,
+UNCLAIMED_KEEP) are taken when a link is made, from the constructor's keywords or else from
+these constants as they stand then (`AgentLink.limits` shows them).
 
 The package, one job a module (`AgentLink` in agent_link.py is the facade over them):
     limits      the constants above, and `Limits`, one link's budgets

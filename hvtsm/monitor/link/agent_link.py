@@ -83,9 +83,8 @@ class AgentLink:
                                   workloads=workloads, problems=problems)
         # ending is told in this order: the reader wakes, waiters fail, workloads are lost
         state.when_closed(transport.end)
-        state.when_closed(lambda reason: pending.close(
-            reason or "the link was closed by the controller"))
-        state.when_closed(lambda _reason: [w.link_ended() for w in workloads.all()])
+        state.when_closed(pending.close)
+        state.when_closed(workloads.link_ended)
         self._reader = Reader(state=state, transport=transport, flood=flood,
                               watchdog=watchdog, problems=problems, dispatch=self._dispatcher,
                               name=f"agent-link-{zone_id or describe}")

@@ -81,6 +81,11 @@ class FloodControl:
         self.dropped_bytes = 0
         self.events_dropped = 0
 
+    @property
+    def paused(self) -> bool:
+        """Nothing is read until the second is over (too many bytes)."""
+        return self.mode is Mode.PAUSE
+
     def roll(self, now: float) -> Mode | None:
         """Begin a new window once the current one is over. Returns the mode the window
         that ended was in, or None while the current one goes on."""

@@ -68,8 +68,10 @@ class PendingTable:
             pending = self._pending.get(key)
         return None if pending is None or pending.done.is_set() else pending
 
-    def close(self, why: str) -> None:
-        """Fail every waiting request with `why`; take no new one."""
+    def close(self, reason: str | None = None) -> None:
+        """The link ended (`reason`: why, None: the controller closed it): fail every
+        waiting request, and take no new one (a LinkState close hook)."""
+        why = reason or "the link was closed by the controller"
         with self._lock:
             self._closed = True
             pending = list(self._pending.values())

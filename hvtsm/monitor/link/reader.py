@@ -170,7 +170,7 @@ class Reader:
         and the watchdog."""
         self._roll(now)
         self._problems.flush(now)
-        if self._flood.mode is Mode.PAUSE:  # a pause of ours is no silence of the agent's
+        if self._flood.paused:  # a pause of ours is no silence of the agent's
             return
         if self._watchdog.silence(now, self._state.hello) is None:
             return
@@ -178,10 +178,10 @@ class Reader:
         # first (up to the first message, or DRAIN_READS chunks of junk)
         heard = self._watchdog.last
         for _ in range(DRAIN_READS):
-            if self._flood.mode is Mode.PAUSE or not self._read_once() \
+            if self._flood.paused or not self._read_once() \
                     or self._state.closed or self._watchdog.last != heard:
                 break
-        if self._state.closed or self._flood.mode is Mode.PAUSE:
+        if self._state.closed or self._flood.paused:
             return
         silence = self._watchdog.silence(time.monotonic(), self._state.hello)
         if silence is not None:

@@ -72,6 +72,11 @@ class Workloads:
         with self._lock:
             return list(self._works.values())
 
+    def link_ended(self, reason: str | None = None) -> None:
+        """Every workload loses its link (a LinkState close hook)."""
+        for work in self.all():
+            work.link_ended()
+
     @property
     def unclaimed(self) -> int:
         """Exits kept for workloads nobody claimed yet."""
