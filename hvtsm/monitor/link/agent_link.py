@@ -55,6 +55,9 @@ class AgentLink:
                  flood_bytes: int | None = None, events_per_s: int | None = None,
                  on_channel: ChannelHandler | None = None,
                  channel_lines_per_s: int | None = None) -> None:
+        """`heartbeat_grace`: seconds of silence before heartbeat_lost (None: 3 of the
+        agent's periods). The per-second limits default to the package's constants as
+        they stand now (`limits`). The reader starts at once."""
         self.zone_id = zone_id
         self.describe = describe
         self.on_problem: ProblemHandler | None = on_problem
@@ -73,8 +76,6 @@ class AgentLink:
         pending = PendingTable()
         self._workloads = workloads = Workloads(self.limits.unclaimed_keep)
         self._flood = flood = FloodControl(self.limits)
-        # heartbeat_grace: seconds of silence before heartbeat_lost (None: 3 of the
-        # agent's periods)
         self._watchdog = watchdog = Watchdog(heartbeat_grace)
         self._dispatcher = Dispatcher(state=state, watchdog=watchdog, pending=pending,
                                       workloads=workloads, flood=flood, problems=problems,
