@@ -220,7 +220,7 @@ class HostAgent:
     def stop(self) -> None:
         """End the agent (the zone is gone). Idempotent."""
         if self.link is not None:
-            self.link.on_problem = None  # its going away now is no anomaly
+            # its going away is no anomaly: whoever listens to the link was told (muted)
             self.link.close()
         for sock in (self._server, self.hand_over, self.channel_hand):
             if sock is not None:

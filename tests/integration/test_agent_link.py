@@ -243,11 +243,11 @@ def test_start_details(agent_dir: Path) -> None:
         with pytest.raises(ZoneError, match="cannot start /nonexistent") as info:
             run.link.start(["/nonexistent"])
         assert info.value.zone_id == "t1"
-        before = run.link._bytes_in
+        before = run.link.bytes_received
         quiet = run.link.start(["sh", "-c", "head -c 1000000 /dev/zero; echo x >&2"],
                                stdout=None, stderr=None)
         assert quiet.wait(10) == 0
-        assert run.link._bytes_in - before < 5000  # discarded in the guest, not sent
+        assert run.link.bytes_received - before < 5000  # discarded in the guest, not sent
         dup = run.link.start(["sleep", "5"], workload_id="dup", stdout=None, stderr=None)
         with pytest.raises(ZoneError, match="already in use"):
             run.link.start(["sleep", "5"], workload_id="dup")
@@ -279,13 +279,10 @@ def test_output_is_exact_and_fast(agent_dir: Path) -> None:
 def test_malformed_requests_are_answered_and_the_agent_goes_on(agent_dir: Path) -> None:
     with run_agent(agent_dir) as run:
         run.link.wait_hello(10)
-        raw = run.link._sock  # a host that misbehaves
+        raw = run.link._transport  # a host that misbehaves: bytes no encoder would make
         for junk in (b"this is not json\n", b'{"type": "start", "id": "w9"}\n',
                      b'{"type": "hello"}\n', b"\xff" * (MAX_MESSAGE_BYTES + 10) + b"\n"):
-            with run.link._send_lock:
-                raw.setblocking(True)
-                raw.sendall(junk)
-                raw.setblocking(False)
+            raw.write(junk)
         _until(lambda: len([k for k in run.kinds() if k == "agent_error"]) == 4,
                what="four error answers")
         details = [d for _, d in run.problems]

@@ -560,7 +560,7 @@ def test_floods_of_unknown_ids_and_hellos(rig: Rig) -> None:
     lines += [line(rig.agent.hello(seq=0 if i % 2 else seq())) for i in range(2000)]
     rig.run(lines)
     rig.check("agent_restart")
-    assert len(rig.link._unclaimed) <= link_mod.UNCLAIMED_KEEP
+    assert rig.link._workloads.unclaimed <= link_mod.UNCLAIMED_KEEP
     assert len([k for k, _ in rig.problems if k == "agent_restart"]) <= 3 * (
         link_mod.PROBLEMS_PER_S + 1)
 

@@ -1,7 +1,7 @@
 """Libvirt zones: each zone is a transient QEMU domain, its phases applied live.
 
 The guest boots the lab image (hvtsm/image), its init starts the guest agent, and the
-workload runs through the agent (hvtsm/monitor/link.py). Boot time is not lifespan: `start`
+workload runs through the agent (hvtsm/monitor/link/). Boot time is not lifespan: `start`
 returns once the agent reports the workload started. The guests themselves (boot, links,
 events, teardown) are `guests.py`'s; live tightening `tighten.py`'s; administration through
 the agent `admin.py`'s; transient zones (guest cgroups) `transient.py`'s.
