@@ -20,7 +20,8 @@ import pytest
 
 from guest_agent import agent as agent_mod
 from guest_agent import probes
-from guest_agent.agent import NORMAL, URGENT, Agent, Outbox
+from guest_agent.agent import Agent
+from guest_agent.outbox import NORMAL, URGENT, Outbox
 from guest_agent.port import DevicePort, Disconnected, Port, PortUnavailable, Stopped, find_vport
 from guest_agent.protocol import HOST_TYPES, Decoder, ProtocolError, decode, encode
 from guest_agent.workload import build_env
@@ -128,7 +129,7 @@ def _until(pred: Any, timeout: float = 3.0) -> None:
 def fake_agent() -> Any:
     port = FakePort()
     agent = Agent(port, heartbeat=0.05)
-    agent._spawn_thread(agent._writer, "writer")
+    agent._spawn_thread(agent.writer.run, "writer")
     agent._spawn_thread(agent._heartbeats, "heartbeat")
     yield agent, port
     agent.stop.set()
@@ -407,3 +408,4 @@ def test_workload_does_not_inherit_the_agents_priority() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=REPO)
     assert done.stdout.split() == ["-10", "0"]
+
