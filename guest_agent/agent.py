@@ -1,17 +1,18 @@
 """The guest agent: serves the host's requests over one port (see port.py) and keeps it
-informed (hello, heartbeats, workload output and exits, probe results, monitor events).
+informed (hello, heartbeats, workload output and exits, probe and admin results, monitor
+events).
 
 Its parts, one job each: the outbox (outbox.py: three lanes, what waits while the host is
 absent) and the writer (writer.py: the one thread that writes, numbering messages); the
 requests, grouped: starts.py (``start``, ``signal``, the workloads), standbys.py
 (``standby``), channel_requests.py (``channel_deliver``, ``channel_verdict``, the
-channel environment), workers.py (``probe``, off the reader thread); and
+channel environment), workers.py (``probe`` and ``admin``, off the reader thread); and
 the monitor (monitor.py), whose events (anomaly, monitor, stats, code-path, transient) go
 on the urgent lane. ``profile``, ``transient`` and ``ping`` are answered here.
 
 Threads: the main thread reads the port and dispatches requests (never blocking on one);
 the writer; a heartbeat thread; three per workload (two output pumps, one waiter); one per
-running probe (at most MAX_PROBES); the monitor's two (its poll
+running probe (at most MAX_PROBES) and one for admin requests; the monitor's two (its poll
 loop answers seccomp notifications and fanotify events, its sampler reads /proc); the
 channel endpoint's (endpoint.py: one accepting, one per client connection).
 
@@ -34,6 +35,7 @@ import time
 from typing import Any, Callable
 
 from guest_agent import __version__, fanotify, seccomp
+from guest_agent.admin import OPS as ADMIN_OPS
 from guest_agent.channel_requests import ChannelRequests
 from guest_agent.endpoint import Endpoint
 from guest_agent.monitor import Monitor
@@ -51,7 +53,7 @@ from guest_agent.protocol import (
 )
 from guest_agent.standbys import Standbys, error_message
 from guest_agent.starts import Starts
-from guest_agent.workers import Probes
+from guest_agent.workers import AdminRequests, Probes
 from guest_agent.workload import AGENT_NICE
 from guest_agent.writer import Writer
 
@@ -59,7 +61,8 @@ log = logging.getLogger("guest_agent")
 
 CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
     "events:anomaly", "events:monitor", "events:stats", "events:code-path",
-    "events:transient", "transient", "channel", "standby"]
+    "events:transient", "transient", "channel", "standby", "admin"] + [
+    "admin:" + op for op in ADMIN_OPS]
 
 
 def uptime() -> float:
@@ -101,11 +104,12 @@ class Agent:
         self.starts = Starts(self.monitor, self.outbox, self.stop, self.send,
                              self.channels.env_for, self.standbys)
         self.probes = Probes(self.send)
+        self.admin = AdminRequests(self.send)
         self.writer = Writer(port, self.outbox, self.stop, self.hello, self.starts.forget)
         self._handlers: dict[str, Callable[[Message], None]] = {
             "start": self.starts.on_start, "signal": self.starts.on_signal,
             "standby": self.standbys.on_standby, "probe": self.probes.on_probe,
-            "ping": self._on_ping,
+            "admin": self.admin.on_admin, "ping": self._on_ping,
             "profile": self._on_profile, "transient": self.monitor.transient,
             "channel_deliver": self.channels.on_deliver,
             "channel_verdict": self.channels.on_verdict}
@@ -253,6 +257,7 @@ class Agent:
         self.outbox.close()
         self.starts.kill_all()
         self.standbys.close()
+        self.admin.close()
         self.endpoint.close()
         for t in self.threads:
             t.join(2)

@@ -409,3 +409,33 @@ def test_workload_does_not_inherit_the_agents_priority() -> None:
                           check=True, cwd=REPO)
     assert done.stdout.split() == ["-10", "0"]
 
+
+# --- admin requests -----------------------------------------------------------------------
+
+
+def test_admin_requests_are_answered_with_admin_results() -> None:
+    agent = Agent(FakePort())
+    hello = agent.hello()
+    assert {"admin", "admin:scrub", "admin:link_down", "admin:remount_ro",
+            "admin:nproc"} <= set(hello["capabilities"])
+    for item in Decoder(HOST_TYPES).feed(
+            b'{"type": "admin", "id": "a1", "op": "nproc", "pid": 1}\n'):
+        agent.dispatch(item)  # invalid: answered at once, naming the missing field
+    err = agent.outbox.get(0)[1]  # type: ignore[index]
+    assert err["type"] == "error" and err["id"] == "a1" and "limit" in err["message"]
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        agent.dispatch({"type": "admin", "id": "a2", "op": "nproc", "pid": child.pid,
+                        "limit": 4096})
+        deadline = time.monotonic() + 10
+        item = None
+        while item is None and time.monotonic() < deadline:
+            item = agent.outbox.get(1)
+        assert item is not None, "no admin_result"
+        reply = item[1]
+    finally:
+        child.kill()
+        child.wait()
+        agent.admin.close()
+    assert reply["type"] == "admin_result" and reply["id"] == "a2" and reply["ok"]
+    assert reply["op"] == "nproc" and reply["limit"] == 4096
