@@ -11,6 +11,7 @@ permission event is answered, whatever happens while judging it.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -64,7 +65,7 @@ class FileWatch:
         if failed:
             warnings.append(f"sensitive paths: {failed} of {len(marks)} marks failed")
         watch.group = group
-        self._register(group.fd, lambda ev, w=watch, g=group: self.on_events(w, g, ev))
+        self._register(group.fd, functools.partial(self.on_events, watch, group))
 
     def unmark(self, watch: Watch) -> None:
         group, watch.group = watch.group, None

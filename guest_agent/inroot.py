@@ -20,6 +20,7 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from guest_agent.procfs import AT_FDCWD
 
@@ -56,7 +57,8 @@ class _Openat2:
 
     def __init__(self) -> None:
         self.usable = True
-        self._syscall = None
+        #: libc's syscall(2), loaded on first use
+        self._syscall: Any = None
 
     def __call__(self, dirfd: int, path: str, resolve: int) -> int:
         """The O_PATH fd of `path`, or -errno."""

@@ -24,7 +24,7 @@ def is_member(watch: Watch, pid: int) -> bool:
         return pid in procs_of(watch)
     if pid in watch.known:
         return True
-    chain = []
+    chain: list[int] = []
     p = pid
     for _ in range(MAX_DEPTH):
         p = ppid_of(p)
@@ -69,7 +69,7 @@ def members(watch: Watch) -> set[int]:
     known = watch.known
     found: set[int] = set()
     for pid in parents:
-        chain = []
+        chain: list[int] = []
         p = pid
         for _ in range(MAX_DEPTH):
             if p in known or p in found:

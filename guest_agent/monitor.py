@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -100,7 +101,7 @@ class Monitor:
                                 system_counter=system_counter,
                                 zones_changed=self._zones_changed)
         self._loop.register(self.watch_socket.fileno(),
-                            lambda ev: self._on_socket(self.watch_socket, ev))
+                            functools.partial(self._on_socket, self.watch_socket))
 
     @property
     def internal_errors(self) -> int:
@@ -222,7 +223,7 @@ class Monitor:
     def _add_socket(self, sock: socket.socket) -> None:
         if sock not in self._sockets:
             self._sockets.append(sock)
-        self._loop.register(sock.fileno(), lambda ev, s=sock: self._on_socket(s, ev))
+        self._loop.register(sock.fileno(), functools.partial(self._on_socket, sock))
 
     def _on_socket(self, sock: socket.socket, ev: int) -> None:
         try:
@@ -256,7 +257,7 @@ class Monitor:
                 warnings.append(f"a watch with id {given.id} was still active; replaced")
             self._watches[given.id] = watch
         self._loop.register(given.listener_fd,
-                            lambda ev, w=watch: self._notifications.on_listener(w, ev))
+                            functools.partial(self._notifications.on_listener, watch))
         log.info("watching %s (%s)", given.id, ", ".join(watch.mechanisms()))
         self._announce(watch, warnings)
 

@@ -118,7 +118,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 PROTOCOL_VERSION = 1
 #: the longest encoded message, trailing newline included
@@ -532,7 +532,7 @@ def decode(line: bytes, accept: Iterable[str] = AGENT_TYPES | HOST_TYPES) -> Ite
     if problem is not None:
         problem.excerpt = _excerpt(line)
         return problem
-    return msg
+    return cast(Message, msg)  # validate made sure it is an object
 
 
 class Decoder:

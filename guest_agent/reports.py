@@ -21,7 +21,7 @@ from guest_agent.watch import Watch
 log = logging.getLogger("guest_agent")
 
 #: emit(kind, workload id, data): False when the event could not be queued
-Emit = Callable[[str, str, dict], Any]
+Emit = Callable[[str, str, dict[str, Any]], Any]
 
 
 class Reporter:

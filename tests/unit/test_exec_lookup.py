@@ -13,11 +13,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from guest_agent import inroot
+from guest_agent import inroot, seccomp
 from guest_agent.containment import Containment
 from guest_agent.holds import Holds
 from guest_agent.notifications import Notifications
@@ -125,39 +125,56 @@ class Notif:
         self.args = [ctypes.addressof(self._keep[0]), ctypes.addressof(vector), 0, 0, 0, 0]
 
 
+def execve(notif_id: int, path: str, *argv: str) -> seccomp.Notification:
+    return cast(seccomp.Notification, Notif(notif_id, path, list(argv)))
+
+
+def handle(notifications: Notifications, watch: Watch, notif: seccomp.Notification) -> None:
+    assert watch.listener is not None
+    notifications.handle(watch, watch.listener, notif)
+
+
+Events = list[tuple[str, dict[str, Any]]]
+Rig = tuple[Notifications, Watch, Listener, Events]
+
+
 @pytest.fixture
-def rig() -> Iterator[tuple[Notifications, Watch, Listener, list[tuple[str, dict]]]]:
-    events: list[tuple[str, dict]] = []
-    reporter = Reporter(lambda kind, _wid, data: events.append((kind, data)) or True)
+def rig() -> Iterator[Rig]:
+    events: Events = []
+
+    def emit(kind: str, _wid: str, data: dict[str, Any]) -> bool:
+        events.append((kind, data))
+        return True
+
+    reporter = Reporter(emit)
     listener = Listener()
     profile = Profile.from_dict({"deny_exec": ["/tmp/**", "/home/**"],
                                  "transient": {"triggers": ["exec"], "expect_exec": []}})
-    watch = Watch("w1", profile, listener, frozenset())  # type: ignore[arg-type]
+    watch = Watch("w1", profile, cast(seccomp.Listener, listener), frozenset())
     holds = Holds(reporter, lambda: [watch], lambda wid: watch)
     yield Notifications(reporter, Containment(reporter), holds, lambda w: None), watch, \
         listener, events
 
 
 def test_a_path_search_fails_the_missing_and_starts_the_real(
-        rig: tuple[Notifications, Watch, Listener, list[tuple[str, dict]]],
-        tmp_path: Path) -> None:
+        rig: Rig, tmp_path: Path) -> None:
     notifications, watch, listener, events = rig
     missing = [str(tmp_path / "venv" / "bin" / "ls"), "/home/hvtsm-nobody-xyz/.local/bin/ls"]
     for i, path in enumerate(missing):
-        notifications.handle(watch, listener, Notif(i, path, ["ls"]))  # type: ignore[arg-type]
+        handle(notifications, watch, execve(i, path, "ls"))
     assert listener.answers == [(0, False, errno.ENOENT), (1, False, errno.ENOENT)]
     assert not watch.first_exec_done and watch.holds == {} and events == []
     # the real program: the workload's own, allowed (not held, not an anomaly)
-    notifications.handle(watch, listener, Notif(2, "/usr/bin/env", ["env"]))  # type: ignore[arg-type]
+    handle(notifications, watch, execve(2, "/usr/bin/env", "env"))
     assert listener.answers[-1] == (2, True, 0)
     assert watch.first_exec_done and watch.root_pid == os.getpid()
     assert events == [] and watch.holds == {}
     # a later search of a child: the missing ones fail again, quietly; the real one is a
     # code path the host must place
-    notifications.handle(watch, listener, Notif(3, missing[0], ["ls"]))  # type: ignore[arg-type]
+    handle(notifications, watch, execve(3, missing[0], "ls"))
     assert listener.answers[-1] == (3, False, errno.ENOENT) and events == []
     began = time.monotonic()
-    notifications.handle(watch, listener, Notif(4, "/usr/bin/env", ["env"]))  # type: ignore[arg-type]
+    handle(notifications, watch, execve(4, "/usr/bin/env", "env"))
     assert time.monotonic() - began < 1
     assert [kind for kind, _ in events] == ["code-path"] and len(watch.holds) == 1
     assert listener.answers[-1][0] == 3  # the real one waits for the host
@@ -165,14 +182,13 @@ def test_a_path_search_fails_the_missing_and_starts_the_real(
 
 
 def test_an_existing_denied_target_is_contained(
-        rig: tuple[Notifications, Watch, Listener, list[tuple[str, dict]]],
-        tmp_path: Path) -> None:
+        rig: Rig, tmp_path: Path) -> None:
     notifications, watch, listener, events = rig
     watch.first_exec(os.getpid())
     watch.profile = Profile(deny_exec=(f"{tmp_path}/**",), contain="deny")
     tool = tmp_path / "tool"
     tool.write_text("")
-    notifications.handle(watch, listener, Notif(7, str(tool), ["tool"]))  # type: ignore[arg-type]
+    handle(notifications, watch, execve(7, str(tool), "tool"))
     assert listener.answers == [(7, False, errno.EPERM)]
     (kind, data), = events
     assert kind == "anomaly" and data["category"] == "unexpected-exec"
