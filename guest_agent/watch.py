@@ -1,7 +1,8 @@
 """The state of one watched workload (a `Watch`), of a call held for the host (`Hold`) and
 of a transient zone split from the watch (`Transient`): plain records the monitor's parts
-share. Each part owns the fields it names; all run on the monitor's poll loop except the
-sampler, which reads the profile and writes only its own sampling fields.
+share. Everything but the sampler runs on the monitor's poll loop; the sampler (its own
+thread) writes its sampling fields, refreshes `known` and counts lost and dropped events,
+counters whose rare lost update costs nothing but a count.
 """
 
 from __future__ import annotations
