@@ -71,7 +71,7 @@ class ChannelUnavailable(ChannelError):
 # --- framing (the agent's endpoint uses the same functions) --------------------------------
 
 
-def pack(header: dict, payload: bytes = b"") -> bytes:
+def pack(header: dict[str, Any], payload: bytes = b"") -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     if len(raw) > MAX_HEADER:
         raise ValueError(f"frame header of {len(raw)} bytes (limit {MAX_HEADER})")
@@ -101,7 +101,7 @@ def wait_for(sock: socket.socket, deadline: float | None) -> None:
         raise TimeoutError("timed out")
 
 
-def read_header(sock: socket.socket, deadline: float | None) -> dict:
+def read_header(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
     (length,) = _LEN.unpack(read_exact(sock, 4, deadline))
     if length > MAX_HEADER:
         raise ValueError(f"frame header of {length} bytes (limit {MAX_HEADER})")
@@ -111,7 +111,7 @@ def read_header(sock: socket.socket, deadline: float | None) -> dict:
     return header
 
 
-def payload_size(header: dict, limit: int = CHANNEL_MAX_BYTES * 4) -> int:
+def payload_size(header: dict[str, Any], limit: int = CHANNEL_MAX_BYTES * 4) -> int:
     size = header.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
         raise ValueError(f"frame size {str(size)[:20]} is not a byte count up to {limit}")
@@ -137,7 +137,7 @@ class Channel:
         if self._broken is not None:
             raise ChannelError(f"the channel is out of step ({self._broken}): open a new one")
 
-    def _answer(self, ref: int, deadline: float | None) -> tuple[dict, bytes]:
+    def _answer(self, ref: int, deadline: float | None) -> tuple[dict[str, Any], bytes]:
         """The answer to request `ref` (answers to earlier, timed-out requests are skipped)."""
         while True:
             try:
@@ -258,7 +258,7 @@ def open_channel() -> Channel:
 # --- the command line ----------------------------------------------------------------------
 
 
-def main(argv: list | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python3 -m guest_agent.channel",
         description="send to or receive from another zone of this zone's group",

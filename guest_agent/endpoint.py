@@ -28,7 +28,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from guest_agent.channel import pack, payload_size, read_exact, read_header
 from guest_agent.protocol import (
@@ -89,16 +89,16 @@ class Endpoint:
         self.name: str | None = None
         self._cond = threading.Condition()
         #: (delivery id, sender, data) in arrival order
-        self._inbox: collections.deque = collections.deque()
+        self._inbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
         self._inbox_bytes = 0
         #: delivery id -> [sender, size, bytearray] of a delivery still arriving
-        self._arriving: dict = {}
-        self._waiters: dict = {}
+        self._arriving: dict[str, list[Any]] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._ids = itertools.count(1)
         self._clients = 0
-        self._listeners: list = []
+        self._listeners: list[socket.socket] = []
         #: messages sent, delivered, refused (for the agent's log and tests)
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -114,7 +114,7 @@ class Endpoint:
         threading.Thread(target=self._accept_loop, args=(sock,), name="channel-accept",
                          daemon=True).start()
 
-    def env(self) -> dict:
+    def env(self) -> dict[str, str]:
         """What the workload's environment gets: where the channel is, its name, and
         the client module on its PYTHONPATH."""
         out = {CHANNEL_ENV: "unix:@" + CHANNEL_ADDRESS, "PYTHONPATH": source_dir()}
@@ -193,7 +193,7 @@ class Endpoint:
             threading.Thread(target=self._serve, args=(conn,), name="channel-client",
                              daemon=True).start()
 
-    def _reply(self, conn: socket.socket, header: dict, payload: bytes = b"") -> bool:
+    def _reply(self, conn: socket.socket, header: dict[str, Any], payload: bytes = b"") -> bool:
         try:
             conn.sendall(pack(header, payload))
             return True
@@ -228,7 +228,7 @@ class Endpoint:
             with self._cond:
                 self._clients -= 1
 
-    def _client_send(self, conn: socket.socket, header: dict) -> bool:
+    def _client_send(self, conn: socket.socket, header: dict[str, Any]) -> bool:
         """Relay one message; False when the connection is done for."""
         ref, to = header.get("ref"), header.get("to")
         if not isinstance(to, str) or not to or len(to) > MAX_ID_CHARS:
@@ -275,7 +275,7 @@ class Endpoint:
                                   "reason": waiter.reason})
         return sent and keep
 
-    def _client_recv(self, conn: socket.socket, header: dict) -> bool:
+    def _client_recv(self, conn: socket.socket, header: dict[str, Any]) -> bool:
         ref, timeout = header.get("ref"), header.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float))
                                     or isinstance(timeout, bool) or timeout < 0):

@@ -73,7 +73,7 @@ def tcp_connect(args: dict[str, Any]) -> dict[str, Any]:
     sock.settimeout(max(timeout - (time.monotonic() - began), 0.01))
     try:
         sock.connect(sockaddr)
-        result = {"connected": True, "errno": None, "error": None}
+        result: dict[str, Any] = {"connected": True, "errno": None, "error": None}
     except OSError as e:
         name = _errno_name(e)
         result = {"connected": False, "errno": name,
@@ -186,9 +186,9 @@ def interfaces(args: dict[str, Any], sys_net: str = SYS_NET) -> dict[str, Any]:
             "mtu": int(mtu) if mtu and mtu.isdigit() else None,
             "mac": _read(os.path.join(base, "address")),
         }
-        entry = by_name.get(name)
-        if entry is not None:
-            infos = [a for a in entry.get("addr_info", []) if isinstance(a, dict)]
+        found = by_name.get(name)
+        if found is not None:
+            infos = [a for a in found.get("addr_info", []) if isinstance(a, dict)]
             item["ipv4"] = ["{}/{}".format(a.get("local"), a.get("prefixlen"))
                             for a in infos if a.get("family") == "inet"]
             item["ipv6"] = ["{}/{}".format(a.get("local"), a.get("prefixlen"))

@@ -58,22 +58,6 @@ def tasks_created() -> int | None:
     return None
 
 
-class BirthWindow:
-    """Process creations over the last second, fed once per sample with how many were
-    created since the previous one."""
-
-    def __init__(self, span: float = 1.0) -> None:
-        self.span = span
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
-
-    def add(self, now: float, born: int) -> int:
-        """Record `born` at `now`; the number born within the last `span` seconds."""
-        self._samples.append((now, born))
-        while self._samples and now - self._samples[0][0] > self.span:
-            self._samples.popleft()
-        return sum(n for _, n in self._samples)
-
-
 def new_since(before: dict[int, Proc], now: dict[int, Proc]) -> list[Proc]:
     """Processes in `now` that `before` did not have (a reused pid counts as new), oldest
     first."""
@@ -150,5 +134,5 @@ def end(victims: list[Proc], rescan: Callable[[], dict[int, Proc]] | None = None
             killed.append(p.pid)
     return killed
 
-__all__ = ["PROC_STAT", "BirthWindow", "Proc", "end", "forker_of", "new_since", "newest",
+__all__ = ["PROC_STAT", "Proc", "end", "forker_of", "new_since", "newest",
            "read_proc", "subtree", "tasks_created"]

@@ -142,6 +142,14 @@ def _is_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
+def is_local(address: str) -> bool:
+    """Whether a connect to `address` (text, an IPv6 zone allowed) stays on this host."""
+    try:
+        return _is_local(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class TransientWatch:
     """The profile's ``transient``: which code paths are unforeseen. The expected programs
@@ -351,5 +359,4 @@ class Profile:
 assert set(PROFILE_FIELDS) <= {f.name for f in fields(Profile)}
 
 __all__ = ["CONTAINS", "NETWORKS", "EgressRule", "Profile", "ProfileError", "TransientWatch",
-           "first_match",
-           "glob_match", "glob_regex", "normalize", "parse_egress"]
+           "first_match", "glob_match", "glob_regex", "is_local", "normalize", "parse_egress"]

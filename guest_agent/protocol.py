@@ -55,6 +55,8 @@ agent -> host
     standby_ready id (the standby's), pid, prepared (epoch s), mode: a ``standby`` is
                   started, watched, and waits for its request (a failure is an ``error``
                   with the standby's id)
+    admin_result  id (the request's), op, ok; error (text) when not ok; the op's result
+                  fields (ADMIN_RESULTS) when ok: the answer to an ``admin`` request
 
 host -> agent
     start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
@@ -89,6 +91,19 @@ host -> agent
                   (base64): a message for the workload, in pieces as ``channel_send``; the
                   agent answers ``channel_ack`` once the workload took it
     channel_verdict id (the sender's message id), verdict (delivered|refused), reason (text)
+    admin         id, op (ADMIN_OPS) and the op's fields (ADMIN_FIELDS): guest
+                  administration as a typed request, carried out off the agent's reader
+                  thread, one at a time, and answered by ``admin_result``
+                  (guest_agent/admin.py):
+                  scrub {uid, gid, scratch, shared[], private[]}: kill every process of
+                  real uid `uid` (rounds of SIGKILL until none is left); on the guest's
+                  first scrub mount a private tmpfs on each `private` dir that is no mount
+                  point yet and record the uid's entries of the `shared` dirs as known;
+                  delete the uid's other top-level entries of the `shared` dirs; make
+                  `scratch` fresh (0700, uid:gid). Result: killed, deleted, rounds, seconds.
+                  link_down {iface} -> iface, was_up. remount_ro {path} -> path, was_ro,
+                  how (superblock|bind). nproc {pid, limit}: RLIMIT_NPROC -> pid, limit,
+                  previous [soft, hard] (-1: unlimited).
 
 A ``start`` with ``channel`` (the zone's name among its group) gives the workload the channel
 endpoint: a unix stream socket at the abstract address CHANNEL_ADDRESS in the workload's
@@ -103,7 +118,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 PROTOCOL_VERSION = 1
 #: the longest encoded message, trailing newline included
@@ -133,10 +148,10 @@ CHANNEL_LINE_PREFIX = b'{"type":"channel_'
 
 AGENT_TYPES = frozenset(
     ["hello", "heartbeat", "started", "output", "exit", "probe_result", "error", "event",
-     "channel_send", "channel_ack", "standby_ready"]
+     "channel_send", "channel_ack", "standby_ready", "admin_result"]
 )
 HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile", "transient",
-                        "channel_deliver", "channel_verdict", "standby"])
+                        "channel_deliver", "channel_verdict", "standby", "admin"])
 #: ``standby.mode``: python (the loader runs the script itself) | exec (it execs the program)
 STANDBY_MODES = ("python", "exec")
 CHANNEL_TYPES = frozenset(["channel_send", "channel_ack", "channel_deliver", "channel_verdict"])
@@ -157,6 +172,22 @@ TRANSIENT_OPS = ("split", "deny", "update", "kill", "freeze", "thaw", "stats")
 #: ``transient.limits``: field -> meaning (None/absent: not limited by the transient zone)
 TRANSIENT_LIMITS = {"memory": "bytes", "pids": "processes", "cpu_quota": "percent of a CPU",
                     "cpu_shares": "relative weight (1024 = default)"}
+
+#: ``admin.op`` -> the fields that op requires (guest_agent/admin.py carries them out)
+ADMIN_FIELDS = {
+    "scrub": ("uid", "gid", "scratch", "shared", "private"),
+    "link_down": ("iface",),
+    "remount_ro": ("path",),
+    "nproc": ("pid", "limit"),
+}
+ADMIN_OPS = tuple(ADMIN_FIELDS)
+#: ``admin_result`` of an op that succeeded -> its result fields
+ADMIN_RESULTS = {
+    "scrub": ("killed", "deleted", "rounds", "seconds"),
+    "link_down": ("iface", "was_up"),
+    "remount_ro": ("path", "was_ro", "how"),
+    "nproc": ("pid", "limit", "previous"),
+}
 
 #: a monitoring profile (``start.monitor``, ``profile.monitor``): field -> meaning. The agent
 #: validates it (guest_agent.profile); unknown fields are refused there.
@@ -322,6 +353,31 @@ def _size(v: Any) -> str | None:
     return None if _is_int(v) and 0 <= v < 2**53 else "must be an integer >= 0"
 
 
+def _id_number(v: Any) -> str | None:
+    return None if _is_int(v) and 0 <= v < 2**32 else "must be an integer 0-4294967295"
+
+
+def _pid(v: Any) -> str | None:
+    return None if _is_int(v) and 0 < v < 2**31 else "must be a process id (> 0)"
+
+
+def _path(v: Any) -> str | None:
+    if isinstance(v, str) and v.startswith("/") and "\0" not in v:
+        return None
+    return "must be an absolute path"
+
+
+def _paths(v: Any) -> str | None:
+    if isinstance(v, list) and all(_path(x) is None for x in v):
+        return None
+    return "must be a list of absolute paths"
+
+
+def _int_list(v: Any) -> str | None:
+    return None if isinstance(v, list) and all(_is_int(x) for x in v) else \
+        "must be a list of integers"
+
+
 def _workloads(v: Any) -> str | None:
     if isinstance(v, list) and all(
             isinstance(w, dict) and _ident(w.get("id")) is None and _is_int(w.get("pid"))
@@ -353,6 +409,11 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     "channel_ack": ({"seq": _seq, "id": _ident}, {}),
     "standby_ready": ({"seq": _seq, "id": _ident, "pid": _int, "prepared": _num},
                       {"mode": _choice(*STANDBY_MODES)}),
+    "admin_result": ({"seq": _seq, "id": _ident, "op": _choice(*ADMIN_OPS), "ok": _bool},
+                     {"error": _str, "killed": _size, "deleted": _size, "rounds": _size,
+                      "seconds": _num, "iface": _str, "was_up": _bool, "path": _str,
+                      "was_ro": _bool, "how": _choice("superblock", "bind"), "pid": _int,
+                      "limit": _int, "previous": _int_list}),
     # host -> agent
     "start": ({"id": _ident, "argv": _argv},
               {"env": _env, "cwd": _str, "user": _user, "stdout": _choice("stream", "discard"),
@@ -371,6 +432,10 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
                          "data": _str}, {}),
     "channel_verdict": ({"id": _ident, "verdict": _choice(*CHANNEL_VERDICTS),
                          "reason": _str}, {}),
+    "admin": ({"id": _ident, "op": _choice(*ADMIN_OPS)},
+              {"uid": _id_number, "gid": _id_number, "scratch": _path, "shared": _paths,
+               "private": _paths, "iface": _ident, "path": _path, "pid": _pid,
+               "limit": _size}),
 }
 
 
@@ -401,6 +466,14 @@ def validate(msg: Any, accept: Iterable[str] = AGENT_TYPES | HOST_TYPES) -> Prot
             if problem:
                 return ProtocolError(INVALID, f"{mtype} field '{name}' {problem}",
                                      msg_type=mtype, msg_id=mid)
+    if mtype == "admin":
+        for name in ADMIN_FIELDS[msg["op"]]:
+            if msg.get(name) is None:
+                return ProtocolError(INVALID, f"admin op {msg['op']} lacks field '{name}'",
+                                     msg_type=mtype, msg_id=mid)
+    if mtype == "admin_result" and not msg["ok"] and not isinstance(msg.get("error"), str):
+        return ProtocolError(INVALID, "admin_result with ok=false lacks 'error'",
+                             msg_type=mtype, msg_id=mid)
     if mtype == "probe_result":
         if msg["ok"] and not isinstance(msg.get("result"), dict):
             return ProtocolError(INVALID, "probe_result with ok=true lacks 'result'",
@@ -459,7 +532,7 @@ def decode(line: bytes, accept: Iterable[str] = AGENT_TYPES | HOST_TYPES) -> Ite
     if problem is not None:
         problem.excerpt = _excerpt(line)
         return problem
-    return msg
+    return cast(Message, msg)  # validate made sure it is an object
 
 
 class Decoder:

@@ -271,7 +271,7 @@ class Listener:
         """Is the caller of `notif_id` still blocked in that syscall (so what we read from
         its memory belongs to this call)?"""
         self._id.value = notif_id
-        return self._libc.ioctl(self.fd, IOCTL_NOTIF_ID_VALID, ctypes.byref(self._id)) == 0
+        return bool(self._libc.ioctl(self.fd, IOCTL_NOTIF_ID_VALID, ctypes.byref(self._id)) == 0)
 
     def respond(self, notif_id: int, *, allow: bool, error: int = errno.EPERM) -> bool:
         """CONTINUE the call, or fail it with -`error`; False if the caller was gone."""

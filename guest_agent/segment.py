@@ -74,7 +74,8 @@ def _receive(channel: Any, source: str, timeout: float) -> bytes:
     """The previous segment's message; anything from another zone is reported and dropped
     (the broker only delivers what a grant allows, but only `source` is this segment's input)."""
     while True:
-        sender, data = channel.recv(timeout=timeout)
+        got: tuple[str, bytes] = channel.recv(timeout=timeout)
+        sender, data = got
         if sender == source:
             return data
         print(f"segment: ignored a message from {sender!r} (input comes from {source!r})",

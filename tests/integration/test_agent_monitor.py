@@ -489,6 +489,60 @@ def test_host_mode_attached_socket_and_procs_file(tmp_path: Path) -> None:
         launcher_end.close()
 
 
+# --- a PATH search: execs that cannot succeed ------------------------------------------
+
+
+def missing_dirs() -> tuple[str, str]:
+    """A /tmp/... and a /home/... directory that do not exist."""
+    tag = f"hvtsm-missing-{os.getpid()}-{_counter[0]}"
+    dirs = (f"/tmp/{tag}/venv/bin", f"/home/{tag}/.local/bin")
+    assert not any(os.path.exists(d) for d in dirs)
+    return dirs
+
+
+def test_path_search_through_missing_denied_dirs_runs(mon: tuple[Monitor, Events]) -> None:
+    """subprocess.run(["ls"]) tries execve in each PATH directory: the attempts in the
+    missing /tmp and /home directories never run anything, so deny_exec on those is no
+    reason to kill, and ls (found in /usr/bin) runs."""
+    monitor, events = mon
+    tmp_dir, home_dir = missing_dirs()
+    wid, proc = watched(monitor, Profile(deny_exec=("/tmp/**", "/home/**")), f"""
+        import os, subprocess
+        os.environ["PATH"] = "{tmp_dir}:{home_dir}:/usr/bin:/bin"
+        done = subprocess.run(["ls", "/"], stdout=subprocess.PIPE)
+        print("ls", done.returncode, len(done.stdout) > 0)
+    """)
+    status, out, err = finish(proc)
+    time.sleep(0.3)  # a sample after the end
+    assert status == 0, err
+    assert out.split() == ["ls", "0", "True"]
+    assert events.anomalies(wid) == []
+    assert monitor.stats()["lost"] == 0
+
+
+def test_workload_found_by_path_search_is_its_own_first_exec(
+        mon: tuple[Monitor, Events]) -> None:
+    """A workload started by name with missing directories first in PATH: the failed
+    attempts are not its first exec, so its real program is not an unforeseen code path
+    (which would be held for the transient hold timeout)."""
+    monitor, events = mon
+    tmp_dir, home_dir = missing_dirs()
+    profile = Profile.from_dict({"transient": {"triggers": ["exec", "connect"],
+                                               "expect_exec": [], "hold_timeout": 5}})
+    began = time.monotonic()
+    wid, proc = watched(monitor, profile, ["true"],
+                        env={"PATH": f"{tmp_dir}:{home_dir}:/usr/bin:/bin"})
+    status, _out, err = finish(proc)
+    took = time.monotonic() - began
+    time.sleep(0.3)
+    assert status == 0, err
+    assert took < 3, f"the start took {took:.1f} s: held as a code path?"
+    with events.cond:
+        kinds = [k for k, w, _d in events.items if w == wid]
+    assert "code-path" not in kinds and events.anomalies(wid) == []
+    assert "monitor" in kinds
+
+
 # --- the agent end to end -------------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from guest_agent import agent as agent_mod
 from guest_agent import probes
-from guest_agent.agent import NORMAL, URGENT, Agent, Outbox
+from guest_agent.agent import Agent
+from guest_agent.outbox import NORMAL, URGENT, Outbox
 from guest_agent.port import DevicePort, Disconnected, Port, PortUnavailable, Stopped, find_vport
 from guest_agent.protocol import HOST_TYPES, Decoder, ProtocolError, decode, encode
 from guest_agent.workload import build_env
@@ -128,7 +129,7 @@ def _until(pred: Any, timeout: float = 3.0) -> None:
 def fake_agent() -> Any:
     port = FakePort()
     agent = Agent(port, heartbeat=0.05)
-    agent._spawn_thread(agent._writer, "writer")
+    agent._spawn_thread(agent.writer.run, "writer")
     agent._spawn_thread(agent._heartbeats, "heartbeat")
     yield agent, port
     agent.stop.set()
@@ -407,3 +408,34 @@ def test_workload_does_not_inherit_the_agents_priority() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=REPO)
     assert done.stdout.split() == ["-10", "0"]
+
+
+# --- admin requests -----------------------------------------------------------------------
+
+
+def test_admin_requests_are_answered_with_admin_results() -> None:
+    agent = Agent(FakePort())
+    hello = agent.hello()
+    assert {"admin", "admin:scrub", "admin:link_down", "admin:remount_ro",
+            "admin:nproc"} <= set(hello["capabilities"])
+    for item in Decoder(HOST_TYPES).feed(
+            b'{"type": "admin", "id": "a1", "op": "nproc", "pid": 1}\n'):
+        agent.dispatch(item)  # invalid: answered at once, naming the missing field
+    err = agent.outbox.get(0)[1]  # type: ignore[index]
+    assert err["type"] == "error" and err["id"] == "a1" and "limit" in err["message"]
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        agent.dispatch({"type": "admin", "id": "a2", "op": "nproc", "pid": child.pid,
+                        "limit": 4096})
+        deadline = time.monotonic() + 10
+        item = None
+        while item is None and time.monotonic() < deadline:
+            item = agent.outbox.get(1)
+        assert item is not None, "no admin_result"
+        reply = item[1]
+    finally:
+        child.kill()
+        child.wait()
+        agent.admin.close()
+    assert reply["type"] == "admin_result" and reply["id"] == "a2" and reply["ok"]
+    assert reply["op"] == "nproc" and reply["limit"] == 4096

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from guest_agent import channel as client
-from guest_agent.agent import CHANNEL, NORMAL, URGENT, Outbox
 from guest_agent.endpoint import INBOX_MESSAGES, Endpoint
+from guest_agent.outbox import CHANNEL, NORMAL, URGENT, Outbox
 from guest_agent.protocol import (
     CHANNEL_ENV,
     CHANNEL_MAX_BYTES,

@@ -8,7 +8,8 @@ import subprocess
 import time
 
 from guest_agent import proccount
-from guest_agent.proccount import BirthWindow, Proc
+from guest_agent.proccount import Proc
+from guest_agent.rates import RateWindow
 
 
 def table(*rows: tuple[int, int, int]) -> dict[int, Proc]:
@@ -39,7 +40,7 @@ def test_subtree_and_newest() -> None:
 
 
 def test_birth_window_keeps_one_second() -> None:
-    w = BirthWindow()
+    w = RateWindow()  # the watch's births: the sliding second
     assert w.add(0.0, 5) == 5
     assert w.add(0.5, 7) == 12
     assert w.add(1.2, 1) == 8  # the sample at 0.0 left the window

@@ -59,6 +59,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
                         "offset": 0, "data": "YWJj"},
     "channel_verdict": {"type": "channel_verdict", "id": "m1", "verdict": "refused",
                         "reason": "no channel from fetch to parse is granted"},
+    "admin": {"type": "admin", "id": "a1", "op": "scrub", "uid": 65534, "gid": 65534,
+              "scratch": "/var/tmp/hvtsm-scratch", "shared": ["/tmp", "/var/tmp", "/dev/shm"],
+              "private": ["/tmp", "/var/tmp"]},
+    "admin_result": {"type": "admin_result", "seq": 10, "id": "a1", "op": "scrub", "ok": True,
+                     "killed": 3, "deleted": 2, "rounds": 1, "seconds": 0.052},
 }
 
 
@@ -234,3 +239,49 @@ def test_encoding_is_compact_utf8_json_lines() -> None:
                    "data": "é\n"})
     assert line == '{"type":"output","seq":1,"id":"w","stream":"stdout","data":"é\\n"}\n'.encode()
     assert json.loads(line) == json.loads(line.decode())
+
+
+# --- admin ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("msg", [
+    {"type": "admin", "id": "a2", "op": "link_down", "iface": "lo"},
+    {"type": "admin", "id": "a3", "op": "remount_ro", "path": "/"},
+    {"type": "admin", "id": "a4", "op": "nproc", "pid": 77, "limit": 64},
+])
+def test_admin_ops_validate(msg: dict[str, Any]) -> None:
+    assert validate(msg) is None
+    assert Decoder(HOST_TYPES).feed(encode(msg)) == [msg]
+    assert set(p.ADMIN_FIELDS[msg["op"]]) <= set(msg)
+
+
+@pytest.mark.parametrize("msg, says", [
+    ({"type": "admin", "id": "a", "op": "reboot"}, "field 'op' must be one of scrub"),
+    ({"type": "admin", "id": "a", "op": "nproc", "pid": 7}, "admin op nproc lacks field 'limit'"),
+    ({"type": "admin", "id": "a", "op": "scrub", "uid": 5, "gid": 5, "scratch": "/s",
+      "shared": ["/tmp"]}, "lacks field 'private'"),
+    ({"type": "admin", "id": "a", "op": "scrub", "uid": -1, "gid": 5, "scratch": "/s",
+      "shared": [], "private": []}, "field 'uid' must be an integer"),
+    ({"type": "admin", "id": "a", "op": "scrub", "uid": 5, "gid": 5, "scratch": "tmp/s",
+      "shared": [], "private": []}, "field 'scratch' must be an absolute path"),
+    ({"type": "admin", "id": "a", "op": "scrub", "uid": 5, "gid": 5, "scratch": "/s",
+      "shared": ["/tmp", 3], "private": []}, "field 'shared' must be a list of absolute"),
+    ({"type": "admin", "id": "a", "op": "nproc", "pid": 0, "limit": 1}, "field 'pid'"),
+    ({"type": "admin", "id": "a", "op": "link_down", "iface": ""}, "field 'iface'"),
+    ({"type": "admin_result", "seq": 1, "id": "a", "op": "scrub", "ok": False},
+     "admin_result with ok=false lacks 'error'"),
+    ({"type": "admin_result", "seq": 1, "id": "a", "op": "scrub", "ok": True,
+      "killed": "3"}, "field 'killed' must be an integer"),
+])
+def test_bad_admin_messages_are_named(msg: dict[str, Any], says: str) -> None:
+    problem = validate(msg)
+    assert problem is not None and problem.kind == p.INVALID and says in problem.detail
+    assert problem.msg_id == "a"  # the agent answers the request it could read
+
+
+def test_admin_results_carry_their_fields() -> None:
+    for op, fields in p.ADMIN_RESULTS.items():
+        assert op in p.ADMIN_OPS
+        assert set(fields) <= set(p.SCHEMAS["admin_result"][1])
+    assert validate({"type": "admin_result", "seq": 2, "id": "a", "op": "nproc", "ok": False,
+                     "error": "no such process"}) is None

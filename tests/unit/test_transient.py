@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 
-from guest_agent.monitor import Monitor, Transient, Watch
+from guest_agent.holds import Holds
+from guest_agent.judge import Action, Verdict
 from guest_agent.profile import Profile, ProfileError, TransientWatch
 from guest_agent.protocol import validate
+from guest_agent.reports import Reporter
+from guest_agent.watch import Transient, Watch
 from hvtsm.lifecycle import Manager
 from hvtsm.monitor.anomalies import AnomalyReport
 from hvtsm.monitor.code_path import CodePath, from_event
@@ -77,7 +80,7 @@ class RecordingListener:
     def __init__(self) -> None:
         self.answers: list[tuple[int, bool]] = []
 
-    def respond(self, notif_id: int, *, allow: bool) -> bool:
+    def respond(self, notif_id: int, *, allow: bool, error: int = 1) -> bool:
         self.answers.append((notif_id, allow))
         return True
 
@@ -90,74 +93,72 @@ class Notif:
         self.id, self.pid, self.nr, self.arch, self.args = notif_id, pid, 59, 0, [0] * 6
 
 
-def agent_monitor(hold_timeout: float = 5.0) -> tuple[Monitor, Watch, list[tuple[str, dict]]]:
+def agent_holds(hold_timeout: float = 5.0) -> tuple[Holds, Watch, list[tuple[str, dict]],
+                                                   Reporter]:
     events: list[tuple[str, dict]] = []
-    monitor = Monitor(lambda kind, _wid, data: events.append((kind, data)) or True,
-                      permission_events=False)
+    reporter = Reporter(lambda kind, _wid, data: events.append((kind, data)) or True)
     profile = Profile.from_dict({"transient": {"triggers": ["exec"], "expect_exec": [],
                                                "hold_timeout": hold_timeout}})
     watch = Watch("w1", profile, RecordingListener(), frozenset())  # type: ignore[arg-type]
-    monitor._watches["w1"] = watch
-    return monitor, watch, events
+    holds = Holds(reporter, lambda: [watch], lambda wid: watch if wid == "w1" else None)
+    return holds, watch, events, reporter
 
 
-def hold(monitor: Monitor, watch: Watch, notif_id: int) -> int:
-    from guest_agent.monitor import Finding
-
-    finding = Finding("code-path", "exec of /bin/x", "execve",
-                      {"path": "/bin/x", "argv": ["/bin/x", "-y"]}, hold="exec")
-    monitor._hold(watch, Notif(notif_id, os.getpid()), finding,  # type: ignore[arg-type]
-                  time.time(), time.monotonic())
+def hold(holds: Holds, watch: Watch, notif_id: int) -> int:
+    verdict = Verdict(Action.HOLD, "code-path", "exec of /bin/x", "execve",
+                      {"path": "/bin/x", "argv": ["/bin/x", "-y"]}, trigger="exec")
+    holds.hold(watch, Notif(notif_id, os.getpid()), verdict,  # type: ignore[arg-type]
+               time.time(), time.monotonic())
     return max(watch.holds)
 
 
 def test_held_exec_is_reported_and_released_into_its_zone() -> None:
-    monitor, watch, events = agent_monitor()
-    number = hold(monitor, watch, 77)
+    holds, watch, events, _reporter = agent_holds()
+    number = hold(holds, watch, 77)
     kind, data = events[-1]
     assert kind == "code-path"
     assert data["hold"] == number and data["trigger"] == "exec"
     assert data["program"] == "/bin/x" and data["argv"] == ["/bin/x", "-y"]
     assert watch.listener.answers == []  # type: ignore[union-attr]  # still held
-    monitor._on_transient({"id": "w1", "op": "split", "hold": number, "zone": "zt1",
-                           "network": "none"})
+    holds.on_message({"id": "w1", "op": "split", "hold": number, "zone": "zt1",
+                      "network": "none"})
     assert watch.listener.answers == [(77, True)]  # type: ignore[union-attr]
     assert watch.transients == {"zt1": Transient(None, "none")}
     kind, data = events[-1]
     assert kind == "transient" and data["ok"] and data["pid"] == os.getpid()
     # a second answer for the same hold finds nothing to release
-    monitor._on_transient({"id": "w1", "op": "split", "hold": number, "zone": "zt1"})
+    holds.on_message({"id": "w1", "op": "split", "hold": number, "zone": "zt1"})
     assert events[-1][1]["ok"] is False and "no held call" in events[-1][1]["error"]
 
 
 def test_refused_hold_fails_the_call() -> None:
-    monitor, watch, _events = agent_monitor()
-    number = hold(monitor, watch, 5)
-    monitor._on_transient({"id": "w1", "op": "deny", "hold": number, "reason": "max"})
+    holds, watch, _events, _reporter = agent_holds()
+    number = hold(holds, watch, 5)
+    holds.on_message({"id": "w1", "op": "deny", "hold": number, "reason": "max"})
     assert watch.listener.answers == [(5, False)]  # type: ignore[union-attr]
     assert watch.holds == {} and watch.transients == {}
 
 
 def test_unanswered_hold_times_out_refused_with_an_anomaly() -> None:
-    monitor, watch, events = agent_monitor(hold_timeout=0.05)
-    hold(monitor, watch, 9)
-    monitor._expire_holds()
+    holds, watch, events, _reporter = agent_holds(hold_timeout=0.05)
+    hold(holds, watch, 9)
+    holds.expire()
     assert watch.listener.answers == []  # type: ignore[union-attr]  # not yet
-    assert 0 <= monitor._poll_timeout() <= 51
+    assert 0 <= holds.timeout_ms() <= 51
     time.sleep(0.06)
-    monitor._expire_holds()
+    holds.expire()
     assert watch.listener.answers == [(9, False)]  # type: ignore[union-attr]
     kind, data = events[-1]
     assert kind == "anomaly" and data["category"] == "transient-timeout"
     assert data["contained"] == "denied"
-    assert monitor._poll_timeout() == 1000
+    assert holds.timeout_ms() == 1000
 
 
 def test_hold_that_cannot_be_reported_is_refused_at_once() -> None:
-    monitor, watch, _events = agent_monitor()
-    monitor.emit = lambda *_a: False  # type: ignore[assignment]  # outbox full
-    hold(monitor, watch, 4)
-    monitor._expire_holds()
+    holds, watch, _events, reporter = agent_holds()
+    reporter.emit = lambda *_a: False  # outbox full
+    hold(holds, watch, 4)
+    holds.expire()
     assert watch.listener.answers == [(4, False)]  # type: ignore[union-attr]
 
 

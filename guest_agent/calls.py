@@ -1,0 +1,220 @@
+"""A seccomp notification decoded into the call it is: an exec, a connect, a file-creating
+open, a deny-listed syscall, or any call through a foreign ABI, with its arguments read
+from the blocked caller's memory (procfs.Mem) and its paths made absolute as the caller
+meant them. Nothing here judges: judge.py does, on these values.
+
+A read that fails raises procfs.ProcReadError (the event is lost), except for the
+arguments of a deny-listed call, which fall back to the raw registers: that call is an
+anomaly whatever its arguments say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Union
+
+from guest_agent import seccomp
+from guest_agent.procfs import AT_FDCWD, Mem, ProcReadError, fd_target, resolve
+from guest_agent.syscalls import X32_SYSCALL_BIT, X86_64
+from guest_agent.syscalls import name as syscall_name
+
+MAX_ARGV = 16
+AT_EMPTY_PATH = 0x1000
+O_CREAT = 0o100
+O_TMPFILE_BIT = 0o20000000
+O_ACCMODE = 0o3
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+
+NR = X86_64
+EXECS = frozenset(NR[n] for n in ("execve", "execveat"))
+OPENS = frozenset(NR[n] for n in ("open", "openat", "creat", "openat2"))
+
+PTRACE_REQUESTS = {0: "TRACEME", 1: "PEEKTEXT", 2: "PEEKDATA", 3: "PEEKUSER", 4: "POKETEXT",
+                   5: "POKEDATA", 6: "POKEUSER", 7: "CONT", 8: "KILL", 9: "SINGLESTEP",
+                   12: "GETREGS", 13: "SETREGS", 16: "ATTACH", 17: "DETACH", 24: "SYSCALL",
+                   0x4200: "SETOPTIONS", 0x4206: "SEIZE", 0x4207: "INTERRUPT"}
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+@dataclass(frozen=True)
+class ExecCall:
+    """execve/execveat. `path` is absolute (the caller's cwd or dirfd joined); `raw` and
+    `dirfd` are what the caller passed, for looking the target up as it would (inroot.py);
+    `by_fd`: execveat(fd, "", AT_EMPTY_PATH), whose program is the open file itself."""
+
+    syscall: str
+    path: str
+    argv: tuple[str, ...] = ()
+    raw: str = ""
+    dirfd: int = AT_FDCWD
+    by_fd: bool = False
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return {"path": self.path, "argv": list(self.argv)}
+
+
+@dataclass(frozen=True)
+class ConnectCall:
+    """connect. `family` is inet, inet6, unix, none (no address) or the number of another
+    family; `path` is a unix socket's ("@name": abstract)."""
+
+    family: str
+    address: str = ""
+    port: int = 0
+    path: str = ""
+    syscall: str = "connect"
+
+    @property
+    def args(self) -> dict[str, Any]:
+        if self.family in ("inet", "inet6"):
+            return {"family": self.family, "address": self.address, "port": self.port}
+        if self.family == "unix":
+            return {"family": "unix", "path": self.path}
+        return {"family": self.family}
+
+
+@dataclass(frozen=True)
+class OpenCall:
+    """open/openat/creat/openat2 as the filter notifies them (creating a file, mostly)."""
+
+    syscall: str
+    path: str
+    flags: int
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return {"path": self.path, "flags": self.flags}
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.flags & (O_ACCMODE | O_CREAT | O_TMPFILE_BIT))
+
+
+@dataclass(frozen=True)
+class DeniedCall:
+    """A call of a deny_syscalls entry (exec excepted: an ExecCall judges that)."""
+
+    syscall: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ForeignCall:
+    """Any call through the i386 or x32 ABI: its number is not an x86_64 one."""
+
+    nr: int
+    abi: str
+    raw: tuple[int, ...]
+
+    @property
+    def syscall(self) -> str | None:
+        return None  # a foreign number names no x86_64 syscall
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return {"raw": [hex(a) for a in self.raw]}
+
+
+Call = Union[ExecCall, ConnectCall, OpenCall, DeniedCall, ForeignCall]
+
+
+def decode(n: seccomp.Notification, mem: Mem, denied: Collection[str]) -> Call | None:
+    """The call notification `n` is, or None for one the monitor has no use for. `denied`
+    are the profile's deny_syscalls."""
+    if n.arch != seccomp.AUDIT_ARCH_X86_64 or n.nr & X32_SYSCALL_BIT:
+        abi = "x32" if n.arch == seccomp.AUDIT_ARCH_X86_64 else f"arch {n.arch:#x}"
+        return ForeignCall(n.nr & 0xFFFF, abi, tuple(n.args))
+    name = syscall_name(n.nr)
+    if n.nr in EXECS:
+        return exec_call(n, mem)
+    if name in denied:
+        return DeniedCall(name, _lenient_args(name, n, mem))
+    if n.nr == NR["connect"]:
+        return connect_call(n, mem)
+    if n.nr in OPENS:
+        return open_call(n, mem)
+    return None
+
+
+def _lenient_args(name: str, n: seccomp.Notification, mem: Mem) -> dict[str, Any]:
+    if name == "ptrace":
+        req = n.args[0] & 0xFFFFFFFF
+        return {"request": PTRACE_REQUESTS.get(req, req), "target": _s32(n.args[1])}
+    with contextlib.suppress(ProcReadError):
+        if n.nr in OPENS:
+            return open_call(n, mem).args
+        if n.nr == NR["connect"]:
+            return connect_call(n, mem).args
+    return {"raw": [hex(a) for a in n.args]}
+
+
+def exec_call(n: seccomp.Notification, mem: Mem) -> ExecCall:
+    if n.nr == NR["execve"]:
+        dirfd, path_ptr, argv_ptr, flags = AT_FDCWD, n.args[0], n.args[1], 0
+    else:
+        dirfd, path_ptr, argv_ptr, flags = _s32(n.args[0]), n.args[1], n.args[2], \
+            n.args[4]
+    raw = mem.string(path_ptr)
+    by_fd = not raw and bool(flags & AT_EMPTY_PATH)
+    path = fd_target(n.pid, dirfd) if by_fd else resolve(n.pid, dirfd, raw)
+    argv: list[str] = []
+    if argv_ptr:
+        ptrs = mem.read(argv_ptr, 8 * MAX_ARGV)
+        for (p,) in struct.iter_unpack("<Q", ptrs[:len(ptrs) // 8 * 8]):
+            if not p:
+                break
+            argv.append(mem.string(p, 1024))
+    return ExecCall(syscall_name(n.nr), path, tuple(argv), raw, dirfd, by_fd)
+
+
+def connect_call(n: seccomp.Notification, mem: Mem) -> ConnectCall:
+    length = min(n.args[2] & 0xFFFFFFFF, 128)
+    if not n.args[1] or length < 2:
+        return ConnectCall("none")
+    raw = mem.read(n.args[1], length)
+    if len(raw) < 2:
+        raise ProcReadError(f"cannot read sockaddr of pid {n.pid}")
+    family = struct.unpack_from("<H", raw)[0]
+    if family == AF_INET and len(raw) >= 8:
+        return ConnectCall("inet", socket.inet_ntop(socket.AF_INET, raw[4:8]),
+                           struct.unpack_from(">H", raw, 2)[0])
+    if family == AF_INET6 and len(raw) >= 24:
+        return ConnectCall("inet6", socket.inet_ntop(socket.AF_INET6, raw[8:24]),
+                           struct.unpack_from(">H", raw, 2)[0])
+    if family == AF_UNIX:
+        sun = raw[2:]
+        if sun[:1] == b"\0":
+            return ConnectCall("unix", path="@" + os.fsdecode(sun[1:].rstrip(b"\0")))
+        path = os.fsdecode(sun.split(b"\0", 1)[0])
+        return ConnectCall("unix", path=resolve(n.pid, AT_FDCWD, path) if path else "")
+    return ConnectCall(str(family))
+
+
+def open_call(n: seccomp.Notification, mem: Mem) -> OpenCall:
+    name = syscall_name(n.nr)
+    if name == "open":
+        dirfd, path_ptr, flags = AT_FDCWD, n.args[0], n.args[1]
+    elif name == "creat":
+        dirfd, path_ptr, flags = AT_FDCWD, n.args[0], O_CREAT | 0o1 | 0o1000
+    elif name == "openat":
+        dirfd, path_ptr, flags = _s32(n.args[0]), n.args[1], n.args[2]
+    else:  # openat2: flags in struct open_how
+        dirfd, path_ptr = _s32(n.args[0]), n.args[1]
+        how = mem.read(n.args[2], 8)
+        flags = struct.unpack("<Q", how)[0] if len(how) == 8 else 0
+    flags &= 0xFFFFFFFF
+    return OpenCall(name, resolve(n.pid, dirfd, mem.string(path_ptr)), flags)
+
+
+__all__ = ["EXECS", "OPENS", "Call", "ConnectCall", "DeniedCall", "ExecCall", "ForeignCall",
+           "OpenCall", "decode"]
