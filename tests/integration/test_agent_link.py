@@ -174,7 +174,8 @@ def test_hello_start_output_exit(agent_dir: Path, python: str) -> None:
         stdout, stderr = _read_all(work)
         assert (stdout, stderr) == (b"out\n", b"err\n")
         assert work.wait(10) == 3 and work.poll() == 3
-        assert run.link.malformed == 0 and run.link.dropped == 0 and run.problems == []
+        health = run.link.health()
+        assert health.malformed == 0 and health.dropped == 0 and run.problems == []
 
 
 def test_signal_gives_a_negative_status(agent_dir: Path) -> None:
@@ -243,11 +244,11 @@ def test_start_details(agent_dir: Path) -> None:
         with pytest.raises(ZoneError, match="cannot start /nonexistent") as info:
             run.link.start(["/nonexistent"])
         assert info.value.zone_id == "t1"
-        before = run.link.bytes_received
+        before = run.link.health().bytes_received
         quiet = run.link.start(["sh", "-c", "head -c 1000000 /dev/zero; echo x >&2"],
                                stdout=None, stderr=None)
         assert quiet.wait(10) == 0
-        assert run.link.bytes_received - before < 5000  # discarded in the guest, not sent
+        assert run.link.health().bytes_received - before < 5000  # discarded in the guest, not sent
         dup = run.link.start(["sleep", "5"], workload_id="dup", stdout=None, stderr=None)
         with pytest.raises(ZoneError, match="already in use"):
             run.link.start(["sleep", "5"], workload_id="dup")
@@ -311,10 +312,11 @@ def test_bad_lines_from_the_agent_side_are_counted() -> None:
         ours.sendall(b"z" * 1000 + b"\n")
         ours.sendall(b"{broken\n")
         ours.sendall(b'{"type": "heartbeat", "seq": 5, "uptime": 2.0}\n')  # 2, 3, 4 lost
-        before = link.last_heartbeat
+        before = link.health().last_heartbeat
         ours.sendall(b'{"type": "heartbeat", "seq": 6, "uptime": 3.0}\n')
-        _until(lambda: link.last_heartbeat != before and link.dropped == 3, what="seq 6")
-        assert link.malformed == 2
+        _until(lambda: link.health().last_heartbeat != before
+               and link.health().dropped == 3, what="seq 6")
+        assert link.health().malformed == 2
         kinds = [k for k, _ in problems]
         assert kinds == ["oversized", "malformed", "seq_gap"], problems
         assert "3 message(s)" in problems[2][1]
@@ -323,10 +325,10 @@ def test_bad_lines_from_the_agent_side_are_counted() -> None:
         assert problems[3][0] == "seq_regress"
         ours.sendall(b'{"type": "event", "seq": 7, "kind": "syscall", "data": {"nr": 59}}\n')
         _until(lambda: events, what="the event")
-        assert events[0]["data"] == {"nr": 59} and link.malformed == 2
+        assert events[0]["data"] == {"nr": 59} and link.health().malformed == 2
         ours.close()
         _until(lambda: link.closed, what="link closed")
-        assert problems[-1][0] == "disconnected" and "closed" in (link.lost_reason or "")
+        assert problems[-1][0] == "disconnected" and "closed" in (link.health().lost_reason or "")
     finally:
         link.close()
 
@@ -336,15 +338,15 @@ def test_heartbeat_loss_is_detected(agent_dir: Path) -> None:
         run.link.wait_hello(10)
         work = run.link.start(["sleep", "30"], stdout=None, stderr=None)
         time.sleep(3 * HEARTBEAT)
-        assert run.problems == [] and run.link.heartbeat_ok
+        assert run.problems == [] and run.link.health().heartbeat_ok
         run.proc.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         _until(lambda: "heartbeat_lost" in run.kinds(), 10 * HEARTBEAT, "heartbeat_lost")
         detected = time.monotonic() - stopped
         assert detected <= 3 * HEARTBEAT + 2 * HEARTBEAT, detected  # 3 periods, plus slack
-        assert not run.link.heartbeat_ok and run.kinds() == ["heartbeat_lost"]
+        assert not run.link.health().heartbeat_ok and run.kinds() == ["heartbeat_lost"]
         run.proc.send_signal(signal.SIGCONT)
-        _until(lambda: run.link.heartbeat_ok, 5, "heartbeats again")
+        _until(lambda: run.link.health().heartbeat_ok, 5, "heartbeats again")
         assert run.kinds() == ["heartbeat_lost"]  # reported once, no gap, no junk
         assert work.poll() is None
 
@@ -372,7 +374,7 @@ def test_the_agent_greets_a_new_host_and_keeps_its_workloads(agent_dir: Path) ->
         assert again.pid == work.pid
         again.kill()
         assert again.wait(10) == -signal.SIGKILL
-        assert link.dropped == 0 and link.malformed == 0
+        assert link.health().dropped == 0 and link.health().malformed == 0
 
 
 def test_connect_retries_until_the_socket_exists(agent_dir: Path) -> None:
@@ -479,7 +481,7 @@ def test_the_agent_over_a_character_device(agent_dir: Path) -> None:
         work = link.start(["sh", "-c", "echo over the tty; exit 5"])
         assert _read_all(work)[0] == b"over the tty\n" and work.wait(5) == 5
         assert link.probe("meminfo")["MemTotal"] > 0
-        assert link.malformed == 0
+        assert link.health().malformed == 0
     finally:
         link.close()
         stop.set()

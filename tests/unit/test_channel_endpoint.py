@@ -365,7 +365,7 @@ def test_channel_line_flood_and_unusable_channel_lines_are_problems() -> None:
         link.on_channel = None
         peer.sock.sendall(peer.line({"type": "channel_ack", "id": "d2"}))
         until(lambda: any("has no channel" in d for _, d in problems))
-        assert {k for k, _ in problems} == {"malformed"} and link.malformed == 2
+        assert {k for k, _ in problems} == {"malformed"} and link.health().malformed == 2
     finally:
         link.close()
 

@@ -153,7 +153,8 @@ class Rig:
     def settle(self) -> None:
         """Wait until the link has read everything written, let a second that flooded end
         (its input is discarded), and end a junk line left unfinished."""
-        _until(lambda: self.link.bytes_received >= self.agent.written, 10, "the link to read")
+        _until(lambda: self.link.health().bytes_received >= self.agent.written, 10,
+               "the link to read")
         if "flood" in self.kinds():
             time.sleep(1.1)
         self.agent.write(b"\n")
@@ -162,7 +163,7 @@ class Rig:
         """The link survived: alive, problems of the expected (and only known) kinds, bounded
         memory, and a ping still comes back."""
         self.settle()
-        assert self.link.reader_alive and not self.link.closed
+        assert self.link.health().reader_alive and not self.link.closed
         assert self.link.ping(5) < 5  # and all before it has been handled
         kinds = self.kinds()
         assert set(expected) <= kinds, (expected, kinds)
@@ -201,8 +202,9 @@ def test_random_bytes(rig: Rig) -> None:
     del data
     # about 16000 lines in a few ms: the first FLOOD_MESSAGES are parsed, the rest discarded
     rig.check("malformed", "flood")
-    assert rig.link.flood_dropped > 0
-    assert rig.link.problems["malformed"] >= 1000  # counted, though not reported one by one
+    assert rig.link.health().flood_dropped > 0
+    # counted, though not reported one by one
+    assert rig.link.health().problems["malformed"] >= 1000
     assert len([k for k, _ in rig.problems if k == "malformed"]) <= 4 * link_mod.PROBLEMS_PER_S
 
 
@@ -256,7 +258,7 @@ def test_random_json_values(rig: Rig) -> None:
     rig.run(chunked(b"".join(lines), rng))
     rig.check("malformed")
     assert "flood" not in rig.kinds()
-    assert rig.link.problems["malformed"] >= len(lines) - 50
+    assert rig.link.health().problems["malformed"] >= len(lines) - 50
 
 
 # --- every message type with its fields of the wrong type -----------------------------------
@@ -351,7 +353,7 @@ def test_mutated_messages_of_every_type() -> None:
 
 
 def test_a_huge_line_then_a_heartbeat(rig: Rig) -> None:
-    before = rig.link.messages
+    before = rig.link.health().messages
     seq = rig.agent.next_seq()
     huge = b"a" * (link_mod.FLOOD_BYTES + 2 * 1024 * 1024)
     # past FLOOD_BYTES the link stops reading for the rest of the second: nothing is lost,
@@ -359,8 +361,8 @@ def test_a_huge_line_then_a_heartbeat(rig: Rig) -> None:
     took = rig.run([*chunked(huge, random.Random(4)),
                     b"\n" + line({"type": "heartbeat", "seq": seq, "uptime": 2.0})])
     del huge
-    _until(lambda: rig.link.messages > before, 5, "the heartbeat after the huge line")
-    assert rig.link.messages == before + 1 and rig.link.flood_dropped == 0
+    _until(lambda: rig.link.health().messages > before, 5, "the heartbeat after the huge line")
+    assert rig.link.health().messages == before + 1 and rig.link.health().flood_dropped == 0
     oversized = [d for k, d in rig.problems if k == "oversized"]
     assert len(oversized) == 1, rig.problems  # one line, one report
     assert took > 0.5  # it waited for the pause
@@ -377,20 +379,20 @@ def heartbeats(agent: Agent, count: int) -> bytes:
 def test_a_flood_of_heartbeats(rig: Rig) -> None:
     count = 200_000
     data = heartbeats(rig.agent, count)
-    before = rig.link.messages
+    before = rig.link.health().messages
     began = time.monotonic()
     rig.run(data[i:i + 65536] for i in range(0, len(data), 65536))
-    _until(lambda: rig.link.bytes_received >= rig.agent.written, 10, "the link to read")
+    _until(lambda: rig.link.health().bytes_received >= rig.agent.written, 10, "the link to read")
     took = time.monotonic() - began
-    parsed = rig.link.messages - before
+    parsed = rig.link.health().messages - before
     print(f"\nflood: {count} heartbeats ({len(data) / 2**20:.1f} MiB) read in {took:.2f} s "
-          f"({count / took:,.0f}/s), {parsed} parsed, {rig.link.flood_dropped} discarded "
+          f"({count / took:,.0f}/s), {parsed} parsed, {rig.link.health().flood_dropped} discarded "
           f"unparsed")
     del data
     seconds = math.ceil(took) + 1  # the windows it may have touched
     assert len([k for k, _ in rig.problems if k == "flood"]) <= seconds
     assert parsed <= seconds * link_mod.FLOOD_MESSAGES
-    assert rig.link.flood_dropped == count - parsed
+    assert rig.link.health().flood_dropped == count - parsed
     rig.check("flood", "seq_gap")  # the discarded heartbeats are a gap in seq
 
 
@@ -401,11 +403,11 @@ def test_parsing_rate_without_limits() -> None:
     try:
         count = 60_000
         data = heartbeats(rig.agent, count)
-        before = rig.link.messages
+        before = rig.link.health().messages
         began = time.monotonic()
         rig.run(data[i:i + 65536] for i in range(0, len(data), 65536))
         del data
-        _until(lambda: rig.link.messages - before >= count, 30, "every heartbeat parsed")
+        _until(lambda: rig.link.health().messages - before >= count, 30, "every heartbeat parsed")
         rate = count / (time.monotonic() - began)
         print(f"\nparsing: {rate:,.0f} messages/s")
         assert rate > 2 * link_mod.FLOOD_MESSAGES
@@ -431,7 +433,7 @@ def test_nul_bytes(rig: Rig) -> None:
     assert work.wait(3) == 0
     assert work.stdout.read() == b"a\x00b"  # a NUL inside a JSON string is data
     rig.check("malformed", "oversized")
-    assert rig.link.problems["malformed"] == 3
+    assert rig.link.health().problems["malformed"] == 3
 
 
 def test_invalid_utf8(rig: Rig) -> None:
@@ -449,7 +451,7 @@ def test_invalid_utf8(rig: Rig) -> None:
     assert work.wait(3) == 3
     assert work.stdout.read() == b"x?y"
     rig.check("malformed")
-    assert rig.link.problems["malformed"] == len(bad)
+    assert rig.link.health().problems["malformed"] == len(bad)
 
 
 def test_whitespace_lines(rig: Rig) -> None:
@@ -468,8 +470,8 @@ def test_junk_then_end_of_stream() -> None:
     rng = random.Random(6)
     rig.run(chunked(rng.randbytes(300_000), rng))
     rig.agent.sock.shutdown(socket.SHUT_WR)
-    _until(lambda: not rig.link.reader_alive, 5, "the reader to end")
-    assert rig.link.closed and rig.link.lost_reason
+    _until(lambda: not rig.link.health().reader_alive, 5, "the reader to end")
+    assert rig.link.closed and rig.link.health().lost_reason
     assert {"malformed", "disconnected"} <= rig.kinds() <= KINDS
     with pytest.raises(ZoneError, match="zone fz: the guest agent link is closed"):
         rig.link.ping(1)
@@ -521,7 +523,7 @@ def test_errors_are_bounded(rig: Rig) -> None:
     work = rig.link.start(["/bin/true"], timeout=3, workload_id="w1")
     rig.run([line({"type": "error", "seq": rig.agent.next_seq(), "id": "w1",
                    "message": f"{i} " + "e" * 5000}) for i in range(500)])
-    _until(lambda: rig.link.problems.get("agent_error") == 500, 3, "500 agent errors")
+    _until(lambda: rig.link.health().problems.get("agent_error") == 500, 3, "500 agent errors")
     assert len(work.errors) == link_mod.ERRORS_KEPT and work.errors[0].startswith("499 ")
     assert max(len(e) for e in work.errors) < link_mod.MAX_DETAIL + 50
     rig.check("agent_error")
@@ -535,7 +537,7 @@ def test_problems_are_rate_limited_and_summed_up(rig: Rig) -> None:
     reported = [d for k, d in rig.problems if k == "malformed"]
     assert len(reported) == link_mod.PROBLEMS_PER_S + 1
     assert reported[-1].startswith(f"{1000 - link_mod.PROBLEMS_PER_S} more malformed")
-    assert rig.link.problems["malformed"] == 1000 == rig.link.malformed
+    assert rig.link.health().problems["malformed"] == 1000 == rig.link.health().malformed
     rig.check()
 
 
@@ -545,9 +547,9 @@ def test_events_beyond_the_cap_are_dropped(rig: Rig) -> None:
                             "data": {"n": i}}) for i in range(1000)),
              line({"type": "event", "seq": seq(), "kind": "anomaly", "time": 1.7e9}),
              b'{"type":"event","seq":%d,"kind":"x","time":1e400}\n' % seq()])
-    _until(lambda: len(rig.events) + rig.link.events_dropped == 1002, 3, "every event")
+    _until(lambda: len(rig.events) + rig.link.health().events_dropped == 1002, 3, "every event")
     # the writes fall into one second, or at most two
-    assert rig.link.events_dropped >= 1002 - 2 * link_mod.EVENTS_PER_S
+    assert rig.link.health().events_dropped >= 1002 - 2 * link_mod.EVENTS_PER_S
     assert 1 <= len([k for k, _ in rig.problems if k == "events_dropped"]) <= 2
     assert all(isinstance(e["data"], dict) for e in rig.events)
     rig.check("events_dropped")
@@ -588,7 +590,7 @@ def test_handler_failures_are_contained(caplog: pytest.LogCaptureFixture) -> Non
                                                     "kind": "stats"}) for _ in range(100))])
             assert rig.link.ping(3) < 3
         assert calls["event"] == 100 and calls["problem"] >= link_mod.PROBLEMS_PER_S
-        assert rig.link.reader_alive
+        assert rig.link.health().reader_alive
         # the log keeps the 1st, 2nd, 4th ... failure of each handler, not all of them
         assert len(caplog.records) <= 2 * (math.log2(100) + 1)
     finally:

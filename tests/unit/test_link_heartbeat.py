@@ -169,12 +169,12 @@ def test_a_slow_handler_is_no_silence_of_the_agent() -> None:
 
     r = Rig(on_event=slow)
     try:
-        before = r.link.messages
+        before = r.link.health().messages
         r.peer.write({"type": "event", "kind": "stats", "data": {}})
         assert blocked.wait(2)
         time.sleep(4 * GRACE)  # the handler has returned; the watchdog has looked
-        assert r.lost() == [] and r.link.heartbeat_ok
-        assert r.link.messages > before + 5  # what waited was read
+        assert r.lost() == [] and r.link.health().heartbeat_ok
+        assert r.link.health().messages > before + 5  # what waited was read
     finally:
         r.close()
 
@@ -189,7 +189,7 @@ def test_a_poll_that_wakes_up_late_is_no_silence_of_the_agent(
         poller.starve.set()
         assert poller.starved.wait(3)
         time.sleep(2 * GRACE)
-        assert r.lost() == [] and r.link.heartbeat_ok
+        assert r.lost() == [] and r.link.health().heartbeat_ok
     finally:
         r.close()
 
@@ -206,7 +206,7 @@ def test_an_agent_starved_with_the_reader_gets_a_fresh_grace(
         poller.starve.set()
         assert poller.starved.wait(3)
         time.sleep(2 * GRACE)
-        assert r.lost() == [] and r.link.heartbeat_ok
+        assert r.lost() == [] and r.link.health().heartbeat_ok
     finally:
         r.close()
 
@@ -219,10 +219,10 @@ def test_heartbeats_waiting_unseen_are_read_before_the_agent_is_called_silent(
     r = Rig()
     try:
         poller.starve.set()
-        before = r.link.messages
+        before = r.link.health().messages
         time.sleep(5 * GRACE)
-        assert r.lost() == [] and r.link.heartbeat_ok
-        assert r.link.messages > before  # read by the watchdog, not by the poll
+        assert r.lost() == [] and r.link.health().heartbeat_ok
+        assert r.link.health().messages > before  # read by the watchdog, not by the poll
     finally:
         r.close()
 
@@ -236,11 +236,11 @@ def test_a_silent_agent_is_reported_within_its_grace() -> None:
         _until(lambda: bool(r.lost()), 3, "heartbeat_lost")
         took = r.lost()[0][0] - r.hello.received
         assert GRACE < took < GRACE + BOUND, took
-        assert not r.link.heartbeat_ok and f"allowed {GRACE:g} s" in r.lost()[0][2]
+        assert not r.link.health().heartbeat_ok and f"allowed {GRACE:g} s" in r.lost()[0][2]
         time.sleep(GRACE)
         assert len(r.lost()) == 1  # once, until the agent speaks again
         r.peer.beating.set()
-        _until(lambda: r.link.heartbeat_ok, 2, "heartbeats again")
+        _until(lambda: r.link.health().heartbeat_ok, 2, "heartbeats again")
     finally:
         r.close()
 

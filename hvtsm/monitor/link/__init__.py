@@ -89,7 +89,7 @@ The package, one job a module (`AgentLink` in agent_link.py is the facade over t
 
 from __future__ import annotations
 
-from hvtsm.monitor.link.agent_link import AgentLink
+from hvtsm.monitor.link.agent_link import AgentLink, LinkHealth
 from hvtsm.monitor.link.handlers import ChannelFault, ChannelHandler, EventHandler, ProblemHandler
 from hvtsm.monitor.link.hello import Hello
 from hvtsm.monitor.link.limits import (
@@ -121,10 +121,37 @@ from hvtsm.monitor.link.limits import (
 from hvtsm.monitor.link.workload import RemoteWorkload, WorkloadHost
 
 __all__ = [
-    "CHANNEL_LINES_PER_S", "DISCARD_CHUNK", "DRAIN_READS", "ERRORS_KEPT", "EVENTS_PER_S",
-    "FEED_CHUNK", "FLOOD_BYTES", "FLOOD_MESSAGES", "HEARTBEAT_MISSES", "MAX_DETAIL",
-    "MAX_EPOCH", "MAX_HEARTBEAT", "MAX_PID", "MAX_SEQ", "MAX_STATUS", "MIN_HEARTBEAT",
-    "MIN_STATUS", "PROBE_GRACE", "PROBLEMS_PER_S", "READ_CHUNK", "SINK_LIMIT", "TIMED_PROBES",
-    "UNCLAIMED_KEEP", "AgentLink", "ChannelFault", "ChannelHandler", "EventHandler", "Hello",
-    "Limits", "ProblemHandler", "RemoteWorkload", "WorkloadHost",
+    "CHANNEL_LINES_PER_S",
+    "DISCARD_CHUNK",
+    "DRAIN_READS",
+    "ERRORS_KEPT",
+    "EVENTS_PER_S",
+    "FEED_CHUNK",
+    "FLOOD_BYTES",
+    "FLOOD_MESSAGES",
+    "HEARTBEAT_MISSES",
+    "MAX_DETAIL",
+    "MAX_EPOCH",
+    "MAX_HEARTBEAT",
+    "MAX_PID",
+    "MAX_SEQ",
+    "MAX_STATUS",
+    "MIN_HEARTBEAT",
+    "MIN_STATUS",
+    "PROBE_GRACE",
+    "PROBLEMS_PER_S",
+    "READ_CHUNK",
+    "SINK_LIMIT",
+    "TIMED_PROBES",
+    "UNCLAIMED_KEEP",
+    "AgentLink",
+    "ChannelFault",
+    "ChannelHandler",
+    "EventHandler",
+    "Hello",
+    "Limits",
+    "LinkHealth",
+    "ProblemHandler",
+    "RemoteWorkload",
+    "WorkloadHost",
 ]

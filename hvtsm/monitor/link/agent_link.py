@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from hvtsm.monitor.link.commands import Commands
@@ -43,6 +44,33 @@ def _limits(flood_messages: int | None, flood_bytes: int | None, events_per_s: i
                   channel_lines_per_s=pick(channel_lines_per_s, "CHANNEL_LINES_PER_S"),
                   problems_per_s=pick(None, "PROBLEMS_PER_S"),
                   unclaimed_keep=pick(None, "UNCLAIMED_KEEP"))
+
+
+@dataclass(frozen=True)
+class LinkHealth:
+    """A link's view of its agent at one moment (the console's "agent state")."""
+
+    #: malformed, oversized or ill-typed lines received, and messages discarded for an
+    #: implausible value (each also an on_problem)
+    malformed: int
+    bytes_received: int
+    #: valid messages received
+    messages: int
+    #: lines discarded unparsed because they came in a flood (see FLOOD_MESSAGES)
+    flood_dropped: int
+    flood_dropped_bytes: int
+    #: monitoring events not passed to on_event: more than EVENTS_PER_S in a second
+    events_dropped: int
+    #: kind -> problems found so far, those not reported one by one included
+    problems: dict[str, int]
+    #: messages the agent sent (or had to discard) that never arrived: gaps in seq
+    dropped: int
+    reader_alive: bool
+    #: time.monotonic() of the last valid message (a heartbeat or any other)
+    last_heartbeat: float | None
+    heartbeat_ok: bool
+    #: why the link ended on its own (the channel closed), if it did
+    lost_reason: str | None
 
 
 class AgentLink:
@@ -121,66 +149,20 @@ class AgentLink:
     def hello(self) -> Hello | None:
         return self._state.hello
 
-    @property
-    def malformed(self) -> int:
-        """Malformed, oversized or ill-typed lines received, and messages discarded for an
-        implausible value (each also an on_problem)."""
-        return self._state.malformed
-
-    @property
-    def bytes_received(self) -> int:
-        return self._state.bytes_in
-
-    @property
-    def messages(self) -> int:
-        """Valid messages received."""
-        return self._state.messages
-
-    @property
-    def flood_dropped(self) -> int:
-        """Lines discarded unparsed because they came in a flood (see FLOOD_MESSAGES)."""
-        return self._flood.dropped_lines
-
-    @property
-    def flood_dropped_bytes(self) -> int:
-        return self._flood.dropped_bytes
-
-    @property
-    def events_dropped(self) -> int:
-        """Monitoring events not passed to on_event: more than EVENTS_PER_S in a second."""
-        return self._flood.events_dropped
-
-    @property
-    def problems(self) -> dict[str, int]:
-        """kind -> problems found so far, those not reported one by one included."""
-        return self._problems.counts
-
-    @property
-    def reader_alive(self) -> bool:
-        return self._reader.alive
-
-    @property
-    def dropped(self) -> int:
-        """Messages the agent sent (or had to discard) that never arrived: gaps in seq."""
-        return self._dispatcher.dropped
-
-    @property
-    def last_heartbeat(self) -> float | None:
-        """time.monotonic() of the last valid message (a heartbeat or any other)."""
-        return self._watchdog.last
-
-    @property
-    def heartbeat_ok(self) -> bool:
-        return not self._watchdog.lost
+    def health(self) -> LinkHealth:
+        """What the link has seen of its agent so far (a snapshot)."""
+        return LinkHealth(
+            malformed=self._state.malformed, bytes_received=self._state.bytes_in,
+            messages=self._state.messages, flood_dropped=self._flood.dropped_lines,
+            flood_dropped_bytes=self._flood.dropped_bytes,
+            events_dropped=self._flood.events_dropped, problems=self._problems.counts,
+            dropped=self._dispatcher.dropped, reader_alive=self._reader.alive,
+            last_heartbeat=self._watchdog.last, heartbeat_ok=not self._watchdog.lost,
+            lost_reason=self._state.lost_reason)
 
     @property
     def closed(self) -> bool:
         return self._state.closed
-
-    @property
-    def lost_reason(self) -> str | None:
-        """Why the link ended on its own (the channel closed), if it did."""
-        return self._state.lost_reason
 
     # -- requests --------------------------------------------------------------------------
 
@@ -236,6 +218,12 @@ class AgentLink:
         (tcp_connect) it is also that timeout unless `args` give one. ZoneError when the
         probe cannot run (unknown kind, bad arguments) or no answer comes in time."""
         return self._commands.probe(kind, {**(args or {}), **kwargs}, timeout)
+
+    def admin(self, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        """Have the agent carry out administration request `op` (guest_agent.protocol
+        ADMIN_FIELDS: scrub, link_down, remount_ro, nproc) and return its result fields
+        (ADMIN_RESULTS). ZoneError naming what went wrong when the agent could not."""
+        return self._commands.admin(op, fields, timeout)
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the agent and back, seconds."""

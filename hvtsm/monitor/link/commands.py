@@ -176,6 +176,14 @@ class Commands:
         result: dict[str, Any] = reply["result"]
         return result
 
+    def admin(self, op: str, fields: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        mid = self._state.new_id("a")
+        reply = self.ask({"type": "admin", "id": mid, "op": op, **plain(dict(fields))},
+                         "admin_result", timeout,
+                         late=f"no answer to the {op} request within {timeout:g} s",
+                         failed=f"{op} failed in the guest")
+        return {k: v for k, v in reply.items() if k not in ("type", "id", "seq", "ok")}
+
     def ping(self, timeout: float) -> float:
         pid = self._state.new_id("k")
         began = time.monotonic()

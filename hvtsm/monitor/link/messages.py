@@ -60,7 +60,8 @@ class Dispatcher:
             "hello": self._on_hello, "heartbeat": self._on_heartbeat,
             "started": self._on_started, "standby_ready": self._on_standby_ready,
             "output": self._on_output, "exit": self._on_exit,
-            "probe_result": self._on_probe_result, "error": self._on_error,
+            "probe_result": self._on_probe_result, "admin_result": self._on_probe_result,
+            "error": self._on_error,
             "event": self._on_event, "channel_send": self._on_channel,
             "channel_ack": self._on_channel}
 
@@ -228,9 +229,10 @@ class Dispatcher:
         work.exited(status)
 
     def _on_probe_result(self, msg: Message, now: float, read_at: float) -> None:
-        error = None if msg["ok"] else clip(msg["error"])
+        """A probe's or an admin request's answer: ok, or the agent's error text."""
+        error = None if msg["ok"] else clip(str(msg.get("error") or "failed"))
         if not self._answer(msg["id"], msg, error):
-            log.debug("late probe result %s", short(msg["id"]))
+            log.debug("late %s %s", msg["type"], short(msg["id"]))
 
     def _on_error(self, msg: Message, now: float, read_at: float) -> None:
         mid = msg.get("id")
