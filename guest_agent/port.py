@@ -101,6 +101,41 @@ class Port(abc.ABC):
     def write(self, data: bytes, generation: int, stop: threading.Event) -> None:
         """All of `data` to the host of this generation, or Disconnected."""
 
+    def _write_fd(self, fd_of: Callable[[], int | None],
+                  send: Callable[[memoryview], int], data: bytes, generation: int,
+                  stop: threading.Event) -> None:
+        """Write all of `data` through non-blocking `send`, waiting for POLLOUT in between;
+        each send happens under the port lock after checking the generation, so a message of
+        a lost connection never goes to its successor."""
+        view = memoryview(data)
+        while view:
+            if stop.is_set():
+                raise Stopped()
+            with self._lock:
+                if not self.connected or self.generation != generation:
+                    raise Disconnected()
+                try:
+                    n = send(view)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as e:
+                    raise Disconnected() from e
+            if n:
+                view = view[n:]
+                continue
+            fd = fd_of()
+            if fd is None or fd < 0:
+                raise Disconnected()
+            try:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                events = poller.poll(500)
+            except (OSError, ValueError) as e:
+                raise Disconnected() from e
+            if events and events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL) \
+                    and not events[0][1] & select.POLLOUT:
+                raise Disconnected()
+
     def _set_connected(self) -> int:
         with self._changed:
             self.generation += 1
@@ -122,42 +157,6 @@ class Port(abc.ABC):
 
     def close(self) -> None:  # noqa: B027  (a hook: ports holding nothing keep it empty)
         """Release everything."""
-
-
-def _write_fd(port: Port, fd_of: Callable[[], int | None],
-              send: Callable[[memoryview], int], data: bytes, generation: int,
-              stop: threading.Event) -> None:
-    """Write all of `data` through non-blocking `send`, waiting for POLLOUT in between;
-    each send happens under the port lock after checking the generation, so a message of
-    a lost connection never goes to its successor."""
-    view = memoryview(data)
-    while view:
-        if stop.is_set():
-            raise Stopped()
-        with port._lock:
-            if not port.connected or port.generation != generation:
-                raise Disconnected()
-            try:
-                n = send(view)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                raise Disconnected() from e
-        if n:
-            view = view[n:]
-            continue
-        fd = fd_of()
-        if fd is None or fd < 0:
-            raise Disconnected()
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            events = poller.poll(500)
-        except (OSError, ValueError) as e:
-            raise Disconnected() from e
-        if events and events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL) \
-                and not events[0][1] & select.POLLOUT:
-            raise Disconnected()
 
 
 class DevicePort(Port):
@@ -243,7 +242,7 @@ class DevicePort(Port):
 
     def write(self, data: bytes, generation: int, stop: threading.Event) -> None:
         try:
-            _write_fd(self, lambda: self.fd, lambda v: os.write(self.fd, v), data,
+            self._write_fd(lambda: self.fd, lambda v: os.write(self.fd, v), data,
                       generation, stop)
         except Disconnected:
             if self._hup():
@@ -329,7 +328,7 @@ class UnixPort(Port):
             return sock.send(view)
 
         try:
-            _write_fd(self, self._fd, send, data, generation, stop)
+            self._write_fd(self._fd, send, data, generation, stop)
         except Disconnected:
             self.lost(generation)
             raise

@@ -7,9 +7,10 @@ accumulated `Restrictions`, so applying one twice is harmless.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from hvtsm.units import format_cpuset, format_size
 
@@ -152,6 +153,11 @@ class Restrictions:
                                       f"'{self.filesystem}'"))
         return out
 
+    def with_field(self, name: str, value: object) -> Restrictions:
+        """These restrictions with field `name` set to `value` (None included: a driver
+        records each field as it puts it in force)."""
+        return replace(self, **{name: value})  # type: ignore[arg-type]
+
     def tighter(self, other: Restrictions) -> Restrictions:
         """Each field at the tighter of these and `other`: what a transient zone may do is
         never more than its parent may."""
@@ -200,17 +206,18 @@ class Restrictions:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Restrictions:
+    def from_json(cls, data: Mapping[str, Any]) -> Restrictions:
+        """What `to_json` wrote (the store's own rows: trusted, not validated again)."""
         egress = data.get("egress")
         cpus = data.get("cpus")
         return cls(
             network=NetworkMode(str(data.get("network", "full"))),
-            egress=None if egress is None else tuple(EgressRule.parse(str(e)) for e in egress),  # type: ignore[union-attr]
-            cpu_shares=data.get("cpu_shares"),  # type: ignore[arg-type]
-            cpu_quota=data.get("cpu_quota"),  # type: ignore[arg-type]
-            cpus=None if cpus is None else frozenset(int(c) for c in cpus),  # type: ignore[union-attr]
-            memory=data.get("memory"),  # type: ignore[arg-type]
-            pids=data.get("pids"),  # type: ignore[arg-type]
+            egress=None if egress is None else tuple(EgressRule.parse(str(e)) for e in egress),
+            cpu_shares=data.get("cpu_shares"),
+            cpu_quota=data.get("cpu_quota"),
+            cpus=None if cpus is None else frozenset(int(c) for c in cpus),
+            memory=data.get("memory"),
+            pids=data.get("pids"),
             filesystem=FilesystemMode(str(data.get("filesystem", "rw"))),
         )
 

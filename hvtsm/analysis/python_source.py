@@ -304,7 +304,7 @@ def _callees(calls: Iterable[ast.Call], owner: str | None, prefix: str,
         target = _call_target(node.func, owner, prefix, r)
         if target is not None and target not in known:
             target += ".__init__"  # a class: its constructor runs
-        if target in known and target not in out:
+        if target is not None and target in known and target not in out:
             out.append(target)
     return out
 

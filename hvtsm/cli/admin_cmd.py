@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from hvtsm import cleanup
 from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
@@ -97,7 +97,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                              hint="`hvtsm zones --all` lists them")
         trail = zone_trail(session, zone_id=zone.id)
         kids = list(session.exec(select(Zone).where(Zone.parent_id == zone.id)
-                                 .order_by(Zone.created_at)))
+                                 .order_by(col(Zone.created_at))))
     if args.json:
         for e in trail:
             print(json.dumps({"ts": iso(e.ts), "kind": e.kind, **e.data}))

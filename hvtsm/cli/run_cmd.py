@@ -176,9 +176,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
             adopted = manager.start(adopt=True)
             runs = [manager.zones[z] for z in adopted]
             for run in runs:
-                printer.started[run.zone_id] = run.started_at
+                started = run.started_at or time.time()
+                printer.started[run.zone_id] = started
                 if args.json:
-                    emit_json("adopt", run.started_at, zone=run.zone_id,
+                    emit_json("adopt", started, zone=run.zone_id,
                               pending=sorted(run.pending))
                 else:
                     say(f"hvtsm: adopted zone {run.zone_id} ({len(run.pending)} transition(s) "

@@ -35,7 +35,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -524,7 +524,7 @@ def _make_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(lock: Path):
+def _locked(lock: Path) -> Iterator[None]:
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

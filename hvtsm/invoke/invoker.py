@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypedDict, cast
 
 from sqlmodel import col, select
 
@@ -126,6 +126,17 @@ class InvokeResult:
         }
 
 
+class _Launch(TypedDict):
+    """What every launch of an invocation passes, warm or cold."""
+
+    io: WorkloadIO
+    user: str
+    scale: float
+    name: str
+    group: str
+    env: dict[str, str]
+
+
 class Invoker:
     """See the module docstring. `manager` must drive the backends requests ask for;
     `pool` serves libvirt requests warm (None: every request boots cold)."""
@@ -190,8 +201,8 @@ class Invoker:
         if backend is Backend.LIBVIRT and self.pool is not None and request.warm:
             lease = self.pool.acquire(key, initial)
         timings["claim"] = _ms(t0)
-        launch = dict(io=io, user=request.user, scale=scale, name=code_path.name, group=group,
-                      env={"HVTSM_INVOKE": group})
+        launch = _Launch(io=io, user=request.user, scale=scale, name=code_path.name,
+                         group=group, env={"HVTSM_INVOKE": group})
         run: ZoneRun | None = None
         if lease is not None:
             pool, leased = self.pool, lease
@@ -244,7 +255,7 @@ class Invoker:
         return result
 
     def _launch_cold(self, policy: Policy, argv: list[str], backend: Backend,
-                     request_dir: Path, user: str, launch: dict[str, Any]) -> ZoneRun:
+                     request_dir: Path, user: str, launch: _Launch) -> ZoneRun:
         driver = self.manager.drivers.get(backend)
         if driver is None:
             raise InvokeError(f"this invoker has no {backend} driver",

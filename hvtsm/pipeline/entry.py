@@ -54,7 +54,7 @@ def read_chain(path: Path, source: str, entry: str = "main") -> Chain:
         raise AnalysisError(f"{entry}() may only take plain positional parameters",
                             file=str(path), line=node.lineno, hint=_HINT)
     params = tuple(a.arg for a in args.args)
-    return _Reader(path, functions, entry, params).read(node)
+    return _Reader(path, dict(functions), entry, params).read(node)
 
 
 class _Reader:

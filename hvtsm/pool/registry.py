@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import update
@@ -51,7 +52,7 @@ def add_booting(store: Store, guest_id: str, key: PoolKey, memory: int) -> None:
         record(session, guest_id, "booting", f"for {key}, memory {memory}")
 
 
-def mark_idle(store: Store, guest_id: str, state: dict[str, Any], base: Restrictions, *,
+def mark_idle(store: Store, guest_id: str, state: Mapping[str, Any], base: Restrictions, *,
               hold: bool, detail: str) -> None:
     """The guest is ready for a request. `hold`: this process keeps its agent link."""
     with store.session() as session:
@@ -80,7 +81,7 @@ def claim(store: Store, key: PoolKey, *, zone_hint: str | None = None) -> WarmGu
             r.id for r in rows if r.holder != mine and not holder_alive(r.holder)]
     for guest_id in candidates:
         with store.session() as session:
-            result = session.exec(  # type: ignore[call-overload]
+            result = session.exec(
                 update(WarmGuest)
                 .where(col(WarmGuest.id) == guest_id, col(WarmGuest.state) == GuestState.IDLE)
                 .values(state=GuestState.BUSY, holder=mine, claimed_at=time.time(),
@@ -96,7 +97,7 @@ def claim(store: Store, key: PoolKey, *, zone_hint: str | None = None) -> WarmGu
 def claim_one(store: Store, guest_id: str) -> bool:
     """Take this idle guest (to drain or retire it); False if it is not idle any more."""
     with store.session() as session:
-        result = session.exec(  # type: ignore[call-overload]
+        result = session.exec(
             update(WarmGuest)
             .where(col(WarmGuest.id) == guest_id, col(WarmGuest.state) == GuestState.IDLE)
             .values(state=GuestState.BUSY, holder=me(), claimed_at=time.time()))

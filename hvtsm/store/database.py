@@ -93,7 +93,7 @@ def _add_new_columns(engine: Engine) -> None:
             if column.name in have:
                 continue
             kind = column.type.compile(dialect=engine.dialect)
-            default = column.default.arg if column.default is not None else None
+            default = getattr(column.default, "arg", None)
             clause = f" DEFAULT '{default}'" if isinstance(default, str) else ""
             with engine.begin() as conn:
                 conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN '

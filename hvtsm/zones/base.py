@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from hvtsm.restrictions import Restrictions
 
@@ -104,6 +104,15 @@ class ZoneHandle(Generic[S]):
     backend: Backend
     state: S
     applied: Restrictions = field(default_factory=Restrictions)
+
+
+T = TypeVar("T")
+
+
+def narrowed(handle: ZoneHandle[Any], kind: type[T]) -> ZoneHandle[T] | None:  # type: ignore[type-var]
+    """The handle typed by its state's class when its state is a `kind` (a driver's
+    handles of zones and of transient zones carry different states), else None."""
+    return cast("ZoneHandle[T]", handle) if isinstance(handle.state, kind) else None  # type: ignore[type-var]
 
 
 class Workload(Protocol):

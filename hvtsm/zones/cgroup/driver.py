@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from hvtsm.errors import HvtsmError, ZoneError
@@ -36,6 +36,7 @@ from hvtsm.zones.base import (
     ZoneHandle,
     ZoneSpec,
     ZoneStats,
+    narrowed,
 )
 from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, nft
 from hvtsm.zones.cgroup import transient as transient_zones
@@ -236,8 +237,7 @@ class CgroupDriver:
         for child in sorted(cgroupfs.children(self.caps, zone_id)):
             # transient zones first: a cgroup with children cannot be removed
             sub = cgroupfs.child_cgroup(self.caps, zone_id, child)
-            step(lambda c=sub: transient_zones.end(c),  # type: ignore[misc]
-                 lambda c=sub: _cgroup_would(c))  # type: ignore[misc]
+            step(partial(transient_zones.end, sub), partial(_cgroup_would, sub))
         if cgroup.exists():
             step(lambda: _kill(cgroup), lambda: _procs_would(cgroup))
             step(cgroup.remove, lambda: [f"cgroup {d}" for d in cgroup.dirs() if d.exists()])
@@ -251,15 +251,16 @@ class CgroupDriver:
     # -- tightening -----------------------------------------------------------------------
 
     def apply(self, handle: Handle, restrictions: Restrictions) -> ApplyReport:
-        state = handle.state
-        if isinstance(state, CgroupTransientState):
-            return self.transients.apply(handle, restrictions)  # type: ignore[arg-type]
+        transient = narrowed(handle, CgroupTransientState)
+        if transient is not None:
+            return self.transients.apply(transient, restrictions)
+        state = self._zone_state(handle)
         old = handle.applied
         changed = restrictions.changes_from(old)
         notes: list[str] = []
 
         def done(name: str, value: object) -> None:
-            handle.applied = replace(handle.applied, **{name: value})  # type: ignore[arg-type]
+            handle.applied = handle.applied.with_field(name, value)
 
         # the network first: cutting it is what a tightening most often exists for
         if (restrictions.network, restrictions.egress) != (old.network, old.egress):

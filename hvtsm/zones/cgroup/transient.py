@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from hvtsm.errors import HvtsmError, ZoneError
@@ -98,7 +97,7 @@ class CgroupTransients:
         notes: list[str] = []
 
         def done(name: str, value: object) -> None:
-            handle.applied = replace(handle.applied, **{name: value})  # type: ignore[arg-type]
+            handle.applied = handle.applied.with_field(name, value)
 
         cgroup = self.cgroup(handle.state, handle.zone_id)
         if cgroup.version == 1:

@@ -38,6 +38,7 @@ from hvtsm.zones.base import (
     ZoneHandle,
     ZoneSpec,
     ZoneStats,
+    narrowed,
 )
 from hvtsm.zones.libvirt import guests as guest_names
 from hvtsm.zones.libvirt.admin import GuestAdmin
@@ -101,7 +102,7 @@ class LibvirtDriver:
                 _require_monitoring(state.agent.get("capabilities", ()), zone_id)
                 state.monitor = dict(spec.monitor)
             # the same code path as a later phase: one way to put limits on a guest
-            self.tightener.apply(handle, initial, first=True)  # type: ignore[arg-type]
+            self.tightener.apply(_zone(handle), initial, first=True)
         except BaseException:
             self.guests.teardown(zone_id)
             raise
@@ -138,10 +139,11 @@ class LibvirtDriver:
         return work
 
     def terminate(self, handle: Handle) -> None:
-        state = handle.state
-        if isinstance(state, GuestTransientState):
-            self.transients.terminate(self.guests.link_of_zone(state.parent), handle)
+        transient = narrowed(handle, GuestTransientState)
+        if transient is not None:
+            self.transients.terminate(self._parent_link(transient), transient)
             return
+        state = _zone_state(handle)
         remote = self._workloads.get(handle.zone_id)
         self._envs.pop(handle.zone_id, None)
         # a dump only when the zone is ended under a running workload (policy, reaction,
@@ -169,43 +171,45 @@ class LibvirtDriver:
         state.nic = False
 
     def freeze(self, handle: Handle) -> None:
-        state = handle.state
-        if isinstance(state, GuestTransientState):
-            self.transients.act(self.guests.link_of_zone(state.parent), handle, "freeze")
+        transient = narrowed(handle, GuestTransientState)
+        if transient is not None:
+            self.transients.act(self._parent_link(transient), transient, "freeze")
         else:
-            dom = self.guests.domain(state.domain, handle.zone_id)
+            dom = self.guests.domain(_zone_state(handle).domain, handle.zone_id)
             if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
                 dom.suspend()
-        state.frozen = True
+        handle.state.frozen = True
 
     def thaw(self, handle: Handle) -> None:
-        state = handle.state
-        if isinstance(state, GuestTransientState):
-            self.transients.act(self.guests.link_of_zone(state.parent), handle, "thaw")
+        transient = narrowed(handle, GuestTransientState)
+        if transient is not None:
+            self.transients.act(self._parent_link(transient), transient, "thaw")
         else:
-            dom = self.guests.domain(state.domain, handle.zone_id)
+            dom = self.guests.domain(_zone_state(handle).domain, handle.zone_id)
             if dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()
-        state.frozen = False
+        handle.state.frozen = False
 
     def stats(self, handle: Handle) -> ZoneStats:
-        state = handle.state
-        if isinstance(state, GuestTransientState):
-            return self.transients.stats(self.guests.link_of_zone(state.parent), handle)
-        dom = self.guests.domain(state.domain, handle.zone_id)
+        transient = narrowed(handle, GuestTransientState)
+        if transient is not None:
+            return self.transients.stats(self._parent_link(transient), transient)
+        dom = self.guests.domain(_zone_state(handle).domain, handle.zone_id)
         info = dom.info()
         rss = dom.memoryStats().get("rss")
         return ZoneStats(procs=info[3], memory_bytes=None if rss is None else rss * 1024,
                          cpu_usage_ns=info[4], frozen=info[0] == libvirt.VIR_DOMAIN_PAUSED)
 
     def apply(self, handle: Handle, restrictions: Restrictions) -> ApplyReport:
-        state = handle.state
-        if isinstance(state, GuestTransientState):
-            return self.transients.apply(self.guests.link_of_zone(state.parent), handle,
+        transient = narrowed(handle, GuestTransientState)
+        if transient is not None:
+            return self.transients.apply(self._parent_link(transient), transient,
                                          restrictions)
+        zone = _zone(handle)
+        state = zone.state
         remote = self._workloads.get(handle.zone_id)
         changed = restrictions.changes_from(handle.applied)
-        report = self.tightener.apply(handle, restrictions,  # type: ignore[arg-type]
+        report = self.tightener.apply(zone, restrictions,
                                       workload_pid=remote.pid if remote else None)
         if state.monitor is not None and remote is not None and changed:
             # the agent judges connects against the allow-list in force now
@@ -221,9 +225,9 @@ class LibvirtDriver:
         state = self.guests.boot(guest, guest, net_index, baseline, user=None,
                                  memory_dump=False)
         state.pooled = True
-        handle: Handle = ZoneHandle(guest, self.backend, state, Restrictions())
+        handle = ZoneHandle(guest, self.backend, state, Restrictions())
         try:
-            self.tightener.apply(handle, baseline, first=True)  # type: ignore[arg-type]
+            self.tightener.apply(handle, baseline, first=True)
         except BaseException:
             self.guests.teardown(guest)
             raise
@@ -307,6 +311,9 @@ class LibvirtDriver:
         self.transients.refuse(self.guests.link(state.guest), parent.zone_id, state, request,
                                reason)
 
+    def _parent_link(self, handle: ZoneHandle[GuestTransientState]) -> AgentLink | None:
+        return self.guests.link_of_zone(handle.state.parent)
+
     def channel_link(self, zone_id: str) -> AgentLink | None:
         """The link a zone's channel messages travel on (None: none, or closed)."""
         link = self.guests.link_of_zone(zone_id)
@@ -376,6 +383,13 @@ class LibvirtDriver:
             self._envs[handle.zone_id] = dict(spec.env)
         if spec.channel is not None:
             state.channel_name = spec.channel
+
+
+def _zone(handle: ZoneHandle[Any]) -> ZoneHandle[GuestZoneState]:
+    zone = narrowed(handle, GuestZoneState)
+    if zone is None:
+        raise ZoneError("a transient zone has no guest of its own", zone_id=handle.zone_id)
+    return zone
 
 
 def _zone_state(handle: ZoneHandle[Any]) -> GuestZoneState:

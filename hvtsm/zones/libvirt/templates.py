@@ -21,10 +21,14 @@ import re
 import uuid as uuidlib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeAlias
 
 from lxml import etree
 
 from hvtsm.errors import TemplateError
+
+#: lxml's element type, under the name its own stubs and docs give it
+Element: TypeAlias = etree._Element
 
 TEMPLATE_NS = "urn:hvtsm:template:1"
 AGENT_CHANNEL = "org.hvtsm.agent.0"
@@ -147,7 +151,7 @@ def _schema() -> etree.RelaxNG | None:
         return None
 
 
-def _check_schema(root: etree._Element, file: str, what: str) -> None:
+def _check_schema(root: Element, file: str, what: str) -> None:
     schema = _schema()
     if schema is None or schema.validate(root):
         return
@@ -158,12 +162,12 @@ def _check_schema(root: etree._Element, file: str, what: str) -> None:
                         f"{where}{detail}", file=file)
 
 
-def template_kind(root: etree._Element) -> str:
+def template_kind(root: Element) -> str:
     marker = root.find(_MARKER, _NSMAP)
     return "" if marker is None else marker.get("kind", "")
 
 
-def load_template(name: str, *, templates_dir: Path | None = None) -> etree._Element:
+def load_template(name: str, *, templates_dir: Path | None = None) -> Element:
     """Parse and check a template; the element is a fresh copy the caller may change."""
     path = template_path(name, templates_dir=templates_dir)
     file = str(path)
@@ -197,7 +201,7 @@ def load_template(name: str, *, templates_dir: Path | None = None) -> etree._Ele
 
 # -- rendering --------------------------------------------------------------------------------
 def render(name: str, params: DomainParams, *,
-           templates_dir: Path | None = None) -> etree._Element:
+           templates_dir: Path | None = None) -> Element:
     """The template filled with `params`, checked against libvirt's schema."""
     root = load_template(name, templates_dir=templates_dir)
     file = str(template_path(name, templates_dir=templates_dir))
@@ -235,26 +239,27 @@ def render(name: str, params: DomainParams, *,
     return root
 
 
-def to_xml(element: etree._Element) -> str:
+def to_xml(element: Element) -> str:
     """The domain as text for libvirt (pretty-printed, no XML declaration)."""
-    return etree.tostring(element, encoding="unicode", pretty_print=True)
+    text: str = etree.tostring(element, encoding="unicode", pretty_print=True)
+    return text
 
 
-def _one(root: etree._Element, path: str) -> etree._Element:
+def _one(root: Element, path: str) -> Element:
     return root.xpath(path, namespaces=_NSMAP)[0]
 
 
-def _text(root: etree._Element, path: str, value: str) -> None:
+def _text(root: Element, path: str, value: str) -> None:
     root.find(path).text = value
 
 
-def _memory(element: etree._Element, kib: int) -> None:
+def _memory(element: Element, kib: int) -> None:
     element.set("unit", "KiB")
     element.text = str(kib)
 
 
-def _child(parent: etree._Element, tag: str, *, first: bool = False,
-           after: str | None = None) -> etree._Element:
+def _child(parent: Element, tag: str, *, first: bool = False,
+           after: str | None = None) -> Element:
     """The parent's <tag>, created (first, after <after>, or last) when missing."""
     found = parent.find(tag)
     if found is not None:
@@ -270,7 +275,7 @@ def _child(parent: etree._Element, tag: str, *, first: bool = False,
     return element
 
 
-def _cpu(root: etree._Element, accel: str) -> None:
+def _cpu(root: Element, accel: str) -> None:
     cpu = root.find("./cpu")
     if accel == "kvm":
         if cpu is None:
@@ -283,7 +288,7 @@ def _cpu(root: etree._Element, accel: str) -> None:
         root.remove(cpu)
 
 
-def _emulator(root: etree._Element, emulator: str | None) -> None:
+def _emulator(root: Element, emulator: str | None) -> None:
     element = root.find("./devices/emulator")
     if emulator is None:
         if element is not None:
@@ -327,10 +332,10 @@ def _check_params(p: DomainParams, kind: str, file: str) -> None:
             raise bad("cmdline", "a lab domain needs a kernel command line")
     else:
         paths += ["disk_image", "base_image", "seed_image"]
-    for f in paths:
-        value = getattr(p, f)
+    for name in paths:
+        value = getattr(p, name)
         if not value or not str(value).startswith("/"):
-            raise bad(f, f"{value!r} must be an absolute path")
+            raise bad(name, f"{value!r} must be an absolute path")
     if len(os.fsencode(p.channel_path)) > MAX_SOCKET_PATH:
         raise bad("channel_path", f"{p.channel_path!r} is longer than a unix socket path "
                   f"may be ({MAX_SOCKET_PATH} bytes)")

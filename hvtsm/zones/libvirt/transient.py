@@ -98,7 +98,7 @@ class GuestTransients:
               **fields: Any) -> dict[str, Any]:
         if link is None or link.closed:
             raise ZoneError(f"no agent link to {op} the transient zone", zone_id=zone_id)
-        event, answer = threading.Event(), {}
+        event, answer = threading.Event(), dict[str, Any]()
         with self._lock:
             self._waiting[(zone_id, op)] = (event, answer)
         try:

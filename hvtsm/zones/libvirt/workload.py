@@ -32,7 +32,7 @@ class GuestWorkload:
         return self.remote.stderr
 
     def poll(self) -> int | None:
-        status = self.remote.poll()
+        status: int | None = self.remote.poll()
         if status is None and self.domain_gone.is_set():
             return KILLED
         return status
