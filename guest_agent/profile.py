@@ -1,5 +1,8 @@
 """A workload's monitoring profile (the ``monitor`` object of ``start`` and ``profile``
-messages, protocol.PROFILE_FIELDS): validation and the verdicts the monitor asks of it.
+messages): each field declared once (`setting`: kind, default, meaning, and whether a
+policy sets it), its validation, and the verdicts the monitor asks of it. The protocol's
+documentation (`PROFILE_FIELDS`) and the policy loader's [anomaly] fields (`POLICY_FIELDS`)
+are read from these declarations.
 
 Globs: ``*`` and ``?`` stay within one path component, ``**`` spans directories (``/a/**``
 matches everything below /a, ``/a/**/b`` also /a/b). sensitive_paths must be absolute; an
@@ -9,12 +12,13 @@ exec glob that does not start with ``/`` matches at any depth (``*/sh`` is any `
 from __future__ import annotations
 
 import ipaddress
+import math
 import posixpath
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
-from guest_agent.protocol import CODE_PATH_TRIGGERS, PROFILE_FIELDS
+from guest_agent.protocol import CODE_PATH_TRIGGERS
 from guest_agent.syscalls import numbers
 
 NETWORKS = ("full", "loopback", "none")
@@ -31,7 +35,13 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class ProfileError(ValueError):
-    """A profile that cannot be used; the text names the field."""
+    """A profile that cannot be used; `field` names the field (None: the profile itself),
+    and the text says "monitor.FIELD: what is wrong"."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"monitor.{field}: {message}" if field else f"monitor: {message}")
 
 
 _GLOB_CACHE: dict[str, re.Pattern[str]] = {}
@@ -167,28 +177,28 @@ class TransientWatch:
         if d is None or d == {}:
             return None
         if not isinstance(d, dict):
-            raise ProfileError("monitor.transient: must be an object")
+            raise ProfileError("must be an object", field="transient")
         for key in d:
             if key not in ("triggers", "expect_exec", "hold_timeout"):
-                raise ProfileError(f"monitor.transient.{key}: unknown field (known: "
-                                   "expect_exec, hold_timeout, triggers)")
+                raise ProfileError("unknown field (known: expect_exec, hold_timeout, triggers)",
+                                   field=f"transient.{key}")
         values: dict[str, Any] = {}
         for name in ("triggers", "expect_exec"):
             v = d.get(name, [])
             if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x
                                                             for x in v):
-                raise ProfileError(f"monitor.transient.{name}: must be a list of non-empty "
-                                   "strings")
+                raise ProfileError("must be a list of non-empty strings",
+                                   field=f"transient.{name}")
             values[name] = tuple(dict.fromkeys(v))
         for t in values["triggers"]:
             if t not in CODE_PATH_TRIGGERS:
-                raise ProfileError(f"monitor.transient.triggers: {t!r} is not one of "
-                                   + ", ".join(CODE_PATH_TRIGGERS))
+                raise ProfileError(f"{t!r} is not one of " + ", ".join(CODE_PATH_TRIGGERS),
+                                   field="transient.triggers")
         hold = d.get("hold_timeout", DEFAULT_HOLD)
         if isinstance(hold, bool) or not isinstance(hold, (int, float)) \
                 or not 0 < hold <= MAX_HOLD:
-            raise ProfileError(f"monitor.transient.hold_timeout: must be a number in "
-                               f"(0, {MAX_HOLD:g}] seconds")
+            raise ProfileError(f"must be a number in (0, {MAX_HOLD:g}] seconds",
+                               field="transient.hold_timeout")
         if not values["triggers"]:
             return None
         return cls(values["triggers"], values["expect_exec"], float(hold))
@@ -209,24 +219,55 @@ class TransientWatch:
         return bool(real) and first_match(self.expect_exec, normalize(real)) is not None
 
 
+def setting(kind: str, default: Any, doc: str, *, policy: bool = False) -> Any:
+    """A profile field, declared once: its kind (which `from_dict` checks), its default,
+    what it means (the protocol's documentation, `PROFILE_FIELDS`), and whether a policy's
+    [anomaly] table sets it (`POLICY_FIELDS`; the others come from the phase in force or
+    the agent itself)."""
+    return field(default=default, metadata={"kind": kind, "doc": doc, "policy": policy})
+
+
 @dataclass(frozen=True)
 class Profile:
-    deny_syscalls: tuple[str, ...] = ()
-    sensitive_paths: tuple[str, ...] = ()
-    allow_exec: tuple[str, ...] = ()
-    deny_exec: tuple[str, ...] = ()
-    shells: tuple[str, ...] = DEFAULT_SHELLS
-    network: str = "full"
-    egress: tuple[str, ...] = ()
-    max_forks_per_s: float = 0
-    max_processes: float = 0
-    max_syscalls_per_s: float = 0
-    max_new_files_per_s: float = 0
-    memory_spike_mib_per_s: float = 0
-    contain: str = "kill"
-    drops_are_anomalies: bool = True
-    sample_interval: float = 0.2
-    transient: TransientWatch | None = None
+    deny_syscalls: tuple[str, ...] = setting(
+        "syscalls", (), "syscall names whose every call is an anomaly", policy=True)
+    sensitive_paths: tuple[str, ...] = setting(
+        "paths", (), "absolute path globs (* within a name, ** across directories)",
+        policy=True)
+    allow_exec: tuple[str, ...] = setting(
+        "globs", (), "globs of programs that may be exec'd (empty: any not denied)",
+        policy=True)
+    deny_exec: tuple[str, ...] = setting(
+        "globs", (), "globs of programs whose exec is an anomaly", policy=True)
+    shells: tuple[str, ...] = setting(
+        "globs", DEFAULT_SHELLS,
+        "globs of shells: exec'd with a socket on stdin/stdout is a reverse shell")
+    network: str = setting("network", "full", "full | loopback | none: the zone's network now")
+    egress: tuple[str, ...] = setting(
+        "egress", (), "allowed destinations now, as 'net[:port[-port]]' (empty: any when full)")
+    max_forks_per_s: float = setting(
+        "rate", 0, "process creations per second, counted at each sample (0: no limit)",
+        policy=True)
+    max_processes: float = setting(
+        "rate", 0, "processes alive at once in the zone, at each sample: a fork loop under a "
+        "slow CPU (0: no limit)", policy=True)
+    max_syscalls_per_s: float = setting(
+        "rate", 0, "read/write-family syscalls per second (0: no limit)", policy=True)
+    max_new_files_per_s: float = setting(
+        "rate", 0, "files created per second (0: no limit)", policy=True)
+    memory_spike_mib_per_s: float = setting(
+        "rate", 0, "resident memory growth per second (0: no limit)", policy=True)
+    contain: str = setting(
+        "contain", "kill", "none | deny | kill: what the agent does to the offending process",
+        policy=True)
+    drops_are_anomalies: bool = setting(
+        "bool", True, "lost or dropped monitoring events are an anomaly", policy=True)
+    sample_interval: float = setting(
+        "interval", 0.2, "seconds between two samples of the watched processes")
+    transient: TransientWatch | None = setting(
+        "transient", None, "{triggers: [exec|connect], expect_exec: [globs], hold_timeout: s}: "
+        "a program outside expect_exec (or a process's first connect) is held and reported "
+        "as a code-path event (empty or absent: off)")
 
     def __post_init__(self) -> None:
         # parsed once: verdicts run for every notified call
@@ -234,70 +275,20 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: Any) -> Profile:
-        """Validate `d` (a start/profile message's ``monitor``); ProfileError names the
-        first bad field."""
+        """Validate `d` (a start/profile message's ``monitor``, or a policy's [anomaly]
+        fields); ProfileError names the first bad field."""
         if not isinstance(d, dict):
-            raise ProfileError("monitor: must be an object")
+            raise ProfileError("must be an object")
         known = {f.name for f in fields(cls)}
         for key in d:
             if key not in known:
-                raise ProfileError("monitor.{}: unknown field (known: {})".format(
-                    key, ", ".join(sorted(known))))
+                raise ProfileError("unknown field (known: {})".format(
+                    ", ".join(sorted(known))), field=str(key))
         values: dict[str, Any] = {}
-        transient = TransientWatch.from_dict(d.get("transient"))
-        if transient is not None:
-            values["transient"] = transient
         for f in fields(cls):
-            if f.name not in d or f.name == "transient":
-                continue
-            v = d[f.name]
-            where = "monitor." + f.name
-            default = f.default
-            if isinstance(default, tuple):
-                if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-                    raise ProfileError(f"{where}: must be a list of strings")
-                values[f.name] = tuple(v)
-            elif isinstance(default, bool):
-                if not isinstance(v, bool):
-                    raise ProfileError(f"{where}: must be true or false")
-                values[f.name] = v
-            elif isinstance(default, (int, float)):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
-                        or v in (float("inf"), float("-inf")):
-                    raise ProfileError(f"{where}: must be a number")
-                if v < 0:
-                    raise ProfileError(f"{where}: must be >= 0")
-                values[f.name] = float(v) if isinstance(v, float) else v
-            else:
-                if not isinstance(v, str):
-                    raise ProfileError(f"{where}: must be a string")
-                values[f.name] = v
-        prof_kwargs = values
-        if prof_kwargs.get("network", "full") not in NETWORKS:
-            raise ProfileError("monitor.network: must be one of " + ", ".join(NETWORKS))
-        if prof_kwargs.get("contain", "kill") not in CONTAINS:
-            raise ProfileError("monitor.contain: must be one of " + ", ".join(CONTAINS))
-        interval = prof_kwargs.get("sample_interval", 0.2)
-        if not MIN_SAMPLE <= interval <= MAX_SAMPLE:
-            raise ProfileError(
-                f"monitor.sample_interval: must be between {MIN_SAMPLE} and {MAX_SAMPLE}")
-        try:
-            numbers(prof_kwargs.get("deny_syscalls", ()))
-        except ValueError as e:
-            raise ProfileError(f"monitor.deny_syscalls: {e}") from None
-        for p in prof_kwargs.get("sensitive_paths", ()):
-            if not p.startswith("/"):
-                raise ProfileError(f"monitor.sensitive_paths: {p!r} is not absolute")
-        for name in ("allow_exec", "deny_exec", "shells"):
-            for g in prof_kwargs.get(name, ()):
-                if not g:
-                    raise ProfileError(f"monitor.{name}: empty glob")
-        for rule in prof_kwargs.get("egress", ()):
-            try:
-                parse_egress(rule)
-            except ValueError as e:
-                raise ProfileError(f"monitor.egress: {e}") from None
-        return cls(**prof_kwargs)
+            if f.name in d:
+                values[f.name] = _check(str(f.metadata["kind"]), f.name, d[f.name])
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -355,8 +346,63 @@ class Profile:
         return f"connect to {shown} is outside the egress allow-list"
 
 
-# every protocol field is a Profile field (sample_interval is the agent's own addition)
-assert set(PROFILE_FIELDS) <= {f.name for f in fields(Profile)}
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+        raise ProfileError("must be a list of strings", field=name)
+    return tuple(value)
 
-__all__ = ["CONTAINS", "NETWORKS", "EgressRule", "Profile", "ProfileError", "TransientWatch",
-           "first_match", "glob_match", "glob_regex", "is_local", "normalize", "parse_egress"]
+
+def _check(kind: str, name: str, value: Any) -> Any:
+    """`value` of field `name` as the profile keeps it, or ProfileError saying why not."""
+    if kind in ("syscalls", "paths", "globs", "egress"):
+        items = _strings(name, value)
+        if kind == "syscalls":
+            try:
+                numbers(items)
+            except ValueError as e:
+                raise ProfileError(str(e), field=name) from None
+        for item in items:
+            if kind == "paths" and not item.startswith("/"):
+                raise ProfileError(f"{item!r} is not absolute", field=name)
+            if kind == "globs" and not item:
+                raise ProfileError("empty glob", field=name)
+            if kind == "globs" and not item.startswith(("/", "*")):
+                raise ProfileError(f"{item!r} must start with '/' (a path) or '*' (any "
+                                   "directory, like '*/sh')", field=name)
+            if kind == "egress":
+                try:
+                    parse_egress(item)
+                except ValueError as e:
+                    raise ProfileError(str(e), field=name) from None
+        return items
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ProfileError("must be true or false", field=name)
+        return value
+    if kind in ("rate", "interval"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ProfileError("must be a number", field=name)
+        if kind == "rate" and value < 0:
+            raise ProfileError("must be >= 0", field=name)
+        if kind == "interval" and not MIN_SAMPLE <= value <= MAX_SAMPLE:
+            raise ProfileError(f"must be between {MIN_SAMPLE} and {MAX_SAMPLE}", field=name)
+        return float(value) if isinstance(value, float) else value
+    if kind in ("network", "contain"):
+        choices = NETWORKS if kind == "network" else CONTAINS
+        if value not in choices:
+            raise ProfileError("must be one of " + ", ".join(choices), field=name)
+        return value
+    if kind == "transient":
+        return TransientWatch.from_dict(value)
+    raise AssertionError(f"profile field {name} has an unknown kind {kind}")
+
+
+#: field -> meaning (the protocol's documentation of ``start.monitor``/``profile.monitor``)
+PROFILE_FIELDS = {f.name: str(f.metadata["doc"]) for f in fields(Profile)}
+#: the fields a policy's [anomaly] table sets (the host adds the network ones per phase)
+POLICY_FIELDS = tuple(f.name for f in fields(Profile) if f.metadata["policy"])
+
+__all__ = ["CONTAINS", "NETWORKS", "POLICY_FIELDS", "PROFILE_FIELDS", "EgressRule", "Profile",
+           "ProfileError", "TransientWatch", "first_match", "glob_match", "glob_regex",
+           "is_local", "normalize", "parse_egress"]

@@ -61,12 +61,13 @@ agent -> host
 host -> agent
     start         id, argv[str]; optional env{str: str}, cwd, user (name or uid),
                   stdout (stream|discard), stderr (stream|discard|stdout: joined to stdout),
-                  monitor{} (a monitoring profile, see PROFILE_FIELDS: the workload's whole
-                  process tree is watched from before its first instruction), standby (the
-                  id of a prepared standby: it becomes the workload when it fits the request
-                  -- same user and program, streamed output, a filter that notifies all the
-                  profile needs -- else it is killed and the workload starts normally; the
-                  ``started`` says which and why; a standby serves one request only)
+                  monitor{} (a monitoring profile, see guest_agent.profile.PROFILE_FIELDS:
+                  the workload's whole process tree is watched from before its first
+                  instruction), standby (the id of a prepared standby: it becomes the
+                  workload when it fits the request -- same user and program, streamed
+                  output, a filter that notifies all the profile needs -- else it is killed
+                  and the workload starts normally; the ``started`` says which and why; a
+                  standby serves one request only)
     standby       id (the standby's), mode (STANDBY_MODES), monitor{}; optional user,
                   python (the interpreter of the loader, default python3), program (exec
                   mode: what requests run, e.g. /bin/sh). The agent starts ``python -c
@@ -189,29 +190,9 @@ ADMIN_RESULTS = {
     "nproc": ("pid", "limit", "previous"),
 }
 
-#: a monitoring profile (``start.monitor``, ``profile.monitor``): field -> meaning. The agent
-#: validates it (guest_agent.profile); unknown fields are refused there.
-PROFILE_FIELDS = {
-    "deny_syscalls": "syscall names whose every call is an anomaly",
-    "sensitive_paths": "absolute path globs (* within a name, ** across directories)",
-    "allow_exec": "globs of programs that may be exec'd (empty: any not denied)",
-    "deny_exec": "globs of programs whose exec is an anomaly",
-    "shells": "globs of shells: exec'd with a socket on stdin/stdout is a reverse shell",
-    "network": "full | loopback | none: the zone's network now",
-    "egress": "allowed destinations now, as 'net[:port[-port]]' (empty: any when full)",
-    "max_forks_per_s": "process creations per second, counted at each sample (0: no "
-                       "limit)",
-    "max_processes": "processes alive at once in the zone, at each sample: a fork loop "
-                     "under a slow CPU (0: no limit)",
-    "max_syscalls_per_s": "read/write-family syscalls per second (0: no limit)",
-    "max_new_files_per_s": "files created per second (0: no limit)",
-    "memory_spike_mib_per_s": "resident memory growth per second (0: no limit)",
-    "contain": "none | deny | kill: what the agent does to the offending process",
-    "drops_are_anomalies": "lost or dropped monitoring events are an anomaly",
-    "transient": "{triggers: [exec|connect], expect_exec: [globs], hold_timeout: s}: a "
-                 "program outside expect_exec (or a process's first connect) is held and "
-                 "reported as a code-path event (empty or absent: off)",
-}
+#: a monitoring profile (``start.monitor``, ``profile.monitor``) is declared, field by field,
+#: in guest_agent/profile.py (`Profile`; its meanings: `profile.PROFILE_FIELDS`), which also
+#: validates it: unknown fields are refused there.
 
 #: ``event`` kind ``anomaly``: data fields. category is one of ANOMALY_CATEGORIES. Optional
 #: beyond these: zone (ANOMALY_ZONE), the transient zone the process is in.

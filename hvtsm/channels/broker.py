@@ -56,6 +56,7 @@ REFUSED = "channel-refused"
 
 LinkOf = Callable[[str], AgentLink | None]
 AnomalySink = Callable[[str, AnomalyReport], None]
+RecordSink = Callable[[ChannelRecord], None]
 
 
 @dataclass
@@ -156,10 +157,14 @@ class _Member:
 
 
 class Broker:
-    def __init__(self, store: Store, *, link_of: LinkOf, anomaly: AnomalySink) -> None:
+    def __init__(self, store: Store, *, link_of: LinkOf, anomaly: AnomalySink,
+                 recorded: RecordSink | None = None) -> None:
+        """`recorded` hears of each message or refusal once its row is written (the
+        lifecycle announces it)."""
         self.store = store
         self._link_of = link_of
         self._anomaly = anomaly
+        self._recorded = recorded
         self._lock = threading.RLock()
         self._groups: dict[str, _Group] = {}
         self._members: dict[str, _Member] = {}
@@ -515,6 +520,15 @@ class Broker:
             log.exception("could not audit %d channel message(s)", len(records))
             if strict:
                 raise
+            return
+        recorded = self._recorded
+        if recorded is None:
+            return
+        for record in records:
+            try:
+                recorded(record)
+            except Exception:
+                log.exception("announcing a channel message failed")
 
     # -- the janitor -----------------------------------------------------------------------
 

@@ -97,8 +97,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps({
             "name": policy.name, "description": policy.description, "scale": scale,
             "timeline": rows,
-            "anomaly": {"deny_syscalls": list(policy.anomaly.deny_syscalls),
-                        "sensitive_paths": list(policy.anomaly.sensitive_paths),
+            "anomaly": {"deny_syscalls": list(policy.anomaly.watch.deny_syscalls),
+                        "sensitive_paths": list(policy.anomaly.watch.sensitive_paths),
                         "reaction": str(policy.anomaly.reaction),
                         "factor": policy.anomaly.factor},
             "segments": [{"role": s.role, "capabilities": list(s.capabilities),
@@ -111,9 +111,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(table(["PHASE", "AT", "TIGHTENS"], [
         [r["phase"], format_duration_ms(r["at_ms"]),
          ", ".join(f"{k} {v}" for k, v in r["tightens"].items())] for r in rows]))
-    rules = policy.anomaly
-    print(f"anomalies: deny syscalls {', '.join(rules.deny_syscalls) or '-'}; sensitive paths "
-          f"{', '.join(rules.sensitive_paths) or '-'}; reaction {rules.reaction}"
+    rules, watch = policy.anomaly, policy.anomaly.watch
+    print(f"anomalies: deny syscalls {', '.join(watch.deny_syscalls) or '-'}; sensitive paths "
+          f"{', '.join(watch.sensitive_paths) or '-'}; reaction {rules.reaction}"
           + (f" x{rules.factor:g}" if str(rules.reaction) == "accelerate" else ""))
     for s in policy.segments:
         match = ", ".join(filter(None, [f"role {s.role}" if s.role else "",

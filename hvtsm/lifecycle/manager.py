@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hvtsm.channels.audit import ChannelRecord
 from hvtsm.channels.broker import Broker
 from hvtsm.controllers import register_controller
 from hvtsm.lifecycle.adoption import Adoption
@@ -14,7 +15,7 @@ from hvtsm.lifecycle.core import Core
 from hvtsm.lifecycle.ending import Ending
 from hvtsm.lifecycle.inbox import Handlers, Inbox
 from hvtsm.lifecycle.launch import Create, Launcher
-from hvtsm.lifecycle.notices import Listener, Notifier
+from hvtsm.lifecycle.notices import ChannelNotice, Listener, Notifier
 from hvtsm.lifecycle.opening import Opener
 from hvtsm.lifecycle.phases import Phases
 from hvtsm.lifecycle.reactions import Reactions
@@ -55,7 +56,8 @@ class Manager:
         self._reactions = Reactions(core, self._ending, attribute=self._transients.attribute)
         self._launcher = Launcher(core, self._opener)
         self._adoption = Adoption(core, self._ending)
-        core.broker = Broker(store, link_of=self.channel_link, anomaly=self.events.anomaly)
+        core.broker = Broker(store, link_of=self.channel_link, anomaly=self.events.anomaly,
+                             recorded=self._channel_recorded)
         made = [factory(self.events) for factory in factories]
         core.drivers = {d.backend: d for d in made}
         self.driver: ZoneDriver = made[0]
@@ -195,6 +197,11 @@ class Manager:
                                                             evidence or {}))
 
     # -- wiring between parts --------------------------------------------------------------
+
+    def _channel_recorded(self, record: ChannelRecord) -> None:
+        self.notices.emit(ChannelNotice(record.sender_zone, record.ts, record.sender_name,
+                                        record.receiver_name, record.size, record.verdict,
+                                        record.reason))
 
     def _bound(self, run: ZoneRun, restrictions: Restrictions) -> Restrictions:
         return self._transients.bound(run, restrictions)

@@ -14,12 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from guest_agent.profile import POLICY_FIELDS, Profile, ProfileError
 from guest_agent.protocol import ANOMALY_CATEGORIES
 from hvtsm.errors import PolicyError
 from hvtsm.policy.model import (
     AnomalyRules,
     ChannelGrant,
-    Containment,
     Phase,
     Policy,
     Reaction,
@@ -39,15 +39,9 @@ _PHASE_FIELDS = (
     "at", "network", "egress", "cpu_shares", "cpu_quota", "cpus", "memory", "pids",
     "filesystem", "action",
 )
-_ANOMALY_FIELDS = (
-    "monitor", "deny_syscalls", "sensitive_paths", "allow_exec", "deny_exec",
-    "max_forks_per_s", "max_processes", "max_syscalls_per_s", "max_new_files_per_s",
-    "memory_spike_mib_per_s",
-    "contain", "drops_are_anomalies", "reaction", "factor", "escalate", "on",
-)
-_RATE_FIELDS = ("max_forks_per_s", "max_processes", "max_syscalls_per_s",
-                "max_new_files_per_s",
-                "memory_spike_mib_per_s")
+#: [anomaly]: the profile fields a policy sets (declared once, in guest_agent/profile.py)
+#: and the host's reactions
+_ANOMALY_FIELDS = ("monitor", *POLICY_FIELDS, "reaction", "factor", "escalate", "on")
 #: categories the host itself raises: about the agent link (hvtsm.monitor.anomalies), and a
 #: refused channel message (hvtsm.channels.broker)
 _LINK_CATEGORIES = ("agent-lost", "heartbeat-lost", "malformed-message", "message-flood",
@@ -324,38 +318,13 @@ class _Builder:
         monitor = table.get("monitor", True)
         if not isinstance(monitor, bool):
             raise self.fail("must be true or false", field="anomaly.monitor")
-        syscalls = _str_list(table.get("deny_syscalls", []))
-        if syscalls is None or not all(_SYSCALL_RE.match(s) for s in syscalls):
-            raise self.fail("must be a list of system call names like [\"ptrace\", "
-                            "\"init_module\"]", field="anomaly.deny_syscalls")
-        unknown = _unknown_syscalls(syscalls)
-        if unknown:
-            raise self.fail(f"unknown system call(s): {', '.join(unknown)}",
-                            field="anomaly.deny_syscalls",
-                            hint="names as in syscalls(2), e.g. \"finit_module\"")
-        globs = {}
-        for name in ("sensitive_paths", "allow_exec", "deny_exec"):
-            values = _str_list(table.get(name, []))
-            if values is None or not all(v.startswith(("/", "*")) for v in values):
-                raise self.fail("must be a list of absolute path globs ('*' within a name, "
-                                "'**' across directories)", field=f"anomaly.{name}")
-            globs[name] = tuple(values)
-        rates = {}
-        for name in _RATE_FIELDS:
-            value = table.get(name, 0)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise self.fail(f"{value!r} must be a number >= 0 (0: no limit)",
-                                field=f"anomaly.{name}")
-            rates[name] = float(value)
+        # what the agent watches for: the profile's own declaration checks it
         try:
-            contain = Containment(table.get("contain", "kill"))
-        except ValueError:
-            raise self.fail(f"{table.get('contain')!r} is not a containment; use one of: "
-                            + ", ".join(c.value for c in Containment),
-                            field="anomaly.contain") from None
-        drops = table.get("drops_are_anomalies", True)
-        if not isinstance(drops, bool):
-            raise self.fail("must be true or false", field="anomaly.drops_are_anomalies")
+            watch = Profile.from_dict({k: table[k] for k in POLICY_FIELDS if k in table})
+        except ProfileError as exc:
+            hint = "names as in syscalls(2), e.g. \"finit_module\"" \
+                if exc.field == "deny_syscalls" else None
+            raise self.fail(exc.message, field=f"anomaly.{exc.field}", hint=hint) from None
         reaction = self._reaction(table.get("reaction", "accelerate"), "anomaly.reaction")
         factor = table.get("factor", 4.0)
         if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
@@ -377,11 +346,8 @@ class _Builder:
                 raise self.fail(f"{category!r} is not an anomaly category; known: "
                                 + ", ".join(sorted(set(known))), field=f"anomaly.on.{category}")
             on[category] = self._reaction(value, f"anomaly.on.{category}")
-        return AnomalyRules(
-            monitor=monitor, deny_syscalls=tuple(syscalls),
-            sensitive_paths=globs["sensitive_paths"], allow_exec=globs["allow_exec"],
-            deny_exec=globs["deny_exec"], contain=contain, drops_are_anomalies=drops,
-            reaction=reaction, factor=float(factor), escalate=escalate, on=on, **rates)
+        return AnomalyRules(monitor=monitor, watch=watch, reaction=reaction,
+                            factor=float(factor), escalate=escalate, on=on)
 
     def _reaction(self, value: Any, field: str) -> Reaction:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from guest_agent.profile import POLICY_FIELDS, Profile
 from hvtsm.restrictions import Restrictions
 
 
@@ -38,22 +39,13 @@ class Phase:
 
 @dataclass(frozen=True)
 class AnomalyRules:
-    """The policy's [anomaly] table: what the agent watches for (its profile) and how the
-    host reacts."""
+    """The policy's [anomaly] table: what the agent watches for (`watch`: the profile fields
+    a policy sets, guest_agent.profile POLICY_FIELDS, declared there once) and how the host
+    reacts."""
 
     #: watch the workload at all (off only for benchmarks and trusted code)
     monitor: bool = True
-    deny_syscalls: tuple[str, ...] = ()
-    sensitive_paths: tuple[str, ...] = ()
-    allow_exec: tuple[str, ...] = ()
-    deny_exec: tuple[str, ...] = ()
-    max_forks_per_s: float = 0
-    max_processes: float = 0
-    max_syscalls_per_s: float = 0
-    max_new_files_per_s: float = 0
-    memory_spike_mib_per_s: float = 0
-    contain: Containment = Containment.KILL
-    drops_are_anomalies: bool = True
+    watch: Profile = field(default_factory=Profile)
     #: the reaction to the first anomaly
     reaction: Reaction = Reaction.ACCELERATE
     #: remaining lifespan is divided by this on each accelerate reaction
@@ -62,6 +54,14 @@ class AnomalyRules:
     escalate: tuple[Reaction, ...] = ()
     #: category -> reaction, overriding the sequence above for that category
     on: dict[str, Reaction] = field(default_factory=dict)
+
+    @property
+    def drops_are_anomalies(self) -> bool:
+        return self.watch.drops_are_anomalies
+
+    @property
+    def contain(self) -> Containment:
+        return Containment(self.watch.contain)
 
     def reaction_for(self, category: str, count: int) -> Reaction:
         """The reaction to a zone's `count`-th anomaly (1-based), of `category`."""
@@ -72,21 +72,10 @@ class AnomalyRules:
         return self.escalate[min(count - 2, len(self.escalate) - 1)]
 
     def profile(self) -> dict[str, object]:
-        """The agent's profile fields this table decides (guest_agent.protocol
-        PROFILE_FIELDS); the network fields come from the phase in force."""
-        return {
-            "deny_syscalls": list(self.deny_syscalls),
-            "sensitive_paths": list(self.sensitive_paths),
-            "allow_exec": list(self.allow_exec),
-            "deny_exec": list(self.deny_exec),
-            "max_forks_per_s": self.max_forks_per_s,
-            "max_processes": self.max_processes,
-            "max_syscalls_per_s": self.max_syscalls_per_s,
-            "max_new_files_per_s": self.max_new_files_per_s,
-            "memory_spike_mib_per_s": self.memory_spike_mib_per_s,
-            "contain": str(self.contain),
-            "drops_are_anomalies": self.drops_are_anomalies,
-        }
+        """The agent's profile fields this table decides; the network fields come from the
+        phase in force (hvtsm.monitor.anomalies.zone_profile)."""
+        full = self.watch.to_dict()
+        return {name: full[name] for name in POLICY_FIELDS}
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 
 from guest_agent.fanotify import ExpandCache, expand
-from guest_agent.profile import Profile, ProfileError, glob_match, parse_egress
-from guest_agent.protocol import PROFILE_FIELDS
+from guest_agent.profile import (
+    PROFILE_FIELDS,
+    Profile,
+    ProfileError,
+    glob_match,
+    parse_egress,
+)
 
 
 def test_defaults_round_trip() -> None:

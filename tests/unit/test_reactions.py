@@ -7,18 +7,20 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import select
 
-from hvtsm.lifecycle import Manager, Notice
+from hvtsm.cli.exits import EXIT_CONTAINED, EXIT_HOSTILE, from_outcome
+from hvtsm.lifecycle import EndCause, Manager, Notice
 from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem, zone_profile
 from hvtsm.monitor.events import LinkEvents
 from hvtsm.policy import parse_policy
 from hvtsm.restrictions import EgressRule, NetworkMode, Restrictions
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
-from hvtsm.store.models import Anomaly, Reaction, ZoneState
+from hvtsm.store.models import Anomaly, Reaction, Zone, ZoneState
 from hvtsm.zones.logged import LoggedEvents
 from tests.unit.fake_driver import FakeDriver
 
@@ -202,3 +204,75 @@ def test_drops_are_anomalies_only_when_the_policy_says_so(store: Store) -> None:
         assert [a.kind for a in session.exec(select(Anomaly))] == ["fork-rate"]
         trail = zone_trail(session, zone_id=run.zone_id)
     assert any(e.kind == "events-dropped" for e in trail)
+
+
+def test_an_anomaly_after_the_workload_exited_still_has_its_reaction(store: Store) -> None:
+    """The agent's report of a containment can arrive a moment after the workload exited:
+    its reaction is recorded, with no effect left to take, and the zone's outcome says it
+    was hostile (the CLI's status is then not the workload's clean 0)."""
+    manager, driver, zone_id = launch(store)
+    run = manager.zones[zone_id]
+    driver.workloads[zone_id].exit(0)
+    assert run.ended.wait(5)
+    assert run.outcome is not None and not run.outcome.hostile
+    assert manager.report_anomaly(zone_id, kind="reverse-shell", detail="sh on a socket",
+                                  source="agent") == "terminate"
+    manager.shutdown()
+    with store.session() as session:
+        [row] = session.exec(select(Reaction)).all()
+        zone = session.exec(select(Zone).where(Zone.id == zone_id)).one()
+    assert row.action == "terminate" and "already ended" in row.reason
+    assert run.outcome.hostile and zone.hostile
+    assert from_outcome(run.outcome) == EXIT_HOSTILE
+
+
+def test_the_root_killed_by_containment_is_the_containments_end(store: Store) -> None:
+    manager, driver, zone_id = launch(store)
+    run = manager.zones[zone_id]
+    workload = driver.workloads[zone_id]
+    evidence = dict(EVIDENCE, pid=workload.pid, contained="killed")
+    manager.events.anomaly(zone_id, from_agent_event(evidence))
+    workload.exit(-9)  # the agent's kill, which its report came before
+    assert run.ended.wait(5)
+    manager.shutdown()
+    assert run.outcome is not None and run.outcome.cause is EndCause.CONTAINMENT
+    assert "ended by the agent's containment" in run.outcome.describe()
+    assert from_outcome(run.outcome) == EXIT_CONTAINED
+
+
+class FreezeFails(FakeDriver):
+    """A driver whose freeze of one zone raises something nobody expected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: str | None = None
+
+    def freeze(self, handle: Any) -> None:
+        if handle.zone_id == self.broken:
+            raise RuntimeError("the freezer went away")
+        super().freeze(handle)
+
+
+def test_a_failing_reaction_fails_closed_and_the_next_zone_is_still_reacted_to(
+        store: Store) -> None:
+    text = POLICY.replace('reaction = "accelerate"', 'reaction = "freeze"')
+    driver = FreezeFails()
+    manager = Manager(store, driver.bound)
+    manager.start()
+    policy = parse_policy(text.encode(), source="freeze.toml")
+    first = manager.launch(policy, ["true"], policy_toml=text)
+    second = manager.launch(policy, ["true"], policy_toml=text)
+    driver.broken = first.zone_id
+    manager.events.anomaly(first.zone_id, AnomalyReport("fork-rate", "x", "agent"))
+    manager.events.anomaly(second.zone_id, AnomalyReport("fork-rate", "y", "agent"))
+    assert manager.settle(5)
+    # the failed reaction was not dropped: the zone was ended, to fail closed, audited
+    assert first.ended.wait(5) and first.outcome is not None
+    assert first.outcome.cause is EndCause.FAIL_CLOSED
+    # the reactions thread lived on: the other zone's anomaly got its own reaction
+    assert second.state is ZoneState.FROZEN and not second.ended.is_set()
+    manager.shutdown()
+    with store.session() as session:
+        trail = zone_trail(session, zone_id=first.zone_id)
+    assert any(e.kind == "controller-fault" and "the freezer went away" in e.summary
+               for e in trail)

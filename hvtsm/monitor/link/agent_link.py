@@ -183,7 +183,7 @@ class AgentLink:
         (`workload.stdout`), a file descriptor >= 0 -> written there (not closed), None or
         DEVNULL -> discarded; stderr=STDOUT joins stdout. `env` goes on top of a small clean
         environment in the guest (PATH, HOME, LANG, TERM). `monitor` is the workload's
-        monitoring profile (`guest_agent.protocol.PROFILE_FIELDS`): sent with the start so
+        monitoring profile (`guest_agent.profile.PROFILE_FIELDS`): sent with the start so
         the agent watches the process tree from its first instruction. `channel` (the
         zone's name in its group) gives the workload the channel endpoint. `standby` (a
         prepared standby's id, `prepare_standby`) asks the agent to let it be the workload

@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -224,7 +225,7 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
     child_env = dict(os.environ if env is None else env)
     if entry.user is not None:
         child_env.update(HOME=entry.user.home, USER=entry.user.name, LOGNAME=entry.user.name)
-    executable = _resolve(argv[0], child_env, entry.zone_id)
+    executable = _resolve(argv[0], child_env, entry.zone_id, entry.user)
     try:
         popen = subprocess.Popen(
             list(argv), executable=executable, stdin=io.stdin, stdout=io.stdout,
@@ -246,15 +247,53 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
     return ZoneWorkload(popen, barrier)
 
 
-def _resolve(program: str, env: Mapping[str, str], zone_id: str) -> str:
-    """`program` as a path: as given when it names one, else found in the PATH of `env`
-    (the zone sees the host's files, so the host's lookup is the zone's)."""
+def _resolve(program: str, env: Mapping[str, str], zone_id: str,
+             user: UserInfo | None) -> str:
+    """`program` as a path: as given when it names one, else the first file of that name
+    in the PATH of `env` that the workload's user may run, as execvp would take it (the
+    zone sees the host's files, so the host's lookup is the zone's)."""
     if "/" in program:
         return program
-    found = shutil.which(program, path=env.get("PATH", os.defpath))
-    if found is None:
-        raise ZoneError(f"cannot execute {program!r}: not found in PATH", zone_id=zone_id)
-    return found
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if user is None:
+            if shutil.which(candidate) is not None:
+                return candidate
+        elif _runnable_by(candidate, user):
+            return candidate
+    raise ZoneError(f"cannot execute {program!r}: not found in PATH"
+                    + (f" for user {user.name}" if user else ""), zone_id=zone_id)
+
+
+def _runnable_by(path: str, user: UserInfo) -> bool:
+    """Whether `user` could exec `path`: every directory on the way (as written and as
+    resolved) searchable by it, the file a regular one with an exec bit for it. Mode bits
+    only: ACLs and capabilities are not read."""
+    groups = {user.gid, *user.groups}
+
+    def allows(st: os.stat_result, bit: int) -> bool:
+        if st.st_uid == user.uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid in groups:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode) or not allows(st, 1):
+            return False
+        for route in (os.path.abspath(path), real):
+            parent = os.path.dirname(route)
+            while True:
+                if not allows(os.stat(parent), 1):
+                    return False
+                if parent == "/":
+                    break
+                parent = os.path.dirname(parent)
+    except OSError:
+        return False
+    return True
 
 
 def channel_listener(netns_path: str, zone_id: str) -> socket.socket:
