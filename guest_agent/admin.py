@@ -42,21 +42,24 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from guest_agent.mountflags import (
+    MS_BIND,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_RELATIME,
+    MS_REMOUNT,
+)
+
 #: kill rounds a scrub makes at most before the survivors fail it
 MAX_ROUNDS = 40
 ROUND_PAUSE = 0.05
 #: the uid's entries of the shared directories present before the guest served anything
 KNOWN = "hvtsm-scrub-known-{uid}"
 
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_NOATIME = 1024
-MS_NODIRATIME = 2048
-MS_BIND = 4096
-MS_RELATIME = 1 << 21
 #: statvfs f_flag bits -> the mount flags a remount must repeat to keep them
 KEPT_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
               (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),

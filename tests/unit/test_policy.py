@@ -228,7 +228,7 @@ on = { "reverse-shell" = "terminate" }
 
 def test_shipped_default_profile_is_accepted_by_the_agent() -> None:
     rules = load_policy(Path(__file__).parents[2] / "policies" / "default.toml").anomaly
-    assert rules.monitor and rules.deny_syscalls and rules.sensitive_paths
+    assert rules.monitor and rules.watch.deny_syscalls and rules.watch.sensitive_paths
     Profile.from_dict({**rules.profile(), "network": "none", "egress": []})
 
 

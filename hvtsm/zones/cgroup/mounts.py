@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest_agent import mountflags
 from hvtsm.zones.cgroup import libc
 
 #: bind mounts of zones' mount namespaces, one file per zone, named by zone id
@@ -21,12 +22,12 @@ NS_REF_DIR = Path("/run/hvtsm/ns")
 #: per-mount options to keep when remounting read-only (changing them needs more privilege
 #: than a remount and would loosen or alter what the mount's owner chose)
 _KEPT_FLAGS = {
-    "nosuid": libc.MS_NOSUID,
-    "nodev": libc.MS_NODEV,
-    "noexec": libc.MS_NOEXEC,
-    "noatime": libc.MS_NOATIME,
-    "nodiratime": libc.MS_NODIRATIME,
-    "relatime": libc.MS_RELATIME,
+    "nosuid": mountflags.MS_NOSUID,
+    "nodev": mountflags.MS_NODEV,
+    "noexec": mountflags.MS_NOEXEC,
+    "noatime": mountflags.MS_NOATIME,
+    "nodiratime": mountflags.MS_NODIRATIME,
+    "relatime": mountflags.MS_RELATIME,
 }
 
 
@@ -37,13 +38,13 @@ class MountEntry:
     fstype: str
 
     def readonly_flags(self) -> int:
-        flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+        flags = mountflags.MS_REMOUNT | mountflags.MS_BIND | mountflags.MS_RDONLY
         for option in self.options:
             flags |= _KEPT_FLAGS.get(option, 0)
         if not self.options & {"noatime", "relatime"}:
             # no atime word in mountinfo means strictatime; without the flag the kernel
             # would pick its default (relatime) and refuse the change on locked mounts
-            flags |= libc.MS_STRICTATIME
+            flags |= mountflags.MS_STRICTATIME
         return flags
 
 
@@ -95,7 +96,7 @@ def enter_private_mount_ns() -> None:
     """Give the calling (single-threaded) process its own mount namespace, cut off from
     the host's: nothing mounted here propagates back, nothing the host mounts arrives."""
     libc.unshare(libc.CLONE_NEWNS)
-    libc.mount(None, b"/", None, libc.MS_REC | libc.MS_PRIVATE)
+    libc.mount(None, b"/", None, mountflags.MS_REC | mountflags.MS_PRIVATE)
     # the copies of `ip netns` handles and other zones' mount references would keep those
     # namespaces alive (and their veths on the host) as long as this zone lives
     for entry in read_mountinfo():
@@ -133,8 +134,8 @@ def prepare_ref_dir() -> None:
     NS_REF_DIR.mkdir(parents=True, exist_ok=True)
     if not _is_mount_point(NS_REF_DIR):
         raw = os.fsencode(NS_REF_DIR)
-        libc.mount(raw, raw, None, libc.MS_BIND)
-    libc.mount(None, os.fsencode(NS_REF_DIR), None, libc.MS_PRIVATE)
+        libc.mount(raw, raw, None, mountflags.MS_BIND)
+    libc.mount(None, os.fsencode(NS_REF_DIR), None, mountflags.MS_PRIVATE)
 
 
 def ref_path(zone_id: str) -> Path:
@@ -146,7 +147,7 @@ def bind_ns_ref(pid: int, zone_id: str) -> Path | None:
     path = ref_path(zone_id)
     path.touch()
     try:
-        libc.mount(os.fsencode(f"/proc/{pid}/ns/mnt"), os.fsencode(path), None, libc.MS_BIND)
+        libc.mount(os.fsencode(f"/proc/{pid}/ns/mnt"), os.fsencode(path), None, mountflags.MS_BIND)
     except OSError:
         path.unlink(missing_ok=True)
         return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hvtsm.zones import state as stored
@@ -47,25 +47,12 @@ class CgroupZoneState:
         return StartFacts()
 
 
-@dataclass
-class CgroupTransientState:
+@dataclass(kw_only=True)
+class CgroupTransientState(stored.TransientState):
     """A transient zone: a child cgroup of its parent's, sharing its namespaces and agent."""
 
-    parent: str
     cgroup_version: int
     cgroups: list[str]
-    pid: int
-    user: str | None = None
-    frozen: bool = False
-    notes: list[str] = field(default_factory=list)
-    transient: bool = True
-    version: int = STATE_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return stored.dump(self)
-
-    def facts(self) -> StartFacts:
-        return StartFacts(notes=tuple(self.notes))
 
 
 CgroupState = CgroupZoneState | CgroupTransientState

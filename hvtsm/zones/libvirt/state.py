@@ -72,27 +72,14 @@ class GuestZoneState:
         return StartFacts(accel=self.accel, boot_ms=self.boot_ms)
 
 
-@dataclass
-class GuestTransientState:
+@dataclass(kw_only=True)
+class GuestTransientState(stored.TransientState):
     """A transient zone in a guest: a cgroup the guest agent manages."""
 
-    parent: str
     domain: str
     #: the agent's id of the parent's workload (the `transient` messages name it)
     workload: str
     cgroup: str | None
-    pid: int
-    user: str | None = None
-    frozen: bool = False
-    notes: list[str] = field(default_factory=list)
-    transient: bool = True
-    version: int = STATE_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return stored.dump(self)
-
-    def facts(self) -> StartFacts:
-        return StartFacts(notes=tuple(self.notes))
 
 
 GuestState = GuestZoneState | GuestTransientState
