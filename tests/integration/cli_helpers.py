@@ -64,6 +64,15 @@ def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> An
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (whoever inherits an orphan may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def write_policy(path: Path, body: str) -> str:
     path.write_text(body)
     return str(path)

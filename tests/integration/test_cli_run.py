@@ -16,6 +16,7 @@ from tests.integration.cli_helpers import (
     audit,
     hvtsm,
     json_lines,
+    running,
     spawn,
     wait_for,
     write_policy,
@@ -188,15 +189,6 @@ pids = 64
 at = "6s"
 action = "terminate"
 """
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (whoever inherits an orphan may be slow to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _has_nic(pid: int) -> bool:

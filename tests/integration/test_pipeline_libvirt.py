@@ -5,28 +5,19 @@ one after the other, about 40 s in all)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from tests.integration.cli_helpers import hvtsm, json_lines
-from tests.integration.test_libvirt_zone import _libvirt_ready
+from tests.integration.test_libvirt_zone import ready  # noqa: F401
 from tests.integration.test_pipeline_cgroup import READINGS, Server, server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
 
 
-@pytest.fixture(scope="module")
-def ready() -> None:
-    reason = _libvirt_ready()
-    if reason and not os.environ.get("CI"):
-        pytest.skip(reason)
-    assert reason is None, reason
-
-
-def test_three_stages_in_guests_keep_their_output(ready: None, tmp_path: Path,
-                                                  server: Server) -> None:  # noqa: F811
+def test_three_stages_in_guests_keep_their_output(
+        ready: None, tmp_path: Path, server: Server) -> None:  # noqa: F811
     db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
     result = hvtsm(db, "pipeline", "--backend", "libvirt", "--json", str(READINGS), "--",
                    str(server.port), timeout=400)
@@ -43,7 +34,8 @@ def test_three_stages_in_guests_keep_their_output(ready: None, tmp_path: Path,
     assert all(s["ended"].startswith("workload exited") for s in final["stages"]), final
 
 
-def test_a_failing_stage_in_a_guest_says_why(ready: None, tmp_path: Path) -> None:
+def test_a_failing_stage_in_a_guest_says_why(ready: None,  # noqa: F811
+                                             tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
     result = hvtsm(db, "pipeline", "--backend", "libvirt", "--json", str(READINGS), "--",
                    "9", timeout=300)

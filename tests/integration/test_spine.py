@@ -19,6 +19,7 @@ from tests.integration.cli_helpers import (
     hvtsm,
     hvtsm_argv,
     json_lines,
+    running,
     spawn,
     wait_for,
     zones,
@@ -30,14 +31,6 @@ pytestmark = [
 ]
 
 LOOP = 'for i in 1 2 3 4 5 6 7 8; do echo "tick $i"; sleep 1; done'
-
-
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def test_readme_first_command(tmp_path: Path) -> None:
