@@ -53,7 +53,8 @@ class Adoption:
                       parent=zone.parent_id, handle=handle, workload=workload,
                       started_at=zone.started_at or zone.created_at,
                       pending={int(k): v for k, v in json.loads(zone.pending).items()},
-                      phase_index=zone.phase_index, state=ZoneState(zone.state))
+                      phase_index=zone.phase_index, state=ZoneState(zone.state),
+                      announced=True)
         run.overdue = {i for i, due in run.pending.items() if due <= time.time()}
         if zone.name is not None and workload is not None:
             # its group's held messages died with the old controller; it can go on sending

@@ -19,7 +19,7 @@ from hvtsm.lifecycle.notices import Note, Notice, Notifier
 from hvtsm.lifecycle.zonerun import Registry, ZoneRun
 from hvtsm.store import Store
 from hvtsm.store.audit import record_event
-from hvtsm.store.models import Controller, Zone, ZoneState
+from hvtsm.store.models import Controller, Zone
 from hvtsm.supervise import Supervisor
 from hvtsm.timeline import Timeline
 from hvtsm.zones.base import Backend, ZoneDriver
@@ -82,8 +82,8 @@ class Core:
             record_event(session, zone_id=zone_id, kind=kind, detail=detail, ts=now)
         run = self.zones.get(zone_id)
         if run is not None:
-            with run.lock:
-                if not run.announced and run.state is ZoneState.CREATING:
+            with run.notes_lock:
+                if not run.announced:
                     run.opening_notes.append((kind, detail))
                     return
         self.notify(Note(zone_id, now, kind, detail))

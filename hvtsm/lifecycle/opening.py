@@ -117,6 +117,8 @@ class Opener:
 
     def fail(self, run: ZoneRun, detail: str) -> None:
         """The zone could not be made: a `failed` record and nothing else."""
+        with run.notes_lock:
+            run.announced = True  # nothing more to hold back: it never started
         release_zone(run.zone_id)
         self.core.channels().ended(run.zone_id)
         with run.lock:
@@ -152,13 +154,15 @@ class Opener:
                                      changes=begun.bound(phase.restrictions).describe(),
                                      note=begun.zero_note)
                     self.core.save(session, run, started_at=started)
-                run.announced = True
-                notes = tuple(run.opening_notes)
+                with run.notes_lock:
+                    run.announced = True
+                    notes = tuple(run.opening_notes)
         except BaseException as exc:
             # the workload runs but its start is not recorded: it must not run on unwatched
             self.core.fault(run.zone_id, "recording the zone's start", exc)
-            with run.lock:
+            with run.notes_lock:
                 run.announced = True
+            with run.lock:
                 self.ending.end(run, f"recording its start failed ({exc}); ended to fail "
                                 "closed", EndCause.FAIL_CLOSED)
             run.opened.set()

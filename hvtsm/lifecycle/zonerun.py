@@ -64,6 +64,9 @@ class ZoneRun:
     #: start notice carries them, the first thing announced about a zone being its start
     opening_notes: list[tuple[str, str]] = field(default_factory=list)
     announced: bool = False
+    #: guards the two above alone: a link's reader thread takes it, and must never wait
+    #: for `lock`, which a phase holds while it waits for that very reader
+    notes_lock: threading.Lock = field(default_factory=threading.Lock)
     #: the policy its transient zones get (None: they are off), their ids, and how many
     #: were ever split off (max_zones counts those)
     transient_policy: Policy | None = None
