@@ -337,7 +337,9 @@ def test_idle_guest_problem_taints_it(store: Store) -> None:
 def test_gone_domain_is_retired_on_claim_and_drain(store: Store) -> None:
     fake = FakeGuests()
     pool = WarmPool(store, fake, idle=fake.events, default_memory=GIB // 2)
-    first, second = pool.fill(KEY, 2)
+    pool.fill(KEY, 2)
+    # the two boot at once: claims take the one booted first
+    first, second = [g.id for g in sorted(registry.guests(store), key=lambda g: g.booted_at)]
     fake.running.discard(first)  # the domain died while idle
     lease = pool.acquire(KEY, Restrictions())
     assert lease is not None and lease.guest_id == second
