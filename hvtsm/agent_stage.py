@@ -21,6 +21,9 @@ from hvtsm.analysis.local_modules import digest_files, read_program
 from hvtsm.errors import ZoneError
 
 STAGE_ROOT = Path("/var/lib/hvtsm/agent")
+#: hvtsm's state directory: enterable (a guest's QEMU user reads the agent and its own
+#: snapshot through it) but not listable by anyone but root
+STATE_ROOT = STAGE_ROOT.parent
 _STAGING = threading.Lock()
 
 
@@ -51,7 +54,8 @@ def _stage() -> Path:
         with contextlib.suppress(OSError):
             tmp.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
-    for d in (STAGE_ROOT.parent, STAGE_ROOT, target):
+    STATE_ROOT.chmod(0o711)
+    for d in (STAGE_ROOT, target):
         d.chmod(0o755)
     return target
 
@@ -66,6 +70,13 @@ def zone_python() -> str:
 
 
 PROGRAM_ROOT = Path("/var/lib/hvtsm/programs")
+#: where each invoke request's code is written: a guest sees the host root read-only at the
+#: same path (not under /var/lib/hvtsm, which the default policy holds sensitive, nor /run,
+#: which is the guest's own tmpfs); like PROGRAM_ROOT, enterable and not listable
+INVOKE_SPOOL = Path("/var/spool/hvtsm/invoke")
+#: the directories whose entries are units a zone is given whole (a snapshot and the
+#: modules beside its program, an invoke request's directory), never another zone's
+ZONE_UNITS = (STAGE_ROOT, PROGRAM_ROOT, INVOKE_SPOOL)
 
 
 def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
@@ -73,7 +84,9 @@ def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
     """A read-only snapshot of a program file and the local modules it imports (at their
     places beside it), named by their digest: the zone runs exactly the bytes that were
     analyzed (`expect`: `program_digest`), and a zone user can read it wherever the
-    original lives. Returns the program's path in the snapshot."""
+    original lives. The snapshot root is not listable: a cgroup zone sees its own snapshot
+    alone (hvtsm/zones/cgroup/view.py), a guest reaches one only by its digest. Returns the
+    program's path in the snapshot."""
     source = Path(path)
     files = read_program(source, local_files)
     full = digest_files(files)
@@ -100,6 +113,7 @@ def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
         except OSError:
             # another process staged the same digest first (the same bytes)
             shutil.rmtree(tmp, ignore_errors=True)
-    for d in (PROGRAM_ROOT.parent, PROGRAM_ROOT, root):
-        d.chmod(0o755)
+    STATE_ROOT.chmod(0o711)
+    PROGRAM_ROOT.chmod(0o711)
+    root.chmod(0o755)
     return target

@@ -21,7 +21,7 @@ from hvtsm.lifecycle import Manager
 from hvtsm.pool.warm import WarmPool
 from hvtsm.store import Store
 from hvtsm.units import parse_duration_ms
-from hvtsm.zones.base import Backend
+from hvtsm.zones.base import ZONE_USER, Backend
 from hvtsm.zones.factory import driver_factory
 
 
@@ -43,7 +43,9 @@ def add_parsers(commands: Any) -> None:
     invoke.add_argument("--trust", default=DEFAULT_TRUST,
                         help=f"trust level: guests serve only their own (default {DEFAULT_TRUST})")
     invoke.add_argument("--runtime", help="python3, sh or native (default: from the analysis)")
-    invoke.add_argument("--user", default="nobody", help="user the code runs as (not root)")
+    invoke.add_argument("--user", default=ZONE_USER,
+                        help="user the code runs as (default: zone, an identity of the "
+                        "zone's own; not root)")
     invoke.add_argument("--backend", choices=["libvirt", "cgroup"], default="libvirt",
                         help="libvirt (default; warm pool) or cgroup (a cold cgroup zone)")
     invoke.add_argument("--cold", action="store_true", help="do not use the warm pool")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import pwd
 import sys
 import time
 from typing import Any
@@ -28,8 +27,9 @@ from hvtsm.policy.catalog import load_referenced
 from hvtsm.store import Store
 from hvtsm.store.models import ZoneState
 from hvtsm.units import format_duration_ms
-from hvtsm.zones.base import Backend
+from hvtsm.zones.base import ZONE_USER, Backend
 from hvtsm.zones.factory import AVAILABLE_BACKENDS, driver_factory
+from hvtsm.zones.identity import known_user
 
 
 def add_parsers(commands: Any) -> None:
@@ -55,8 +55,9 @@ def add_parsers(commands: Any) -> None:
                         help="print the plan (stages, policies, lifespans, channels) and stop")
     parser.add_argument("--backend", choices=[str(b) for b in AVAILABLE_BACKENDS],
                         default="cgroup", help="zone backend (default: cgroup)")
-    parser.add_argument("--user", default="nobody",
-                        help="user the stages run as (default: nobody)")
+    parser.add_argument("--user", default=ZONE_USER,
+                        help="user the stages run as (default: zone, an identity of each "
+                        "zone's own)")
     parser.add_argument("--input-timeout", type=float, default=60.0, metavar="S",
                         help="how long a stage waits for its input (default 60)")
     add_libvirt_options(parser)
@@ -81,9 +82,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if bool(args.program) == bool(args.manifest):
         say("hvtsm pipeline: error: give a PROGRAM or --manifest FILE (one of them)")
         return EXIT_USAGE
-    try:
-        pwd.getpwnam(args.user)
-    except KeyError:
+    if not known_user(args.user):
         say(f"hvtsm pipeline: error: no such user: {args.user}")
         return EXIT_USAGE
     try:

@@ -29,8 +29,9 @@ from hvtsm.policy import load_policy
 from hvtsm.policy.catalog import default_policy_path
 from hvtsm.policy.segments import choose
 from hvtsm.store import Store
-from hvtsm.zones.base import Backend, WorkloadIO
+from hvtsm.zones.base import ZONE_USER, Backend, WorkloadIO
 from hvtsm.zones.factory import AVAILABLE_BACKENDS, driver_factory, factories_for
+from hvtsm.zones.identity import known_user
 
 
 def add_parsers(commands: Any) -> None:
@@ -46,9 +47,10 @@ def add_parsers(commands: Any) -> None:
                      help="policy file (default: policies/default.toml of the installation)")
     run.add_argument("--backend", choices=[str(b) for b in AVAILABLE_BACKENDS], default="cgroup",
                      help="zone backend (default: cgroup)")
-    run.add_argument("--user", default="nobody",
-                     help="user the command runs as (default: nobody; 'root' only for trusted "
-                     "code)")
+    run.add_argument("--user", default=ZONE_USER,
+                     help="user the command runs as (default: zone, an identity of the zone's "
+                     "own that no other zone and nothing on the host has; a user name runs it "
+                     "as that user; 'root' only for trusted code)")
     run.add_argument("--role", help="segment role: the policy's [[segment]] selectors pick "
                      "the lifespan scale (and the policy, when the selector names one)")
     run.add_argument("--capability", action="append", default=[],
@@ -99,9 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if shutil.which(argv[0]) is None:
         say(f"hvtsm run: error: command not found: {argv[0]}")
         return EXIT_NOT_FOUND
-    try:
-        pwd.getpwnam(args.user)
-    except KeyError:
+    if not known_user(args.user):
         say(f"hvtsm run: error: no such user: {args.user}")
         return EXIT_USAGE
     choice = choose(load_policy(args.policy or default_policy_path()),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import pwd
 import secrets
 import shutil
@@ -27,6 +26,7 @@ from typing import IO, Any, TypedDict, cast
 
 from sqlmodel import col, select
 
+from hvtsm.agent_stage import INVOKE_SPOOL
 from hvtsm.errors import HvtsmError, InvokeError, ZoneError
 from hvtsm.invoke.code import get_code, put_code
 from hvtsm.invoke.plan import command, exec_targets, runtime_for, segment_choice
@@ -37,14 +37,19 @@ from hvtsm.pool.rules import PoolKey
 from hvtsm.pool.warm import SCRATCH, Lease, WarmPool
 from hvtsm.restrictions import Restrictions
 from hvtsm.store.models import Anomaly, ZoneState
-from hvtsm.zones.base import Backend, PooledDriver, WorkloadIO, ZoneHandle, ZoneSpec
+from hvtsm.zones.base import (
+    ZONE_USER,
+    Backend,
+    PooledDriver,
+    WorkloadIO,
+    ZoneHandle,
+    ZoneSpec,
+    guest_user,
+)
 
 log = logging.getLogger(__name__)
 
-#: where each request's code is written: a guest sees the host root read-only at the same
-#: path (not under /var/lib/hvtsm, which the default policy holds sensitive, nor /run,
-#: which is the guest's own tmpfs)
-SPOOL = Path("/var/spool/hvtsm/invoke")
+SPOOL = INVOKE_SPOOL
 #: bytes of each output stream kept in the result (the rest is counted, not kept)
 MAX_OUTPUT = 4 * 1024 * 1024
 DEFAULT_TRUST = "untrusted"
@@ -65,7 +70,7 @@ class InvokeRequest:
     trust: str = DEFAULT_TRUST
     #: None: from the analysis (python -> python3, shell -> sh, elf -> native)
     runtime: str | None = None
-    user: str = "nobody"
+    user: str = ZONE_USER
     backend: Backend = Backend.LIBVIRT
     #: False: never a pooled guest (always boot one)
     warm: bool = True
@@ -224,7 +229,7 @@ class Invoker:
                     pool.release(lease, zone_state=ZoneState.FAILED, request_key=key)
                 lease = None
         if run is None:
-            run = self._launch_cold(policy, argv, backend, request_dir, request.user, launch)
+            run = self._launch_cold(policy, argv, backend, request.user, launch)
         timings["started"] = _ms(t0)
         readers = _Readers(run)
         timed_out = not run.ended.wait(request.timeout)
@@ -255,7 +260,7 @@ class Invoker:
         return result
 
     def _launch_cold(self, policy: Policy, argv: list[str], backend: Backend,
-                     request_dir: Path, user: str, launch: _Launch) -> ZoneRun:
+                     user: str, launch: _Launch) -> ZoneRun:
         driver = self.manager.drivers.get(backend)
         if driver is None:
             raise InvokeError(f"this invoker has no {backend} driver",
@@ -267,7 +272,7 @@ class Invoker:
                 handle = driver.create(spec, initial)
                 try:
                     # the same empty, private working directory a warm guest gives
-                    pooled.scrub(spec.zone_id, user, SCRATCH)
+                    pooled.scrub(spec.zone_id, guest_user(user) or user, SCRATCH)
                 except HvtsmError:
                     driver.terminate(handle)
                     raise
@@ -275,11 +280,8 @@ class Invoker:
 
             return self.manager.launch(policy, argv, backend=backend, cwd=SCRATCH,
                                        create=create, **launch)
-        work = request_dir / "work"
-        work.mkdir(mode=0o700)
-        entry = pwd.getpwnam(user)
-        os.chown(work, entry.pw_uid, entry.pw_gid)
-        return self.manager.launch(policy, argv, backend=backend, cwd=str(work), **launch)
+        # the zone's own /tmp: empty, private, writable, and gone with the zone
+        return self.manager.launch(policy, argv, backend=backend, cwd="/tmp", **launch)
 
     def _python(self, backend: Backend) -> str | None:
         driver = self.manager.drivers.get(backend)
@@ -287,12 +289,14 @@ class Invoker:
         return guest_python() if guest_python is not None else None
 
     def _spool_dir(self) -> Path:
-        # the guest's QEMU user reads it over 9p, the workload's user in the guest too
+        # the guest's QEMU user reads it over 9p, the workload's user in the guest too; the
+        # spool itself is enterable, not listable: no zone learns another request's name
         for d in reversed([d for d in (self.spool, *self.spool.parents) if not d.exists()]):
             with contextlib.suppress(FileExistsError):
                 d.mkdir(mode=0o755)
             d.chmod(0o755)
-        path = self.spool / ("r" + secrets.token_hex(6))
+        self.spool.chmod(0o711)
+        path = self.spool / ("r" + secrets.token_hex(16))
         path.mkdir(mode=0o755)
         path.chmod(0o755)
         return path
@@ -352,6 +356,8 @@ def _load(ref: str | None) -> Policy:
 
 
 def _check_user(user: str) -> None:
+    if user == ZONE_USER:
+        return
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -359,7 +365,7 @@ def _check_user(user: str) -> None:
     if entry.pw_uid == 0:
         # a guest cannot be scrubbed of root's leftovers, and code is run untrusted
         raise InvokeError("hvtsm invoke does not run code as root",
-                          hint="use an unprivileged user (default nobody)")
+                          hint="use an unprivileged user (default: zone, an identity of its own)")
 
 
 def _ms(t0: float) -> float:

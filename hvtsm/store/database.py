@@ -42,6 +42,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _private_file(path: Path) -> None:
+    """The store's file (and SQLite's -wal and -shm beside it, which take the file's mode)
+    readable by its owner alone: it holds every zone's audit trail and commands, and a
+    zone must not read it whatever the zone's user. hvtsm's own directory is not
+    listable either."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent == Path("/var/lib/hvtsm"):
+            path.parent.chmod(0o711)
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = file.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            file.chmod(mode & 0o700)
+
+
 class Store:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_db_url()
@@ -49,7 +71,7 @@ class Store:
             if self.url.startswith("sqlite:///"):
                 path = Path(self.url.removeprefix("sqlite:///"))
                 if str(path) not in ("", ":memory:"):
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _private_file(path)
             self.engine: Engine = create_engine(self.url)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)

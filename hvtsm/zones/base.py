@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from hvtsm.monitor.link import AgentLink
 
 
+#: `ZoneSpec.user` for a workload that runs under an identity of its own: a uid and gid
+#: no other zone and nothing on the host has (cgroup zones: hvtsm/zones/identity.py; a
+#: guest, which is a machine of its own, runs it as its unprivileged user)
+ZONE_USER = "zone"
+#: who ZONE_USER is inside a guest
+GUEST_ZONE_USER = "nobody"
+
+
+def guest_user(user: str | None) -> str | None:
+    """The guest's user for `ZoneSpec.user`: a guest is a machine of the zone's own, so its
+    unprivileged user is already an identity no other zone has."""
+    return GUEST_ZONE_USER if user == ZONE_USER else user
+
+
 class Backend(StrEnum):
     CGROUP = "cgroup"
     LIBVIRT = "libvirt"
@@ -38,7 +52,8 @@ class ZoneSpec:
     zone_id: str
     #: small integer unique among live zones; drivers derive addresses and names from it
     net_index: int
-    #: user the workload runs as (None: the controller's own user)
+    #: user the workload runs as: ZONE_USER (an identity of its own), a user name, or None
+    #: (the controller's own user)
     user: str | None = None
     cwd: str | None = None
     #: the workload's environment; never part of the stored state (it carries secrets)

@@ -8,11 +8,9 @@ import json
 import os
 import random
 import select
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ import pytest
 from hvtsm.errors import ZoneError
 from hvtsm.host import HostCapabilities, probe_host
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode, Restrictions
-from hvtsm.zones.base import Workload, WorkloadIO, ZoneHandle, ZoneSpec
+from hvtsm.zones.base import ZONE_USER, Workload, WorkloadIO, ZoneHandle, ZoneSpec
 from hvtsm.zones.cgroup.cgroupfs import CgroupV2, read_file, write_file
 from hvtsm.zones.cgroup.driver import CgroupDriver
 from hvtsm.zones.cgroup.mounts import ref_path
@@ -100,7 +98,7 @@ class Zones:
     workloads: list[Workload] = field(default_factory=list)
     _next: int = field(default_factory=lambda: random.randrange(4000, 15000))
 
-    def create(self, initial: Restrictions | None = None, *, user: str | None = "nobody",
+    def create(self, initial: Restrictions | None = None, *, user: str | None = ZONE_USER,
                net_index: int | None = None) -> ZoneHandle:
         zone_id = f"zt{os.urandom(4).hex()}"
         index = self.take_index() if net_index is None else net_index
@@ -148,15 +146,8 @@ def zones(driver: CgroupDriver) -> Iterator[Zones]:
         made.cleanup()
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory anyone may write: only a read-only mount can stop nobody there."""
-    path = Path(tempfile.mkdtemp(prefix="hvtsm-ro-", dir="/tmp"))
-    path.chmod(0o777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+#: where a zone may write: its own scratch (everything else it sees is read-only)
+SCRATCH = Path("/tmp")
 
 
 class Listener:
@@ -364,24 +355,26 @@ def test_cpu_pinning_quota_and_shares(zones: Zones, caps: HostCapabilities) -> N
 
 # -- filesystem ---------------------------------------------------------------------------
 
-def test_readonly_from_the_start(zones: Zones, shared_dir: Path) -> None:
+def test_readonly_from_the_start(zones: Zones, tmp_path: Path) -> None:
     rw = zones.agent(zones.create())
     ro = zones.agent(zones.create(Restrictions(filesystem=FilesystemMode.RO)))
-    assert rw.ask(f"write {shared_dir}/a") == "ok"
-    assert ro.ask(f"write {shared_dir}/b") == "fail EROFS"
+    assert rw.ask(f"write {SCRATCH}/a") == "ok"
+    assert ro.ask(f"write {SCRATCH}/b") == "fail EROFS"
     assert ro.ask("write /dev/null") == "ok"  # device nodes stay usable
-    (shared_dir / "host").write_text("the host's own view stays writable")
+    # the rest of the host is read-only to a zone even while its own scratch is not
+    assert rw.ask("write /var/hvtsm-probe") == "fail EROFS"
+    (tmp_path / "host").write_text("the host's own view stays writable")
 
 
-def test_readonly_live_switch(zones: Zones, shared_dir: Path) -> None:
+def test_readonly_live_switch(zones: Zones, tmp_path: Path) -> None:
     handle = zones.create()
     agent = zones.agent(handle)
-    assert agent.ask(f"write {shared_dir}/before") == "ok"
+    assert agent.ask(f"write {SCRATCH}/before") == "ok"
     report = zones.driver.apply(handle,
                                 handle.applied.merged(filesystem=FilesystemMode.RO))
     assert report.changed == {"filesystem": "ro"}
-    assert agent.ask(f"write {shared_dir}/after") == "fail EROFS"
-    (shared_dir / "host").write_text("nothing propagated back to the host")
+    assert agent.ask(f"write {SCRATCH}/after") == "fail EROFS"
+    (tmp_path / "host").write_text("nothing propagated back to the host")
 
 
 WRITER = """
@@ -397,34 +390,38 @@ for i in range(400):
 """
 
 
-def test_readonly_live_after_first_process_exited(zones: Zones, shared_dir: Path) -> None:
+def test_a_zones_processes_end_with_its_first(zones: Zones) -> None:
+    """Its first process is PID 1 of the zone's PID namespace: when it ends, the kernel
+    ends every process left behind in it (no background writer outlives the workload)."""
     handle = zones.create()
-    script = WRITER.format(dir=shared_dir)
-    first = zones.start(handle, ["sh", "-c", f'{PY} -c "$0" & exit 0', script])
+    script = WRITER.format(dir=SCRATCH)
+    first = zones.start(handle, ["sh", "-c", f'{PY} -c "$0" & sleep 0.5; exit 0', script])
     assert read_line(first) == "ok"  # the background writer got going
     assert first.wait(5) == 0
-    zones.driver.apply(handle, handle.applied.merged(filesystem=FilesystemMode.RO))
+    cgroup = zones.driver.cgroup(handle.zone_id)
     deadline = time.monotonic() + 5
-    while (line := read_line(first)) == "ok":
-        assert time.monotonic() < deadline
-    assert line == "EROFS"
+    while cgroup.pids():
+        assert time.monotonic() < deadline, cgroup.pids()
+        time.sleep(0.02)
 
 
 # -- freezing -----------------------------------------------------------------------------
 
-def test_freeze_stops_progress_and_thaw_resumes(zones: Zones, shared_dir: Path) -> None:
-    counter = shared_dir / "counter"
+def test_freeze_stops_progress_and_thaw_resumes(zones: Zones) -> None:
+    inside = SCRATCH / "counter"
     handle = zones.create()
-    zones.start(handle, [PY, "-c", f"""
+    workload = zones.start(handle, [PY, "-c", f"""
 import os, time
 i = 0
 while True:
     i += 1
-    with open("{counter}.tmp", "w") as f:
+    with open("{inside}.tmp", "w") as f:
         f.write(str(i))
-    os.replace("{counter}.tmp", "{counter}")  # a freeze never catches it half written
+    os.replace("{inside}.tmp", "{inside}")  # a freeze never catches it half written
     time.sleep(0.005)
 """], stdout=False)
+    # the zone's scratch, seen from the host through its workload's root
+    counter = Path(f"/proc/{workload.pid}/root") / inside.relative_to("/")
 
     def count() -> int:
         for _ in range(50):

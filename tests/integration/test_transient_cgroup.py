@@ -138,8 +138,15 @@ def test_unexpected_exec_gets_a_transient_zone_that_ends_on_its_own_schedule(
     assert child.name == f"{run.zone_id}.t1"
     assert child.scale == pytest.approx(0.1)
     pid = child.workload.pid  # type: ignore[union-attr]
-    # the sleep itself (its exec went on) sits in the child cgroup of every hierarchy
-    assert Path(f"/proc/{pid}/exe").resolve().name == "sleep"
+    # the sleep itself (its exec goes on once placed) sits in the child cgroup of every
+    # hierarchy
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/exe").resolve().name != "sleep":
+        assert time.monotonic() < deadline, Path(f"/proc/{pid}/exe").resolve()
+        time.sleep(0.01)
+    # the shell names it by its pid in the zone's own PID namespace
+    status = Path(f"/proc/{pid}/status").read_text()
+    inner = status.split("NSpid:")[1].splitlines()[0].split()[-1]
     lines = [line for line in cgroup_lines(pid) if "hvtsm" in line]
     assert lines and all(line.endswith(f"/hvtsm/{run.zone_id}/{child.zone_id}")
                          for line in lines), lines
@@ -157,7 +164,7 @@ def test_unexpected_exec_gets_a_transient_zone_that_ends_on_its_own_schedule(
     assert not memory.exists()
     output = finish(run)
     assert run.state is ZoneState.EXITED and run.exit_status == 0, output
-    assert f"child {pid}" in output and "child ended 137" in output and "parent done" in output
+    assert f"child {inner}" in output and "child ended 137" in output and "parent done" in output
     zone, events, _ = rows(store, child.zone_id)
     assert (zone.kind, zone.parent_id, zone.state) == ("transient", run.zone_id, "terminated")
     assert json.loads(zone.command)[0] == "/bin/sleep"

@@ -28,6 +28,7 @@ from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
 from hvtsm.zones import netslots
 from hvtsm.zones.base import (
+    ZONE_USER,
     ApplyReport,
     Backend,
     DriverEvents,
@@ -38,7 +39,7 @@ from hvtsm.zones.base import (
     ZoneStats,
     narrowed,
 )
-from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, nft
+from hvtsm.zones.cgroup import cgroupfs, confine, launcher, mounts, netns, nft, view
 from hvtsm.zones.cgroup import transient as transient_zones
 from hvtsm.zones.cgroup.agents import ZoneAgents
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
@@ -48,6 +49,7 @@ from hvtsm.zones.cgroup.state import (
     CgroupZoneState,
     load_state,
 )
+from hvtsm.zones.identity import Identities
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class CgroupDriver:
         #: environments for zones not started yet: kept out of the state, which the store
         #: persists, because environments carry secrets
         self._envs: dict[str, dict[str, str]] = {}
+        self.identities = Identities()
+        self._keep_run = view.keep_run_paths()
         self.transients = transient_zones.CgroupTransients(
             caps, ZoneAgents(events, on_transient=self._on_transient), events,
             self._set_limits)
@@ -120,6 +124,8 @@ class CgroupDriver:
             zone_addr=str(net.zone_addr), net_index=index, user=spec.user, cwd=spec.cwd)
         handle: Handle = ZoneHandle(zone_id, self.backend, state, initial)
         try:
+            if spec.user == ZONE_USER:
+                state.uid = self.identities.claim(zone_id).uid
             # the agent beside the zone watches it and/or serves its channel
             if spec.monitor is not None or spec.channel is not None:
                 agent = self.agents.take(zone_id)
@@ -139,6 +145,7 @@ class CgroupDriver:
         except BaseException as exc:
             with contextlib.suppress(HvtsmError, OSError):
                 self._teardown(zone_id)
+                confine.release_identity(self.identities, zone_id)
             self.agents.stop(zone_id)
             if isinstance(exc, OSError):
                 raise ZoneError(f"cannot create the zone: {exc}", zone_id=zone_id) from exc
@@ -164,15 +171,18 @@ class CgroupDriver:
             raise ZoneError("the zone already runs a workload", zone_id=zone_id)
         cgroup = self.cgroup(zone_id)
         procs_files = tuple(str(p) for p in cgroup.procs_files())
+        user = confine.workload_user(zone_id, state)
+        readonly = handle.applied.filesystem is FilesystemMode.RO
         entry = launcher.Entry(
             zone_id=zone_id,
             procs_files=procs_files,
             netns_path=str(netns.netns_path(zone_id)),
-            readonly=handle.applied.filesystem is FilesystemMode.RO,
-            user=None if state.user is None else launcher.UserInfo.lookup(state.user,
-                                                                          zone_id),
+            readonly=readonly,
+            user=user,
             watch=self.agents.watch(zone_id, state, handle.applied, procs_files[0],
                                     cgroup.oom_file()),
+            view=confine.zone_view(handle.applied, state, argv, user, readonly,
+                                   keep_run=self._keep_run),
         )
         env: Mapping[str, str] | None = self._envs.pop(zone_id, None)
         if state.channel is not None:
@@ -215,6 +225,8 @@ class CgroupDriver:
         self._envs.pop(handle.zone_id, None)
         try:
             self._teardown(handle.zone_id)
+            # only now: nothing of the zone runs any more, and its scratch went with it
+            confine.release_identity(self.identities, handle.zone_id)
         finally:
             self.agents.stop(handle.zone_id)
         state.frozen = state.nic = state.lo_up = False
@@ -244,6 +256,9 @@ class CgroupDriver:
         step(lambda: netns.destroy(zone_id, ip=self._ip), lambda: netns.would_destroy(zone_id))
         step(lambda: netslots.release(zone_id), lambda: netslots.held(zone_id))
         step(lambda: mounts.drop_ns_ref(zone_id), lambda: mounts.would_drop_ns_ref(zone_id))
+        if plan:
+            removed.extend(f"zone identity {uid}" for uid, owner
+                           in self.identities.claimed().items() if owner == zone_id)
         if errors:
             raise ZoneError("; ".join(errors), zone_id=zone_id)
         return removed
@@ -384,7 +399,8 @@ class CgroupDriver:
         return handle, launcher.AdoptedWorkload(cgroup, pid)
 
     def leftovers(self) -> set[str]:
-        return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids()
+        claims = {z for z in self.identities.claimed().values() if _ZONE_ID.match(z)}
+        return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids() | claims
                 | {z for z in host_agent.recorded_zones() if _ZONE_ID.match(z)}
                 | set(cgroupfs.transient_ids(self.caps)))
 
@@ -399,6 +415,7 @@ class CgroupDriver:
         if parent is not None:
             return transient_zones.end(cgroupfs.child_cgroup(self.caps, parent, zone_id))
         removed = self._teardown(_check_id(zone_id))
+        removed += confine.release_identity(self.identities, zone_id)
         self.agents.stop(zone_id)
         host_agent.sweep_spares()
         return removed + host_agent.stop_orphan(zone_id)

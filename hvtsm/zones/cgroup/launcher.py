@@ -27,8 +27,10 @@ from guest_agent.endpoint import bind_listener
 from hvtsm.errors import ZoneError
 from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup import libc, mounts
+from hvtsm.zones.cgroup import view as view_mod
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
 from hvtsm.zones.command import run
+from hvtsm.zones.identity import Identity
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class UserInfo:
             raise ZoneError(f"no such user: {name}", zone_id=zone_id) from None
         return cls(name, entry.pw_uid, entry.pw_gid,
                    tuple(os.getgrouplist(name, entry.pw_gid)), entry.pw_dir)
+
+    @classmethod
+    def of(cls, identity: Identity) -> UserInfo:
+        """A zone's own identity: no groups but its own, its home its private /tmp."""
+        return cls(identity.name, identity.uid, identity.gid, (identity.gid,), "/tmp")
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class Entry:
     readonly: bool
     user: UserInfo | None
     watch: Watch | None = None
+    #: the zone's own view of the host (PID, IPC namespaces, /proc, /sys, scratch); None:
+    #: the host's view (a transient zone's launch never takes this path)
+    view: view_mod.ViewSpec | None = None
 
 
 class _ChildReport:
@@ -108,11 +118,20 @@ def _enter_zone(entry: Entry, netns_fd: int, report: _ChildReport) -> Callable[[
                     os.write(fd, b"0")  # 0: the writing process itself
                 finally:
                     os.close(fd)
+            if entry.view is not None:
+                # after joining: the namespace's root is the zone's own cgroup
+                step = "making the zone's cgroup namespace"
+                libc.unshare(libc.CLONE_NEWCGROUP)
             step = "entering the zone's network namespace"
             libc.setns(netns_fd, libc.CLONE_NEWNET)
             step = "making the zone's private mount namespace"
             mounts.enter_private_mount_ns()
-            if entry.readonly:
+            if entry.view is not None:
+                step = "making the zone's IPC namespace"
+                libc.unshare(libc.CLONE_NEWIPC)
+                step = "making the zone's view (/proc, /sys, scratch, /run)"
+                view_mod.build(entry.view)
+            elif entry.readonly:
                 step = "making the zone's filesystem read-only"
                 mounts.make_view_readonly()
             step = "setting no_new_privs"
@@ -226,15 +245,19 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
     if entry.user is not None:
         child_env.update(HOME=entry.user.home, USER=entry.user.name, LOGNAME=entry.user.name)
     executable = _resolve(argv[0], child_env, entry.zone_id, entry.user)
-    try:
-        popen = subprocess.Popen(
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             list(argv), executable=executable, stdin=io.stdin, stdout=io.stdout,
-            stderr=io.stderr, env=child_env,
-            cwd=cwd, preexec_fn=_enter_zone(entry, netns_fd, report),
+            stderr=io.stderr, env=child_env, cwd=None if entry.view is not None else cwd,
+            preexec_fn=_enter_zone(entry, netns_fd, report),
             # its own session: the controller's terminal signals and hangups stay with the
             # controller, which ends the zone itself (and a zone outlives a dead controller)
             start_new_session=True,
         )
+
+    try:
+        proc = _in_new_pid_namespace(popen) if entry.view is not None else popen()
     except subprocess.SubprocessError as exc:
         raise ZoneError(f"cannot start {argv[0]!r} in the zone: "
                         f"{report.text() or exc}", zone_id=entry.zone_id) from exc
@@ -244,7 +267,31 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
     finally:
         os.close(netns_fd)
         report.close()
-    return ZoneWorkload(popen, barrier)
+    return ZoneWorkload(proc, barrier)
+
+
+def _in_new_pid_namespace(start: Callable[[], subprocess.Popen[bytes]]
+                          ) -> subprocess.Popen[bytes]:
+    """`start()` on a thread of its own that first unshares its PID namespace: the child it
+    forks is PID 1 of a new namespace (unshare(CLONE_NEWPID) sets the namespace of the
+    calling thread's children only, so no other fork of the controller lands there, and a
+    multithreaded process may do it). The zone's processes then see only each other."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+            result["popen"] = start()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="zone-start")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    popen: subprocess.Popen[bytes] = result["popen"]
+    return popen
 
 
 def _resolve(program: str, env: Mapping[str, str], zone_id: str,
@@ -330,9 +377,11 @@ def _remount_in(ns_fd: int, report: _ChildReport) -> Callable[[], None]:
     def enter() -> None:
         step = "entering the zone's mount namespace"
         try:
+            # the zone's /proc is its own PID namespace's, where this helper has no entry
+            proc_dir = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             libc.setns(ns_fd, libc.CLONE_NEWNS)
             step = "remounting read-only"
-            report.say(f"ok {mounts.make_view_readonly()}")
+            report.say(f"ok {mounts.make_view_readonly(proc_dir=proc_dir)}")
         except Exception as exc:
             report.say(f"{step}: {getattr(exc, 'strerror', None) or exc}")
             raise

@@ -10,6 +10,9 @@ import ctypes
 import os
 
 CLONE_NEWNS = 0x0002_0000
+CLONE_NEWCGROUP = 0x0200_0000
+CLONE_NEWIPC = 0x0800_0000
+CLONE_NEWPID = 0x2000_0000
 CLONE_NEWNET = 0x4000_0000
 
 MNT_DETACH = 2
@@ -19,7 +22,7 @@ PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 _mount = _libc.mount
 _mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                   ctypes.c_void_p]
+                   ctypes.c_char_p]
 _umount2 = _libc.umount2
 _umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _setns = _libc.setns
@@ -37,8 +40,10 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int) -> None:
-    _check(_mount(source, target, fstype, flags, None), f"mount {target.decode(errors='replace')}")
+def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
+          data: bytes | None = None) -> None:
+    _check(_mount(source, target, fstype, flags, data),
+           f"mount {target.decode(errors='replace')}")
 
 
 def umount2(target: bytes, flags: int) -> None:

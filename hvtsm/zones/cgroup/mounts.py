@@ -80,9 +80,16 @@ def parse_mountinfo(text: bytes) -> list[MountEntry]:
     return entries
 
 
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+def read_mountinfo(path: str = "/proc/self/mountinfo", *,
+                   proc_dir: int | None = None) -> list[MountEntry]:
+    """The caller's mounts. `proc_dir`: an fd of the caller's /proc/self opened earlier,
+    for a caller that has since joined a zone's mount namespace, whose /proc belongs to
+    the zone's PID namespace and so has no entry for the caller."""
     # plain os calls: this runs in forked children of a multithreaded controller
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if proc_dir is not None:
+        fd = os.open("mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
         while chunk := os.read(fd, 65536):
@@ -105,12 +112,13 @@ def enter_private_mount_ns() -> None:
                 libc.umount2(entry.point, libc.MNT_DETACH)
 
 
-def make_view_readonly() -> int:
+def make_view_readonly(*, proc_dir: int | None = None) -> int:
     """Remount every mount of the caller's mount namespace read-only; returns how many.
     A mount point that no longer resolves (shadowed or gone) is skipped; any other
-    failure raises, so a zone is never believed read-only while a mount stays writable."""
+    failure raises, so a zone is never believed read-only while a mount stays writable.
+    `proc_dir`: as read_mountinfo's."""
     count = 0
-    for entry in read_mountinfo():
+    for entry in read_mountinfo(proc_dir=proc_dir):
         if entry.fstype == "nsfs":
             continue
         try:

@@ -27,6 +27,8 @@ class CgroupZoneState:
     nic: bool = False
     lo_up: bool = False
     user: str | None = None
+    #: the zone's own identity (uid = gid) when its workload runs as ZONE_USER
+    uid: int | None = None
     cwd: str | None = None
     pid: int | None = None
     #: the bind mount that keeps the zone's mount namespace reachable

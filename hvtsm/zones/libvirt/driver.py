@@ -38,6 +38,7 @@ from hvtsm.zones.base import (
     ZoneHandle,
     ZoneSpec,
     ZoneStats,
+    guest_user,
     narrowed,
 )
 from hvtsm.zones.libvirt import guests as guest_names
@@ -94,8 +95,8 @@ class LibvirtDriver:
         zone_id = spec.zone_id
         # a cold zone is its own guest: domain, state dir and tap are named by the zone id
         self.guests.serve(zone_id, zone_id)
-        state = self.guests.boot(zone_id, zone_id, spec.net_index, initial, user=spec.user,
-                                 memory_dump=spec.memory_dump)
+        state = self.guests.boot(zone_id, zone_id, spec.net_index, initial,
+                                 user=guest_user(spec.user), memory_dump=spec.memory_dump)
         handle: Handle = ZoneHandle(zone_id, self.backend, state, Restrictions())
         try:
             if spec.monitor is not None:
@@ -249,7 +250,7 @@ class LibvirtDriver:
         self.guests.attach(state)
         zone_state = load_state(state, str(state["guest"]))
         assert isinstance(zone_state, GuestZoneState)
-        zone_state.user, zone_state.memory_dump = spec.user, spec.memory_dump
+        zone_state.user, zone_state.memory_dump = guest_user(spec.user), spec.memory_dump
         zone_state.bound, zone_state.standby = True, standby
         handle: Handle = ZoneHandle(spec.zone_id, self.backend, zone_state, baseline)
         self._place(handle, spec)

@@ -340,6 +340,8 @@ class Guests:
                     dom.suspend()  # frozen at once; destroy takes a while
                     if dump:
                         self.options.dump_dir.mkdir(parents=True, exist_ok=True)
+                        # a guest's memory holds whatever it read: root's alone
+                        self.options.dump_dir.chmod(0o700)
                         path = self.options.dump_dir / f"{dump_name or guest}.core"
                         dom.coreDumpWithFormat(str(path),
                                                libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,

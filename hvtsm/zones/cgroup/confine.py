@@ -1,0 +1,49 @@
+"""Who a cgroup zone's workload is and what it sees: its identity (hvtsm/zones/identity.py)
+turned into the user it runs as, and its view of the host (view.py) worked out from its
+state, its command line and its restrictions, before the fork."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from hvtsm.agent_stage import ZONE_UNITS, stage_agent
+from hvtsm.restrictions import Restrictions
+from hvtsm.zones.cgroup import view
+from hvtsm.zones.cgroup.launcher import UserInfo
+from hvtsm.zones.cgroup.state import CgroupZoneState
+from hvtsm.zones.identity import Identities, Identity
+
+
+def workload_user(zone_id: str, state: CgroupZoneState) -> UserInfo | None:
+    """The zone's own identity, else the named user, else None (the controller's user)."""
+    if state.uid is not None:
+        return UserInfo.of(Identity(state.uid))
+    if state.user is None:
+        return None
+    return UserInfo.lookup(state.user, zone_id)
+
+
+def zone_view(applied: Restrictions, state: CgroupZoneState, argv: Sequence[str],
+              user: UserInfo | None, readonly: bool, *,
+              keep_run: tuple[bytes, ...]) -> view.ViewSpec:
+    """Everything of the host read-only but the zone's own scratch (sized by its memory
+    limit), with what its command line names in a hidden place bound back read-only."""
+    cwd = state.cwd or os.getcwd()
+    binds = list(view.named_binds(argv, cwd, units=ZONE_UNITS))
+    if state.channel is not None:  # the channel's client library is on its PYTHONPATH
+        binds.append(os.fsencode(stage_agent()))
+    account = None
+    if state.uid is not None and user is not None:
+        account = view.Account(user.name, user.uid, user.gid, user.home)
+    return view.ViewSpec(
+        scratch_size=applied.memory or view.DEFAULT_SCRATCH, host_readonly=True,
+        readonly=readonly, binds=tuple(binds), keep_run=keep_run,
+        cgroups=view.cgroup_mounts(state.cgroups), account=account,
+        workdir=os.fsencode(cwd))
+
+
+def release_identity(identities: Identities, zone_id: str) -> list[str]:
+    """Give back the zone's identity (called once nothing of the zone is left)."""
+    return [f"zone identity {uid}" for uid, owner in identities.claimed().items()
+            if owner == zone_id and identities.release(uid, zone_id)]
