@@ -267,7 +267,8 @@ def named_binds(argv: Sequence[str], cwd: str, *, units: Sequence[Path] = ()) ->
             os.fsencode(path)
         if raw not in out and hidden(os.fsdecode(raw)) and not _is_root(os.fsdecode(raw)):
             out.append(raw)
-    return tuple(out)
+    # a path inside another one bound comes with it
+    return tuple(p for p in out if not any(p.startswith(q + b"/") for q in out))
 
 
 def cgroup_mounts(zone_dirs: Sequence[str], mountinfo: bytes | None = None
