@@ -12,8 +12,9 @@ fields, or raises AdminError naming what went wrong (ok false, with that text).
   /var/tmp are the host's, over 9p) and record the uid's top-level entries already in the
   `shared` directories as known; then delete, recursively, the uid's own top-level
   entries of the `shared` directories that are not known, and fail if one survives;
-  finally make `scratch` fresh (removed, made again 0700 and owned by uid:gid). Result:
-  killed, deleted, rounds, seconds.
+  finally make `scratch` fresh (removed, made again 0700 and owned by uid:gid), and remove
+  the System V IPC objects the uid owns or made (guest_agent/sysvipc.py). Result: killed,
+  deleted, rounds, seconds, ipc_removed.
 * ``link_down`` {iface}: the interface down (SIOCGIFFLAGS / SIOCSIFFLAGS). Result: iface,
   was_up.
 * ``remount_ro`` {path}: the mount at `path` read-only: its superblock (MS_REMOUNT |
@@ -42,6 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from guest_agent import sysvipc
 from guest_agent.mountflags import (
     MS_BIND,
     MS_NOATIME,
@@ -143,6 +145,7 @@ class System:
     mount_tmpfs: Callable[[str], None] = mount_tmpfs
     remount: Callable[[str, int], None] = remount
     sleep: Callable[[float], None] = time.sleep
+    remove_ipc: Callable[[sysvipc.IpcObject], None] = sysvipc.remove
 
 
 # --- scrub ----------------------------------------------------------------------------------
@@ -297,8 +300,15 @@ def scrub(msg: dict[str, Any], system: System) -> dict[str, Any]:
         os.chown(scratch, uid, gid)
     except OSError as e:
         raise AdminError(f"could not make a fresh scratch directory {scratch}: {e}") from None
+    ipc = sysvipc.objects_of(uid, system.proc)
+    try:
+        for obj in ipc:
+            system.remove_ipc(obj)
+    except OSError as e:
+        raise AdminError(f"could not remove the System V IPC objects of uid {uid}: {e}") \
+            from None
     return {"killed": killed, "deleted": len(made), "rounds": rounds,
-            "seconds": round(time.monotonic() - began, 3)}
+            "seconds": round(time.monotonic() - began, 3), "ipc_removed": len(ipc)}
 
 
 # --- link, mount, limit ---------------------------------------------------------------------

@@ -184,7 +184,7 @@ ADMIN_FIELDS = {
 ADMIN_OPS = tuple(ADMIN_FIELDS)
 #: ``admin_result`` of an op that succeeded -> its result fields
 ADMIN_RESULTS = {
-    "scrub": ("killed", "deleted", "rounds", "seconds"),
+    "scrub": ("killed", "deleted", "rounds", "seconds", "ipc_removed"),
     "link_down": ("iface", "was_up"),
     "remount_ro": ("path", "was_ro", "how"),
     "nproc": ("pid", "limit", "previous"),
@@ -392,7 +392,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
                       {"mode": _choice(*STANDBY_MODES)}),
     "admin_result": ({"seq": _seq, "id": _ident, "op": _choice(*ADMIN_OPS), "ok": _bool},
                      {"error": _str, "killed": _size, "deleted": _size, "rounds": _size,
-                      "seconds": _num, "iface": _str, "was_up": _bool, "path": _str,
+                      "ipc_removed": _size, "seconds": _num, "iface": _str, "was_up": _bool,
+                      "path": _str,
                       "was_ro": _bool, "how": _choice("superblock", "bind"), "pid": _int,
                       "limit": _int, "previous": _int_list}),
     # host -> agent

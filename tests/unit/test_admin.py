@@ -5,6 +5,7 @@ for real, each in a namespace or on a process of its own."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent import admin
+from guest_agent import admin, sysvipc
 from guest_agent.protocol import encode, validate
 from guest_agent.workers import AdminRequests
 
@@ -43,6 +44,7 @@ class FakeGuest:
         self.scratch = tmp / "scratch" / "zone"
         self.kills: list[int] = []
         self.mounts: list[str] = []
+        self.removed_ipc: list[sysvipc.IpcObject] = []
         self.pauses = 0
         #: processes that ignore SIGKILL (a survivor)
         self.undying: set[int] = set()
@@ -70,9 +72,15 @@ class FakeGuest:
     def sleep(self, _seconds: float) -> None:
         self.pauses += 1
 
+    def ipc(self, kind: str, header: str, rows: list[str]) -> None:
+        d = self.proc / "sysvipc"
+        d.mkdir(exist_ok=True)
+        (d / kind).write_text("\n".join([header, *rows]) + "\n")
+
     def system(self) -> admin.System:
         return admin.System(proc=str(self.proc), run=str(self.run), kill=self.kill,
-                            mount_tmpfs=self.mount_tmpfs, sleep=self.sleep)
+                            mount_tmpfs=self.mount_tmpfs, sleep=self.sleep,
+                            remove_ipc=self.removed_ipc.append)
 
     def request(self, **over: Any) -> dict[str, Any]:
         msg: dict[str, Any] = {"type": "admin", "id": "a1", "op": "scrub", "uid": UID,
@@ -109,7 +117,7 @@ def test_scrub_kills_round_after_round_and_spares_others(guest: FakeGuest) -> No
     assert guest.kills == [100, 101, 102]
     assert result["killed"] == 3 and result["rounds"] == 2 and guest.pauses == 2
     assert (guest.proc / "200").exists()
-    assert set(result) == {"killed", "deleted", "rounds", "seconds"}
+    assert set(result) == {"killed", "deleted", "rounds", "seconds", "ipc_removed"}
 
 
 def test_a_surviving_process_fails_the_scrub_by_name(guest: FakeGuest) -> None:
@@ -305,3 +313,40 @@ def test_nproc_limits_the_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+SHM_HEADER = ("       key      shmid perms                  size  cpid  lpid nattch   uid   gid  "
+              "cuid  cgid      atime      dtime      ctime                   rss                  "
+              "swap")
+SEM_HEADER = "       key      semid perms      nsems   uid   gid  cuid  cgid      otime      ctime"
+
+
+def test_scrub_removes_the_users_system_v_objects(guest: FakeGuest) -> None:
+    """A segment outlives its maker: the next zone of the same user in the guest must not
+    attach it."""
+    guest.ipc("shm", SHM_HEADER, [
+        f"1213484372 7 666 4096 10 10 0 {UID} {GID} {UID} {GID} 0 0 0 4096 0",
+        f"0 8 600 4096 10 10 0 {OTHER} {GID} {OTHER} {GID} 0 0 0 4096 0",
+        f"0 9 666 4096 10 10 0 {OTHER} {GID} {UID} {GID} 0 0 0 4096 0",  # given away
+    ])
+    guest.ipc("sem", SEM_HEADER, [f"0 3 600 1 {UID} {GID} {UID} {GID} 0 0"])
+    result = admin.scrub(guest.request(), guest.system())
+    assert result["ipc_removed"] == 3
+    assert {(o.kind, o.ident) for o in guest.removed_ipc} == {
+        (sysvipc.Kind.SHM, 7), (sysvipc.Kind.SHM, 9), (sysvipc.Kind.SEM, 3)}
+
+
+@root_only
+def test_system_v_objects_are_found_and_removed_in_the_kernel() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    shmid = libc.shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    assert shmid >= 0
+    try:
+        [found] = [o for o in sysvipc.objects_of(0) if o.kind is sysvipc.Kind.SHM
+                   and o.ident == shmid]
+        sysvipc.remove(found)
+        assert not [o for o in sysvipc.objects_of(0) if o.ident == shmid
+                    and o.kind is sysvipc.Kind.SHM]
+        sysvipc.remove(found)  # already gone: no failure
+    finally:
+        libc.shmctl(shmid, 0, None)

@@ -22,7 +22,7 @@ REQUEST_TIMEOUT = 15.0
 
 #: a guest's directories every user may write to: a pooled guest's scrub deletes what the
 #: workload's user left there, so the next request of the pool finds none of it
-SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
 #: of those, the ones a pooled guest gets a tmpfs of its own on
 PRIVATE_TMP = ("/tmp", "/var/tmp")
 
