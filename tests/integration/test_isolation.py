@@ -57,6 +57,7 @@ def scripts(tmp_path: Path) -> Path:
     line, so its view binds them in read-only)."""
     target = tmp_path / "probes"
     target.mkdir()
+    target.chmod(0o755)
     for name in ("victim.py", "attacker.py"):
         shutil.copy(PROBES / name, target / name)
         (target / name).chmod(0o644)
@@ -97,11 +98,17 @@ def victim_of(tmp_path: Path, scripts: Path) -> Iterator[Any]:
 
 def attack(db: str, policy: str, scripts: Path, victim: Victim, store: Path
            ) -> list[dict[str, Any]]:
-    result = hvtsm(db, "run", "--policy", policy, "--", ZONE_PY,
-                   str(scripts / "attacker.py"), str(victim.pid), str(victim.uid), str(store),
-                   timeout=60)
+    os.environ["PROBE_STORE"] = str(store)
+    try:
+        result = hvtsm(db, "run", "--policy", policy, "--", ZONE_PY,
+                       str(scripts / "attacker.py"), str(victim.pid), str(victim.uid),
+                       timeout=60)
+    finally:
+        del os.environ["PROBE_STORE"]
     assert "Traceback" not in result.stderr, result.stderr
-    return json_lines(result.stdout)
+    lines = json_lines(result.stdout)
+    assert lines, result.stderr
+    return lines
 
 
 def holes(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

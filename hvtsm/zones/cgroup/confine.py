@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 from hvtsm.agent_stage import ZONE_UNITS, stage_agent
+from hvtsm.errors import ZoneError
 from hvtsm.restrictions import Restrictions
 from hvtsm.zones.cgroup import view
 from hvtsm.zones.cgroup.launcher import UserInfo
@@ -47,3 +48,33 @@ def release_identity(identities: Identities, zone_id: str) -> list[str]:
     """Give back the zone's identity (called once nothing of the zone is left)."""
     return [f"zone identity {uid}" for uid, owner in identities.claimed().items()
             if owner == zone_id and identities.release(uid, zone_id)]
+
+
+def describe(spec: view.ViewSpec, user: UserInfo | None) -> str:
+    """The start notice's word on it (audited with the zone's start)."""
+    who = f"identity {user.name}" if user is not None and spec.account is not None else \
+        f"user {user.name}" if user is not None else "the controller's user"
+    binds = f"; {len(spec.binds)} path(s) of the command line bound in read-only" \
+        if spec.binds else ""
+    return (f"{who}; own PID, IPC, cgroup and network namespaces; private /tmp, /var/tmp, "
+            f"/dev/shm and /run (at most {spec.scratch_size >> 20} MiB each); the rest of "
+            f"the host read-only{binds}")
+
+
+def verify(pid: int, user: UserInfo | None, zone_id: str) -> None:
+    """The effect, read back from the kernel: the workload runs as the zone's user, in a
+    PID namespace of its own. A workload already gone has nothing left to check."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except FileNotFoundError:
+        return
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uids = {int(x) for x in fields.get("Uid", "").split()}
+    nspid = fields.get("NSpid", "").split()
+    if user is not None and uids and uids != {user.uid}:
+        raise ZoneError(f"the workload runs as uid(s) {sorted(uids)}, not {user.uid}: "
+                        "the zone is not isolated", zone_id=zone_id)
+    if len(nspid) == 1:  # a zombie shows none; one entry: the host's namespace
+        raise ZoneError("the workload runs in the host's PID namespace: the zone is not "
+                        "isolated", zone_id=zone_id)

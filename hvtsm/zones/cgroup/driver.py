@@ -173,6 +173,8 @@ class CgroupDriver:
         procs_files = tuple(str(p) for p in cgroup.procs_files())
         user = confine.workload_user(zone_id, state)
         readonly = handle.applied.filesystem is FilesystemMode.RO
+        seen = confine.zone_view(handle.applied, state, argv, user, readonly,
+                                 keep_run=self._keep_run)
         entry = launcher.Entry(
             zone_id=zone_id,
             procs_files=procs_files,
@@ -181,8 +183,7 @@ class CgroupDriver:
             user=user,
             watch=self.agents.watch(zone_id, state, handle.applied, procs_files[0],
                                     cgroup.oom_file()),
-            view=confine.zone_view(handle.applied, state, argv, user, readonly,
-                                   keep_run=self._keep_run),
+            view=seen,
         )
         env: Mapping[str, str] | None = self._envs.pop(zone_id, None)
         if state.channel is not None:
@@ -196,6 +197,9 @@ class CgroupDriver:
         # zone's making, told with its start: wait until it has been delivered
         self.agents.flush(zone_id)
         state.pid = workload.pid
+        # a failure here fails the start: whoever started it ends the zone
+        confine.verify(workload.pid, user, zone_id)
+        state.isolation = confine.describe(seen, user)
         state.ns_ref = self._pin_mount_ns(zone_id, workload.pid)
         return workload
 

@@ -40,13 +40,15 @@ class CgroupZoneState:
     channel: str | None = None
     #: the policy's part of the agent's profile (None: not watched)
     monitor: dict[str, Any] | None = None
+    #: how the workload is kept apart (confine.describe), said with its start
+    isolation: str | None = None
     version: int = STATE_VERSION
 
     def to_json(self) -> dict[str, Any]:
         return stored.dump(self)
 
     def facts(self) -> StartFacts:
-        return StartFacts()
+        return StartFacts(notes=(f"isolation: {self.isolation}",) if self.isolation else ())
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,8 @@
 """Hostile code that has read hvtsm's source, run in one zone against another: each probe
 prints one JSON line {"probe", "reached", "detail"}; `reached` true is a hole.
 
-argv: the victim workload's host pid, the victim's uid, the store file path."""
+argv: the victim workload's host pid, the victim's uid; $PROBE_STORE: the store file
+(not on the command line, which would bring its directory into the zone's view)."""
 
 import contextlib
 import ctypes
@@ -14,7 +15,7 @@ import sys
 
 VICTIM_PID = int(sys.argv[1])
 VICTIM_UID = int(sys.argv[2])
-STORE = sys.argv[3]
+STORE = os.environ["PROBE_STORE"]
 SHM_KEY = 0x48565453
 PTRACE_ATTACH = 16
 libc = ctypes.CDLL(None, use_errno=True)
