@@ -14,11 +14,10 @@ from sqlmodel import col, select
 
 from hvtsm.analysis import Report, analyze
 from hvtsm.errors import InvokeError
+from hvtsm.limits import MAX_CODE_BYTES
 from hvtsm.store import Store
 from hvtsm.store.invoke_models import StoredCode
 
-#: larger code is refused: it travels through the store and the guest's 9p root
-MAX_CODE_BYTES = 16 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _SUFFIX = {"python": ".py", "shell": ".sh", "elf": ""}
 
