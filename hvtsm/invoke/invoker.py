@@ -31,6 +31,7 @@ from hvtsm.errors import HvtsmError, InvokeError, ZoneError
 from hvtsm.invoke.code import get_code, put_code
 from hvtsm.invoke.plan import command, exec_targets, runtime_for, segment_choice
 from hvtsm.lifecycle import Manager, Outcome, ZoneRun
+from hvtsm.limits import MAX_OUTPUT  # bytes of each output stream kept in the result
 from hvtsm.policy import Policy, load_policy
 from hvtsm.policy.catalog import default_policy_path, resolve
 from hvtsm.pool.rules import PoolKey
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 #: path (not under /var/lib/hvtsm, which the default policy holds sensitive, nor /run,
 #: which is the guest's own tmpfs)
 SPOOL = Path("/var/spool/hvtsm/invoke")
-#: bytes of each output stream kept in the result (the rest is counted, not kept)
-MAX_OUTPUT = 4 * 1024 * 1024
 DEFAULT_TRUST = "untrusted"
 
 
