@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from hvtsm.cli.exits import EXIT_USAGE, from_outcome
@@ -73,7 +72,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             raise InvokeError(f"{args.path}: {exc}") from None
         except OSError as exc:
             raise InvokeError(f"cannot read {args.path}: {exc.strerror or exc}") from None
-        name = Path(args.path).name
+        name = args.path  # stored under its base name; errors name it as given
     store = Store(args.db)
     if args.store_only:
         if code is None:

@@ -162,18 +162,14 @@ def _relay(zone_id: str, stream: str, pipe: IO[bytes]) -> None:
     longer line (a workload may write 500 MB without a newline) goes out as several events,
     all but its last marked "partial". Reads are bounded chunks, never a whole line, so
     the controller holds at most about two events' worth of a stream at any time."""
-    import codecs
-
     from hvtsm.limits import MAX_OUTPUT_EVENT
 
     read = getattr(pipe, "read1", pipe.read)
-    # a character cut by an event's end is decoded whole at the start of the next one
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def emit(data: bytes, partial: bool, final: bool = False) -> None:
+    def emit(data: bytes, partial: bool) -> None:
         extra: dict[str, Any] = {"partial": True} if partial else {}
         emit_json("output", time.time(), zone=zone_id, stream=stream,
-                  data=decoder.decode(data, final=final), **extra)
+                  data=data.decode("utf-8", errors="replace"), **extra)
 
     pending = b""
     try:
@@ -185,13 +181,17 @@ def _relay(zone_id: str, stream: str, pipe: IO[bytes]) -> None:
                     emit(data[at:newline + 1], partial=False)
                     at = newline + 1
                 elif len(data) - at > MAX_OUTPUT_EVENT:  # more follows: not the line's end
-                    emit(data[at:at + MAX_OUTPUT_EVENT], partial=True)
-                    at += MAX_OUTPUT_EVENT
+                    cut = at + MAX_OUTPUT_EVENT
+                    # never inside a UTF-8 character (at most 3 continuation bytes back)
+                    while cut > at + MAX_OUTPUT_EVENT - 3 and data[cut] & 0xC0 == 0x80:
+                        cut -= 1
+                    emit(data[at:cut], partial=True)
+                    at = cut
                 else:
                     break
             pending = data[at:]
         if pending:  # the last line, without a newline
-            emit(pending, partial=False, final=True)
+            emit(pending, partial=False)
     finally:
         pipe.close()
 

@@ -4,6 +4,8 @@ pass `host_cpus` themselves)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hvtsm.policy import loader
@@ -14,3 +16,17 @@ FAKE_HOST_CPUS = frozenset(range(8))
 @pytest.fixture(autouse=True)
 def _eight_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader, "_online_cpus", lambda: FAKE_HOST_CPUS)
+
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the fuzz tests skip themselves
+    pass
+else:
+    # modest and reproducible by default (no example database left in the tree);
+    # HYPOTHESIS_PROFILE=thorough for a long run
+    settings.register_profile("ci", max_examples=150, database=None, derandomize=False,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("thorough", max_examples=2000, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
