@@ -74,3 +74,12 @@ def read_regular(path: str | os.PathLike[str], limit: int, *,
         return read_fd(fd, limit, what=what)
     finally:
         os.close(fd)
+
+
+def read_tail(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The last `limit` bytes of a log file, however long it grew (OSError as for open)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            f.seek(size - limit)
+        return f.read(limit)

@@ -115,7 +115,8 @@ def parse_policy(raw: bytes, *, source: str, host_cpus: frozenset[int] | None = 
     except ShapeError as exc:
         phase, field = where(exc.path)
         raise PolicyError(exc.message, file=source, phase=phase, field=field) from None
-    return _Builder(source, host_cpus).policy(doc, hashlib.sha256(raw).hexdigest())
+    policy = _Builder(source, host_cpus).policy(doc, hashlib.sha256(raw).hexdigest())
+    return replace(policy, text=raw.decode("utf-8"))
 
 
 def _online_cpus() -> frozenset[int]:

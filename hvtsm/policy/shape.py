@@ -5,7 +5,7 @@ long its arrays, tables, keys and strings are, and that every number is one a zo
 
 Limits (hvtsm.limits): MAX_NESTING levels of tables and arrays, MAX_ITEMS entries per array
 or table (fewer for the fields in FIELD_LIMITS), MAX_KEY characters per key, MAX_STRING
-per string.
+per string (MAX_GLOB_LENGTH per glob).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from hvtsm.limits import (
     MAX_CHANNELS,
     MAX_EGRESS,
+    MAX_GLOB_LENGTH,
     MAX_GLOBS,
     MAX_ITEMS,
     MAX_KEY,
@@ -37,6 +38,8 @@ FIELD_LIMITS: dict[str, tuple[int, str]] = {
                     (MAX_GLOBS, "globs")),
     "deny_syscalls": (MAX_GLOBS, "syscall names"),
 }
+#: fields whose strings are globs, shorter than other strings
+GLOB_FIELDS = frozenset({"sensitive_paths", "allow_exec", "deny_exec", "expect_exec"})
 _INT_BOUND = 2**63
 
 
@@ -85,9 +88,10 @@ def check_shape(doc: dict[str, Any]) -> None:
                 children = [(v, (*path, i), depth + 1) for i, v in enumerate(value)]
             stack.extend(reversed(children))  # the document's order: the first error first
         elif isinstance(value, str):
-            if len(value) > MAX_STRING:
-                raise ShapeError(f"a string of {len(value)} characters; at most {MAX_STRING}",
-                                 path)
+            glob = len(path) >= 2 and path[-2] in GLOB_FIELDS
+            most, noun = (MAX_GLOB_LENGTH, "glob") if glob else (MAX_STRING, "string")
+            if len(value) > most:
+                raise ShapeError(f"a {noun} of {len(value)} characters; at most {most}", path)
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise ShapeError(f"{value} is not a number a zone can use (no NaN or infinity "

@@ -353,3 +353,12 @@ def test_tighter_of_two_large_allow_lists_is_fast() -> None:
     both = Restrictions(egress=a).tighter(Restrictions(egress=b))
     assert time.monotonic() - started < 0.5
     assert both.egress == a
+
+
+def test_a_policy_keeps_the_text_it_was_validated_from(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    text = HEAD + ZERO + "pids = 9\n"
+    path.write_text(text)
+    policy = load_policy(path)
+    path.write_text(HEAD + ZERO + "pids = 99999\n")  # changed after it was read
+    assert policy.text == text

@@ -130,3 +130,12 @@ def test_an_elf_within_the_limit_is_still_read() -> None:
     started = time.monotonic()
     report = analyze("/bin/true")
     assert report.language == "elf" and time.monotonic() - started < 2
+
+
+def test_log_tails_are_read_from_the_end(tmp_path: Path) -> None:
+    from hvtsm.files import read_tail
+
+    log = sparse(tmp_path / "console.log", 50 * 1024 * 1024)
+    with log.open("ab") as f:
+        f.write(b"last words\n")
+    assert read_tail(log, 11) == b"last words\n"
