@@ -30,6 +30,7 @@ from hvtsm.files import FileRefused, read_regular
 from hvtsm.limits import (
     MAX_CHANNEL_MESSAGE,
     MAX_CHANNEL_RATE,
+    MAX_CPU,
     MAX_CPU_QUOTA,
     MAX_EGRESS,
     MAX_FACTOR,
@@ -76,6 +77,9 @@ _MATCH_FIELDS = ("role", "capability")
 _SYSCALL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _WHAT = "a policy file (TOML)"
+#: `host_cpus` for a policy already in force (a zone `resume` adopts): its CPUs were this
+#: host's when the zone was made, and the zone must be followed to its end regardless
+EVERY_CPU = frozenset(range(MAX_CPU + 1))
 
 
 def load_policy(path: str | Path, *, host_cpus: frozenset[int] | None = None) -> Policy:

@@ -1,6 +1,7 @@
 """Unit tests see a host of 8 CPUs, whatever runs them: the policies they load pin zones to
 CPUs 0-1, and a policy naming CPUs the host lacks is refused (tests that are about that
-pass `host_cpus` themselves)."""
+pass `host_cpus` themselves). The property-based tests run the `ci` hypothesis profile
+(150 examples, no example database) unless HYPOTHESIS_PROFILE says `thorough`."""
 
 from __future__ import annotations
 

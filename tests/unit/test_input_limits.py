@@ -60,6 +60,14 @@ def test_cpus_the_host_lacks_are_refused() -> None:
     assert load(HEAD + ZERO + 'cpus = "1"\n', host_cpus=frozenset({0, 1})).initial().cpus == {1}
 
 
+def test_a_zone_adopted_by_resume_keeps_its_cpus() -> None:
+    from hvtsm.policy.loader import EVERY_CPU
+
+    # the zone exists already: a CPU gone offline since must not stop its adoption
+    policy = load(HEAD + ZERO + 'cpus = "0-63"\n', host_cpus=EVERY_CPU)
+    assert policy.initial().cpus == frozenset(range(64))
+
+
 def test_cpus_are_checked_against_the_online_cpus(tmp_path: Path) -> None:
     online = tmp_path / "devices" / "system" / "cpu" / "online"
     online.parent.mkdir(parents=True)
