@@ -35,6 +35,9 @@ AT_FDCWD = -100
 METADATA = struct.Struct("<IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 RESPONSE = struct.Struct("<iI")
 MAX_MARKS = 4096
+#: directories one expansion may walk for '**' components, all globs together: a list of
+#: globs that match nothing would otherwise walk the whole tree once per '**'
+MAX_WALKED = 8 * MAX_MARKS
 
 
 class Event:
@@ -64,12 +67,13 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS,
     """What to mark for `globs`: [(path, is_dir)] (a directory is marked with
     FAN_EVENT_ON_CHILD so files created in it later are covered too) and warnings. A glob
     whose last component is literal marks that file alone; otherwise the directories its
-    files may be in. The walk stops at `limit` marks and skips what it cannot read.
-    `consulted` receives every directory whose entries decided the result (see
-    ExpandCache)."""
+    files may be in. The walk stops at `limit` marks or MAX_WALKED directories walked, and
+    skips what it cannot read. `consulted` receives every directory whose entries decided
+    the result (see ExpandCache)."""
     out: dict[str, bool] = {}
     warnings: list[str] = []
     seen: set[str] = set() if consulted is None else consulted
+    walk_left = MAX_WALKED
 
     def add(path: str, is_dir: bool) -> bool:
         if path not in out:
@@ -79,7 +83,10 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS,
         return True
 
     for glob in globs:
-        parts = [p for p in glob.split("/") if p]
+        parts: list[str] = []
+        for p in glob.split("/"):
+            if p and not (p == "**" and parts[-1:] == ["**"]):
+                parts.append(p)
         if not parts:
             continue
         current = ["/"]
@@ -87,10 +94,22 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS,
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             nxt: list[str] = []
+            walked_now: set[str] = set()
             for base in current:
                 seen.add(base)
                 if part == "**":
-                    walked = list(_walk_dirs(base, limit + 1))
+                    if walk_left <= 0:
+                        full = False
+                        continue
+                    if len(nxt) > limit or base in walked_now:
+                        # walked already from a directory above it (bases come top-down),
+                        # or enough found: a glob with several '**' must not walk the same
+                        # tree once per base
+                        continue
+                    found = list(_walk_dirs(base, min(limit + 1 - len(nxt), walk_left)))
+                    walk_left -= len(found)
+                    walked = [d for d in found if d not in walked_now]
+                    walked_now.update(walked)
                     seen.update(walked)
                     nxt.extend(walked)
                 elif last:
@@ -121,6 +140,10 @@ def expand(globs: tuple[str, ...], limit: int = MAX_MARKS,
                             full = add(base, True) and full
                             continue
                         full = add(path, stat.S_ISDIR(st.st_mode)) and full
+        if walk_left <= 0:
+            warnings.append(f"sensitive paths: stopped after walking {MAX_WALKED} "
+                            f"directories ({glob})")
+            break
         if not full:
             warnings.append(f"sensitive paths: stopped at {limit} marks ({glob})")
             break

@@ -7,10 +7,17 @@ are read from these declarations.
 Globs: ``*`` and ``?`` stay within one path component, ``**`` spans directories (``/a/**``
 matches everything below /a, ``/a/**/b`` also /a/b). sensitive_paths must be absolute; an
 exec glob that does not start with ``/`` matches at any depth (``*/sh`` is any ``.../sh``).
+
+Limits (a profile beyond them is a ProfileError naming the field and the limit): at most
+MAX_PROFILE_LIST entries per list, MAX_GLOB_LENGTH characters per glob, MAX_DOUBLESTARS
+``**`` components per glob (runs such as ``/**/**`` count once and are kept collapsed), and
+``**`` only as a whole component. Matching takes time linear in the path for each piece of
+a glob, whatever the glob and the path (see `glob_regex`).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import posixpath
@@ -31,6 +38,17 @@ MAX_SAMPLE = 10.0
 MAX_HOLD = 60.0
 DEFAULT_HOLD = 5.0
 
+#: items of any list field of a profile (globs, syscall names, egress entries)
+MAX_PROFILE_LIST = 1024
+#: characters of one glob a policy writes
+MAX_GLOB_LENGTH = 1024
+#: '**' components of one glob, after runs of them are collapsed ('/a/**/**' is '/a/**')
+MAX_DOUBLESTARS = 8
+#: the host's list of foreseen programs (transient.expect_exec): the policy's globs, the
+#: workload's own program and what the analysis found; each at most PATH_MAX characters
+MAX_EXPECTED_PROGRAMS = 4096
+MAX_PROGRAM_PATH = 4096
+
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
@@ -44,41 +62,118 @@ class ProfileError(ValueError):
         super().__init__(f"monitor.{field}: {message}" if field else f"monitor: {message}")
 
 
-_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
+# Globs are matched by regexes built so that they cannot backtrack catastrophically: a
+# plain translation ('**' as '.*', '*' as '[^/]*') takes time of the order of
+# len(path) ** (number of stars) on a path that almost matches, which a workload chooses.
+# Here '**' is a whole component (any number of components), '*' stays within one, and
+# every star but the last of its kind commits to its leftmost fit, as the classic wildcard
+# matcher does (a later fit never helps: the next star absorbs the difference). Python 3.9
+# has no atomic groups; a lookahead is atomic, so "(?=(?P<g>X))(?P=g)" is X, committed.
+# Each piece is then tried at most once per position: linear in the path for each piece.
+
+_ANY_COMPONENTS = "(?:[^/]*/)*"
 
 
-def glob_regex(glob: str) -> re.Pattern[str]:
-    """The compiled regex of a path glob (see the module docstring)."""
-    cached = _GLOB_CACHE.get(glob)
-    if cached is not None:
-        return cached
-    pattern = glob if glob.startswith("/") else "**/" + glob
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
+def _collapsed(parts: list[str]) -> list[str]:
+    out: list[str] = []
+    for part in parts:
+        if part != "**" or not out or out[-1] != "**":
+            out.append(part)
+    return out
+
+
+def _components(glob: str) -> list[str]:
+    """The glob's components, '**' runs collapsed; a relative glob ('*/sh', 'busybox')
+    matches at any depth, so it starts with '**'."""
+    parts = glob.split("/")
+    return _collapsed(parts if glob.startswith("/") else ["**", *parts])
+
+
+class _Names:
+    """Group names unique within one regex."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def committed(self, inner: str) -> str:
+        self.count += 1
+        name = f"g{self.count}"
+        return f"(?=(?P<{name}>{inner}))(?P={name})"
+
+
+def _block(text: str) -> str:
+    return "".join("[^/]" if c == "?" else re.escape(c) for c in text)
+
+
+def _component(part: str, names: _Names) -> str:
+    """One component: blocks between '*'s, the first anchored at the component's start,
+    the last at its end (the '/' or the end of the path that follows), the middle ones
+    committed to their leftmost fit. '**' within a name is '*' there."""
+    blocks = part.split("*")
+    if len(blocks) == 1:
+        return _block(part)
+    middle = "".join(names.committed("[^/]*?" + _block(b)) for b in blocks[1:-1] if b)
+    return _block(blocks[0]) + middle + "[^/]*" + _block(blocks[-1])
+
+
+def _translate(glob: str) -> str:
+    parts = _components(glob)
+    if parts[-1] == "**":
+        # a trailing '**' is at least one more component: '/a/**' is what lies below /a
+        parts.append("*")
+    names = _Names()
+    # pieces: the components before the first '**', then those after each '**'
+    pieces: list[list[str]] = [[]]
+    for part in parts:
+        if part == "**":
+            pieces.append([])
         else:
-            out.append(re.escape(c))
-            i += 1
-    compiled = re.compile("".join(out), re.DOTALL)
-    _GLOB_CACHE[glob] = compiled
-    return compiled
+            pieces[-1].append(part)
+    total = len(parts) - parts.count("**")
+    seen = 0
+    out: list[str] = []
+    for index, piece in enumerate(pieces):
+        text = ""
+        for part in piece:
+            seen += 1
+            text += _component(part, names) + ("/" if seen < total else "")
+        if index == 0:
+            out.append(text)
+        elif index < len(pieces) - 1:
+            out.append(names.committed("(?:[^/]*/)*?" + text))
+        else:
+            out.append(_ANY_COMPONENTS + text)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def glob_regex(glob: str) -> re.Pattern[str]:
+    """The compiled regex of a path glob (see the module docstring), for `fullmatch`."""
+    return re.compile(_translate(glob), re.DOTALL)
 
 
 def glob_match(glob: str, path: str) -> bool:
     return glob_regex(glob).fullmatch(path) is not None
+
+
+def canonical_glob(glob: str) -> str:
+    """`glob` as a policy may write it, with '**' runs collapsed; ValueError saying why it
+    cannot be used."""
+    if not glob:
+        raise ValueError("empty glob")
+    if len(glob) > MAX_GLOB_LENGTH:
+        raise ValueError(f"a glob of {len(glob)} characters; at most {MAX_GLOB_LENGTH}")
+    if "\0" in glob:
+        raise ValueError("a glob with a NUL character (no path has one)")
+    parts = _collapsed(glob.split("/"))
+    for part in parts:
+        if "**" in part and part != "**":
+            raise ValueError(f"{part[:60]!r}: '**' spans directories only as a whole "
+                             "component (/a/**/b); within a name write '*'")
+    stars = parts.count("**")
+    if stars > MAX_DOUBLESTARS:
+        raise ValueError(f"{stars} '**' components; at most {MAX_DOUBLESTARS} per glob")
+    return "/".join(parts)
 
 
 def first_match(globs: tuple[str, ...], path: str) -> str | None:
@@ -189,6 +284,13 @@ class TransientWatch:
                                                             for x in v):
                 raise ProfileError("must be a list of non-empty strings",
                                    field=f"transient.{name}")
+            if len(v) > MAX_EXPECTED_PROGRAMS:
+                raise ProfileError(f"{len(v)} entries; at most {MAX_EXPECTED_PROGRAMS}",
+                                   field=f"transient.{name}")
+            longest = max(v, key=len, default="")
+            if len(longest) > MAX_PROGRAM_PATH:
+                raise ProfileError(f"an entry of {len(longest)} characters; at most "
+                                   f"{MAX_PROGRAM_PATH} (PATH_MAX)", field=f"transient.{name}")
             values[name] = tuple(dict.fromkeys(v))
         for t in values["triggers"]:
             if t not in CODE_PATH_TRIGGERS:
@@ -346,10 +448,16 @@ class Profile:
         return f"connect to {shown} is outside the egress allow-list"
 
 
-def _strings(name: str, value: Any) -> tuple[str, ...]:
+def _strings(name: str, value: Any, most: int = MAX_PROFILE_LIST) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
         raise ProfileError("must be a list of strings", field=name)
+    if len(value) > most:
+        raise ProfileError(f"{len(value)} entries; at most {most}", field=name)
     return tuple(value)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
 
 
 def _check(kind: str, name: str, value: Any) -> Any:
@@ -361,20 +469,25 @@ def _check(kind: str, name: str, value: Any) -> Any:
                 numbers(items)
             except ValueError as e:
                 raise ProfileError(str(e), field=name) from None
+        out = []
         for item in items:
             if kind == "paths" and not item.startswith("/"):
-                raise ProfileError(f"{item!r} is not absolute", field=name)
-            if kind == "globs" and not item:
-                raise ProfileError("empty glob", field=name)
-            if kind == "globs" and not item.startswith(("/", "*")):
-                raise ProfileError(f"{item!r} must start with '/' (a path) or '*' (any "
+                raise ProfileError(f"{_short(item)} is not absolute", field=name)
+            if kind == "globs" and item and not item.startswith(("/", "*")):
+                raise ProfileError(f"{_short(item)} must start with '/' (a path) or '*' (any "
                                    "directory, like '*/sh')", field=name)
+            if kind in ("paths", "globs"):
+                try:
+                    item = canonical_glob(item)
+                except ValueError as e:
+                    raise ProfileError(str(e), field=name) from None
             if kind == "egress":
                 try:
                     parse_egress(item)
                 except ValueError as e:
                     raise ProfileError(str(e), field=name) from None
-        return items
+            out.append(item)
+        return tuple(out)
     if kind == "bool":
         if not isinstance(value, bool):
             raise ProfileError("must be true or false", field=name)
@@ -403,6 +516,7 @@ PROFILE_FIELDS = {f.name: str(f.metadata["doc"]) for f in fields(Profile)}
 #: the fields a policy's [anomaly] table sets (the host adds the network ones per phase)
 POLICY_FIELDS = tuple(f.name for f in fields(Profile) if f.metadata["policy"])
 
-__all__ = ["CONTAINS", "NETWORKS", "POLICY_FIELDS", "PROFILE_FIELDS", "EgressRule", "Profile",
-           "ProfileError", "TransientWatch", "first_match", "glob_match", "glob_regex",
-           "is_local", "normalize", "parse_egress"]
+__all__ = ["CONTAINS", "MAX_DOUBLESTARS", "MAX_EXPECTED_PROGRAMS", "MAX_GLOB_LENGTH",
+           "MAX_PROFILE_LIST", "MAX_PROGRAM_PATH", "NETWORKS", "POLICY_FIELDS", "PROFILE_FIELDS",
+           "EgressRule", "Profile", "ProfileError", "TransientWatch", "canonical_glob",
+           "first_match", "glob_match", "glob_regex", "is_local", "normalize", "parse_egress"]

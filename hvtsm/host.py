@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvtsm.errors import HostError
+from hvtsm.units import parse_cpuset
 
 #: cgroup controllers a cgroup zone uses (cpuacct only for statistics)
 ZONE_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "freezer")
@@ -161,3 +162,18 @@ def require_cgroup_host(caps: HostCapabilities) -> None:
     if caps.ip is None:
         raise HostError("the `ip` command (iproute2) is missing: cgroup zones need it for "
                         "their network namespaces", hint="apt-get install iproute2")
+
+
+def online_cpus(sysfs_root: Path = Path("/sys")) -> frozenset[int]:
+    """The CPUs a zone may be pinned to: those online (a zone's cpuset lies within the root
+    cpuset, whatever this process's own affinity), else this process's affinity."""
+    text = _read(sysfs_root / "devices" / "system" / "cpu" / "online")
+    if text:
+        try:
+            return parse_cpuset(text)
+        except ValueError:
+            pass
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except OSError:
+        return frozenset(range(os.cpu_count() or 1))

@@ -2,16 +2,24 @@
 
 A policy phase names only what it changes; the zone drivers always receive the full,
 accumulated `Restrictions`, so applying one twice is harmless.
+
+Comparing two egress allow-lists (is every later rule covered by an earlier one?) goes
+through an `EgressIndex` of the earlier rules: each later rule looks up only the networks
+that contain it, one per prefix length the earlier rules use (at most 33 for IPv4, 129 for
+IPv6), so a policy's validation stays linear in its egress entries (hvtsm.limits MAX_EGRESS
+per phase) instead of comparing every pair.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from hvtsm.limits import shown
 from hvtsm.units import format_cpuset, format_size
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,7 +69,7 @@ class EgressRule:
             network = ipaddress.ip_network(host.strip(), strict=False)
         except ValueError:
             raise ValueError(
-                f"{text!r}: {host!r} is not an IP address or network; write e.g. "
+                f"{shown(text)}: {shown(host)} is not an IP address or network; write e.g. "
                 "'192.0.2.10:443' (host names are not resolved: DNS may change under a zone)"
             ) from None
         if not port:
@@ -69,12 +77,21 @@ class EgressRule:
         lo_s, sep, hi_s = port.partition("-")
         if not lo_s.isdigit() or (sep and not hi_s.isdigit()):
             raise ValueError(
-                f"{text!r}: {port!r} is not a port or port range like '443' or '8000-8100'"
+                f"{shown(text)}: {shown(port)} is not a port or port range like '443' or "
+                "'8000-8100'"
             )
+        if len(lo_s) > 5 or len(hi_s) > 5:  # int() of thousands of digits is slow
+            raise ValueError(f"{shown(text)}: ports must lie in 1-65535")
         lo, hi = int(lo_s), int(hi_s) if sep else int(lo_s)
         if not (1 <= lo <= hi <= 65535):
-            raise ValueError(f"{text!r}: ports must lie in 1-65535, low before high")
+            raise ValueError(f"{shown(text)}: ports must lie in 1-65535, low before high")
         return cls(network, lo, hi)
+
+    def sort_key(self) -> tuple[int, int, int, int, int]:
+        """An order over IPv4 and IPv6 rules alike (networks of two versions do not
+        compare)."""
+        return (self.network.version, int(self.network.network_address),
+                self.network.prefixlen, self.port_low or 0, self.port_high or 0)
 
     def covers(self, other: EgressRule) -> bool:
         """True when everything `other` allows is allowed by this rule."""
@@ -100,6 +117,55 @@ class EgressRule:
             f"{self.port_low}-{self.port_high}"
         )
         return f"{host}:{ports}"
+
+
+class EgressIndex:
+    """Rules indexed by network, to answer "does one of them cover this rule?" by looking
+    up the rule's supernets, not by comparing it with every rule."""
+
+    def __init__(self, rules: Iterable[EgressRule]) -> None:
+        #: (version, prefix length, network address) -> the rules on exactly that network
+        self._nets: dict[tuple[int, int, int], list[EgressRule]] = {}
+        for rule in rules:
+            net = rule.network
+            self._nets.setdefault((net.version, net.prefixlen, int(net.network_address)),
+                                  []).append(rule)
+        self._prefixes = {v: sorted({p for ver, p, _ in self._nets if ver == v}, reverse=True)
+                          for v in (4, 6)}
+        #: per network: any port at all, and the port ranges sorted by their low port with
+        #: the highest high port so far (a range covers [lo, hi] when one starting at or
+        #: below lo reaches hi)
+        self._ports: dict[tuple[int, int, int], tuple[bool, list[int], list[int]]] = {}
+        for key, on_net in self._nets.items():
+            ranges = sorted((r.port_low, r.port_high) for r in on_net
+                            if r.port_low is not None and r.port_high is not None)
+            reach: list[int] = []
+            for _, high in ranges:
+                reach.append(max(high, reach[-1]) if reach else high)
+            self._ports[key] = (any(r.port_low is None for r in on_net),
+                                [low for low, _ in ranges], reach)
+
+    def covers(self, rule: EgressRule) -> bool:
+        """Whether one indexed rule allows everything `rule` allows (EgressRule.covers)."""
+        net = rule.network
+        bits = net.max_prefixlen
+        address = int(net.network_address)
+        for prefix in self._prefixes[net.version]:
+            if prefix > net.prefixlen:
+                continue
+            mask = ((1 << prefix) - 1) << (bits - prefix)
+            ports = self._ports.get((net.version, prefix, address & mask))
+            if ports is None:
+                continue
+            any_port, lows, reach = ports
+            if any_port:
+                return True
+            if rule.port_low is None or rule.port_high is None:
+                continue
+            at = bisect.bisect_right(lows, rule.port_low)
+            if at and reach[at - 1] >= rule.port_high:
+                return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -132,12 +198,13 @@ class Restrictions:
             if later.egress is None:
                 out.append(("egress", "drops the earlier egress allow-list"))
             else:
-                wider = [r for r in later.egress if not any(e.covers(r) for e in self.egress)]
+                earlier = EgressIndex(self.egress)
+                wider = [r for r in later.egress if not earlier.covers(r)]
                 if wider:
                     out.append((
                         "egress",
-                        "allows " + ", ".join(map(str, wider)) + " which the earlier allow-list "
-                        f"({', '.join(map(str, self.egress))}) does not",
+                        "allows " + _some(wider) + " which the earlier allow-list "
+                        f"({_some(self.egress)}) does not",
                     ))
         for name in ("cpu_shares", "cpu_quota", "memory", "pids"):
             before, after = getattr(self, name), getattr(later, name)
@@ -168,9 +235,10 @@ class Restrictions:
         elif other.egress is None:
             egress = self.egress
         else:  # destinations both allow: each side's rules the other side covers
-            both = [r for r in self.egress if any(e.covers(r) for e in other.egress)]
-            both += [r for r in other.egress if any(e.covers(r) for e in self.egress)]
-            egress = tuple(sorted(set(both)))
+            theirs, ours = EgressIndex(other.egress), EgressIndex(self.egress)
+            both = [r for r in self.egress if theirs.covers(r)]
+            both += [r for r in other.egress if ours.covers(r)]
+            egress = tuple(sorted(set(both), key=EgressRule.sort_key))
         cpus = self.cpus if other.cpus is None else other.cpus if self.cpus is None else (
             self.cpus & other.cpus or other.cpus)
         return Restrictions(
@@ -220,6 +288,13 @@ class Restrictions:
             pids=data.get("pids"),
             filesystem=FilesystemMode(str(data.get("filesystem", "rw"))),
         )
+
+
+def _some(rules: Iterable[EgressRule], most: int = 5) -> str:
+    """The first few rules, for a message that must stay readable with a thousand."""
+    listed = list(rules)
+    text = ", ".join(map(str, listed[:most]))
+    return text + (f" and {len(listed) - most} more" if len(listed) > most else "")
 
 
 def _least(a: N | None, b: N | None) -> N | None:

@@ -3,6 +3,10 @@
 `analyze(path)` picks the reader by content (ELF magic, then a shebang, then the suffix)
 and returns a `Report`; input it cannot read raises `AnalysisError`, never anything else.
 A Python program's report also covers the modules it imports from its own directory.
+
+What it reads must be a regular file (a FIFO, a device or a directory is refused from its
+stat, before it is opened for reading: /dev/zero never ends, a FIFO never opens) of at
+most MAX_SOURCE_BYTES for a script or MAX_BINARY_BYTES for an ELF file (hvtsm.limits).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from hvtsm.analysis.python_source import analyze_python, parse
 from hvtsm.analysis.risk import risk_of
 from hvtsm.analysis.shell import analyze_shell
 from hvtsm.errors import AnalysisError
+from hvtsm.files import FileRefused, open_regular, read_fd
+from hvtsm.limits import MAX_BINARY_BYTES, MAX_SOURCE_BYTES
+from hvtsm.units import format_size
 
 __all__ = ["CAPABILITIES", "AnalysisError", "Reason", "Report", "Segment", "analyze",
            "command_exec_globs", "risk_of"]
@@ -37,14 +44,36 @@ def _interpreter(first_line: str) -> str | None:
     return name
 
 
+def read_source(path: Path, *, binary: bool = True) -> bytes:
+    """The bytes of a program to analyze (an ELF file only when `binary`), bounded; an
+    AnalysisError naming the file otherwise."""
+    what = "one program file"
+    try:
+        fd = open_regular(path, MAX_BINARY_BYTES if binary else MAX_SOURCE_BYTES, what=what)
+    except FileRefused as exc:
+        raise AnalysisError(str(exc), file=str(path)) from None
+    except OSError as exc:
+        raise AnalysisError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    try:
+        # the first bytes say which limit applies: a script's parse costs far more per byte
+        limit = MAX_BINARY_BYTES if binary and os.pread(fd, 4, 0) == ELF_MAGIC \
+            else MAX_SOURCE_BYTES
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise AnalysisError(f"is {format_size(size)} ({size} bytes); a script to analyze "
+                                f"may be at most {format_size(limit)}", file=str(path))
+        return read_fd(fd, limit, what=what)
+    except FileRefused as exc:
+        raise AnalysisError(str(exc), file=str(path)) from None
+    except OSError as exc:
+        raise AnalysisError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    finally:
+        os.close(fd)
+
+
 def analyze(path: str | os.PathLike[str]) -> Report:
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except IsADirectoryError:
-        raise AnalysisError("is a directory; name one file", file=str(p)) from None
-    except OSError as exc:
-        raise AnalysisError(f"cannot read: {exc.strerror or exc}", file=str(p)) from None
+    data = read_source(p)
     if data.startswith(ELF_MAGIC):
         return Report(str(p), "elf", tuple(analyze_elf(p, data)))
     try:
@@ -72,7 +101,7 @@ def _python_program(path: Path, text: str) -> Report:
     functions carry what the modules' functions they call can do."""
     tree = parse(path, text)
     modules = local_modules(path, tree)
-    texts = {m.name: m.path.read_text(encoding="utf-8") for m in modules}
+    texts = {m.name: m.text for m in modules}
     external: dict[str, Segment] = {}
     theirs: list[Segment] = []
     for _ in range(len(modules) + 1):

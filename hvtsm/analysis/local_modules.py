@@ -11,6 +11,7 @@ library's business, neither analyzed nor shipped.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
@@ -18,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvtsm.errors import AnalysisError
-
-#: a program importing more local files than this is refused rather than walked on
-MAX_LOCAL_FILES = 200
+from hvtsm.files import FileRefused, read_regular
+from hvtsm.limits import MAX_LOCAL_FILES, MAX_SOURCE_BYTES
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class LocalModule:
     path: Path
     #: its path relative to the program's directory
     relative: str
+    #: its source as it was read for the analysis
+    text: str = dataclasses.field(default="", repr=False, compare=False)
 
 
 def _module_file(base: Path, dotted: str) -> tuple[str, Path] | None:
@@ -108,26 +110,43 @@ def local_modules(program: Path, tree: ast.Module) -> tuple[LocalModule, ...]:
                                     file=str(program),
                                     hint="name the segments as commands in a manifest")
             try:
-                text = path.read_text(encoding="utf-8")
+                text = read_module(path)
                 sub_tree = ast.parse(text, filename=str(path))
             except SyntaxError as exc:
                 raise AnalysisError(f"Python syntax error in an imported module: {exc.msg}",
                                     file=str(path), line=exc.lineno) from None
+            except (RecursionError, MemoryError):
+                raise AnalysisError("an imported module nested too deeply to parse",
+                                    file=str(path)) from None
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 raise AnalysisError(f"cannot read an imported module: {exc}",
                                     file=str(path)) from None
-            found[dotted] = LocalModule(dotted, path, str(path.relative_to(base)))
+            found[dotted] = LocalModule(dotted, path, str(path.relative_to(base)), text)
             queue.append((dotted, sub_tree, path.name == "__init__.py"))
     return tuple(found.values())
+
+
+def read_module(path: Path) -> str:
+    """A local module's text: a regular file of at most MAX_SOURCE_BYTES (FileRefused,
+    a ValueError, otherwise)."""
+    return read_regular(path, MAX_SOURCE_BYTES, what="a Python module").decode("utf-8")
 
 
 def read_program(path: str | os.PathLike[str],
                  local_files: Sequence[str] = ()) -> list[tuple[str, bytes]]:
     """(name, bytes) of a program (its file name) and then of its local modules (paths
-    relative to its directory, sorted): read once, for the digest and the snapshot alike."""
+    relative to its directory, sorted): read once, for the digest and the snapshot alike.
+    Each is a regular file of at most MAX_SOURCE_BYTES (an AnalysisError otherwise)."""
     source = Path(path)
-    return [(source.name, source.read_bytes()),
-            *((rel, (source.parent / rel).read_bytes()) for rel in sorted(local_files))]
+    files = [(source.name, source), *((rel, source.parent / rel) for rel in sorted(local_files))]
+    out = []
+    for name, file in files:
+        try:
+            out.append((name, read_regular(file, MAX_SOURCE_BYTES, what="a Python source")))
+        except (FileRefused, OSError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise AnalysisError(f"cannot read: {detail}", file=str(file)) from None
+    return out
 
 
 def digest_files(files: Sequence[tuple[str, bytes]]) -> str:

@@ -7,17 +7,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from hvtsm.cli.exits import EXIT_USAGE, from_outcome
 from hvtsm.cli.output import say
 from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
 from hvtsm.errors import InvokeError
+from hvtsm.files import FileRefused, read_regular
 from hvtsm.host import probe_host
 from hvtsm.invoke import Invoker, InvokeRequest
 from hvtsm.invoke.invoker import DEFAULT_TRUST, InvokeResult
 from hvtsm.lifecycle import Manager
+from hvtsm.limits import MAX_CODE_BYTES
 from hvtsm.pool.warm import WarmPool
 from hvtsm.store import Store
 from hvtsm.units import parse_duration_ms
@@ -68,10 +69,12 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     code = name = None
     if args.path is not None:
         try:
-            code = Path(args.path).read_bytes()
+            code = read_regular(args.path, MAX_CODE_BYTES, what="a program file")
+        except FileRefused as exc:
+            raise InvokeError(f"{args.path}: {exc}") from None
         except OSError as exc:
             raise InvokeError(f"cannot read {args.path}: {exc.strerror or exc}") from None
-        name = Path(args.path).name
+        name = args.path  # stored under its base name; errors name it as given
     store = Store(args.db)
     if args.store_only:
         if code is None:

@@ -21,12 +21,13 @@ from hvtsm.cli.run_cmd import Interrupts, actor, add_libvirt_options, libvirt_op
 from hvtsm.errors import AnalysisError, PipelineError, PolicyError
 from hvtsm.host import probe_host
 from hvtsm.lifecycle import Manager
+from hvtsm.limits import MAX_OUTPUT
 from hvtsm.pipeline.plan import Plan, plan_manifest, plan_python
 from hvtsm.pipeline.runner import PipelineResult, run_pipeline
 from hvtsm.policy.catalog import load_referenced
 from hvtsm.store import Store
 from hvtsm.store.models import ZoneState
-from hvtsm.units import format_duration_ms
+from hvtsm.units import format_duration_ms, format_size
 from hvtsm.zones.base import ZONE_USER, Backend
 from hvtsm.zones.factory import AVAILABLE_BACKENDS, driver_factory
 from hvtsm.zones.identity import known_user
@@ -153,6 +154,9 @@ def _print_result(result: PipelineResult, *, json_mode: bool) -> None:
             f"{stage.ended or stage.reason}")
         if not stage.ok and stage.stderr:
             say(stage.stderr.decode("utf-8", errors="replace").rstrip())
+        for stream, dropped in stage.truncated.items():
+            say(f"hvtsm: stage {stage.name}: its {stream} was cut at {format_size(MAX_OUTPUT)}"
+                f" ({dropped} more bytes read and dropped)")
     for name in result.skipped:
         say(f"hvtsm: stage {name} not run: an earlier stage failed")
     say(f"hvtsm: pipeline group {result.group} {'done' if result.ok else 'FAILED'} "

@@ -61,7 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(json.dumps({"file": path, "valid": False, "error": exc.detail,
                                   "phase": exc.phase, "field": exc.field}))
             else:
-                say(f"invalid: {exc}")
+                say(f"hvtsm: error: invalid policy {exc}")
             continue
         if args.json:
             print(json.dumps({"file": path, "valid": True, "name": policy.name,

@@ -145,6 +145,7 @@ def _wait(manager: Manager, run: ZoneRun, interrupts: Interrupts) -> bool:
 
 
 def _relay_output(run: ZoneRun) -> list[threading.Thread]:
+    """One thread per output stream, relaying it as `output` events (`_relay`)."""
     assert run.workload is not None
     threads = []
     for name, pipe in (("stdout", run.workload.stdout), ("stderr", run.workload.stderr)):
@@ -157,10 +158,42 @@ def _relay_output(run: ZoneRun) -> list[threading.Thread]:
 
 
 def _relay(zone_id: str, stream: str, pipe: IO[bytes]) -> None:
-    for line in iter(pipe.readline, b""):
+    """Relay `pipe` line by line, each event holding at most MAX_OUTPUT_EVENT bytes: a
+    longer line (a workload may write 500 MB without a newline) goes out as several events,
+    all but its last marked "partial". Reads are bounded chunks, never a whole line, so
+    the controller holds at most about two events' worth of a stream at any time."""
+    from hvtsm.limits import MAX_OUTPUT_EVENT
+
+    read = getattr(pipe, "read1", pipe.read)
+
+    def emit(data: bytes, partial: bool) -> None:
+        extra: dict[str, Any] = {"partial": True} if partial else {}
         emit_json("output", time.time(), zone=zone_id, stream=stream,
-                  data=line.decode("utf-8", errors="replace"))
-    pipe.close()
+                  data=data.decode("utf-8", errors="replace"), **extra)
+
+    pending = b""
+    try:
+        while chunk := read(MAX_OUTPUT_EVENT):
+            data, at = pending + chunk, 0
+            while True:
+                newline = data.find(b"\n", at, at + MAX_OUTPUT_EVENT)
+                if newline >= 0:
+                    emit(data[at:newline + 1], partial=False)
+                    at = newline + 1
+                elif len(data) - at > MAX_OUTPUT_EVENT:  # more follows: not the line's end
+                    cut = at + MAX_OUTPUT_EVENT
+                    # never inside a UTF-8 character (at most 3 continuation bytes back)
+                    while cut > at + MAX_OUTPUT_EVENT - 3 and data[cut] & 0xC0 == 0x80:
+                        cut -= 1
+                    emit(data[at:cut], partial=True)
+                    at = cut
+                else:
+                    break
+            pending = data[at:]
+        if pending:  # the last line, without a newline
+            emit(pending, partial=False)
+    finally:
+        pipe.close()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

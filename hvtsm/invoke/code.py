@@ -13,12 +13,11 @@ from pathlib import Path
 from sqlmodel import col, select
 
 from hvtsm.analysis import Report, analyze
-from hvtsm.errors import InvokeError
+from hvtsm.errors import AnalysisError, InvokeError
+from hvtsm.limits import MAX_CODE_BYTES
 from hvtsm.store import Store
 from hvtsm.store.invoke_models import StoredCode
 
-#: larger code is refused: it travels through the store and the guest's 9p root
-MAX_CODE_BYTES = 16 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _SUFFIX = {"python": ".py", "shell": ".sh", "elf": ""}
 
@@ -40,7 +39,10 @@ def analyze_bytes(data: bytes, name: str) -> Report:
     with tempfile.TemporaryDirectory(prefix="hvtsm-code-") as tmp:
         path = Path(tmp) / safe_name(name)
         path.write_bytes(data)
-        return analyze(path)
+        try:
+            return analyze(path)
+        except AnalysisError as exc:  # the user's name, not the temporary copy's
+            raise AnalysisError(exc.detail, file=name, line=exc.line, hint=exc.hint) from None
 
 
 def put_code(store: Store, data: bytes, name: str | None = None) -> tuple[StoredCode, Report]:

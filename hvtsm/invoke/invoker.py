@@ -31,6 +31,7 @@ from hvtsm.errors import HvtsmError, InvokeError, ZoneError
 from hvtsm.invoke.code import get_code, put_code
 from hvtsm.invoke.plan import command, exec_targets, runtime_for, segment_choice
 from hvtsm.lifecycle import Manager, Outcome, ZoneRun
+from hvtsm.limits import MAX_OUTPUT  # bytes of each output stream kept in the result
 from hvtsm.policy import Policy, load_policy
 from hvtsm.policy.catalog import default_policy_path, resolve
 from hvtsm.pool.rules import PoolKey
@@ -50,8 +51,6 @@ from hvtsm.zones.base import (
 log = logging.getLogger(__name__)
 
 SPOOL = INVOKE_SPOOL
-#: bytes of each output stream kept in the result (the rest is counted, not kept)
-MAX_OUTPUT = 4 * 1024 * 1024
 DEFAULT_TRUST = "untrusted"
 
 

@@ -17,6 +17,7 @@ from hvtsm.lifecycle.core import Core
 from hvtsm.lifecycle.ending import Ending
 from hvtsm.lifecycle.zonerun import ZoneKind, ZoneRun
 from hvtsm.policy import parse_policy
+from hvtsm.policy.loader import EVERY_CPU
 from hvtsm.restrictions import Restrictions
 from hvtsm.store.audit import record_event
 from hvtsm.store.models import Controller, Zone, ZoneState
@@ -44,7 +45,8 @@ class Adoption:
 
     def adopt(self, zone: Zone) -> ZoneRun | None:
         """Take over one zone; None when nothing runs in it any more (it is finished)."""
-        policy = parse_policy(zone.policy_toml.encode(), source=zone.policy_source)
+        policy = parse_policy(zone.policy_toml.encode(), source=zone.policy_source,
+                              host_cpus=EVERY_CPU)
         applied = Restrictions.from_json(json.loads(zone.applied))
         driver = self.core.driver_for(Backend(zone.backend))
         handle, workload = driver.adopt(zone.id, json.loads(zone.driver_state), applied)

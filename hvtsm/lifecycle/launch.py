@@ -53,7 +53,8 @@ class Launcher:
         tpolicy = transient_policy(policy) if policy.anomaly.monitor else None
         monitor = monitoring_profile(policy, argv, expect_exec)
         zero = [p for p in policy.phases if p.at_ms == 0 and not p.terminate]
-        toml = policy_toml if policy_toml is not None else _read_text(policy.source)
+        toml = policy_toml if policy_toml is not None else (
+            policy.text or _read_text(policy.source))
         order = Order(policy=policy, scale=scale, backend=driver.backend, command=list(argv),
                       policy_toml=toml, user=user, kind=kind, name=name, group=group,
                       created=f"policy {policy.name}, scale {scale:g}, command {list(argv)}")

@@ -100,9 +100,10 @@ class Transients:
         initial = tpolicy.initial().tighter(parent_handle.applied)
         what = f"{request.describe()} (pid {request.pid})"
         user = parent_handle.state.user
+        toml = tpolicy.text or _read_text(tpolicy.source)
         order = Order(policy=tpolicy, scale=scale, backend=parent_handle.backend,
-                      command=request.command(), policy_toml=_read_text(tpolicy.source),
-                      user=user, kind=ZoneKind.TRANSIENT, name=name, group=parent.group,
+                      command=request.command(), policy_toml=toml, user=user,
+                      kind=ZoneKind.TRANSIENT, name=name, group=parent.group,
                       parent=parent.zone_id,
                       created=f"split from {parent.zone_id} on {what}; policy "
                               f"{tpolicy.name}, scale {scale:g}",

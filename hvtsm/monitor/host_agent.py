@@ -30,6 +30,7 @@ from typing import Any
 
 from guest_agent import protocol
 from hvtsm.errors import ZoneError
+from hvtsm.files import read_tail
 from hvtsm.monitor.link import AgentLink, ChannelHandler, EventHandler, ProblemHandler
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class HostAgent:
     def _failed(self, why: str) -> ZoneError:
         tail = ""
         with contextlib.suppress(OSError):
-            tail = log_path(self.name).read_text(errors="replace")[-600:].strip()
+            tail = read_tail(log_path(self.name), 600).decode(errors="replace").strip()
         return ZoneError(f"the zone's agent (pid {self.pid}) is not usable: {why}",
                          zone_id=self.zone_id,
                          hint=f"its log {log_path(self.name)} says: {tail}" if tail else None)

@@ -40,6 +40,9 @@ def read_chain(path: Path, source: str, entry: str = "main") -> Chain:
     except SyntaxError as exc:
         raise AnalysisError(f"not valid Python: {exc.msg}", file=str(path),
                             line=exc.lineno) from None
+    except (RecursionError, MemoryError, ValueError):
+        raise AnalysisError("not Python source, or nested too deeply to parse",
+                            file=str(path)) from None
     functions = {n.name: n for n in tree.body
                  if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
     if entry not in functions:

@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvtsm.analysis import analyze
+from hvtsm.analysis import analyze, read_source
 from hvtsm.analysis.local_modules import program_digest
 from hvtsm.analysis.model import Reason, Report, exec_globs
 from hvtsm.errors import AnalysisError, PipelineError, PolicyError
+from hvtsm.files import FileRefused, read_regular
+from hvtsm.limits import MAX_MANIFEST_BYTES, MAX_NESTING
 from hvtsm.pipeline.entry import read_chain
 from hvtsm.policy import Policy
 from hvtsm.policy.catalog import load_referenced
 from hvtsm.policy.segments import choose
+from hvtsm.policy.shape import ShapeError, check_shape, where
 
 #: capability -> role, first match wins (a fetch that also parses is still a fetch: it is
 #: the network that needs a zone of its own)
@@ -131,8 +134,7 @@ def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> P
         raise AnalysisError(f"is {report.language}, not Python: only a Python program's "
                             "functions can be split by analysis", file=str(path),
                             hint="name the segments (commands) in a manifest")
-    data = path.read_bytes()
-    chain = read_chain(path, data.decode("utf-8"), entry)
+    chain = read_chain(path, _python_text(path), entry)
     module = path.stem
     groups: list[tuple[str, list[str], set[str], list[Reason], set[str]]] = []
     for step in chain.steps:
@@ -168,6 +170,39 @@ def plan_python(path: str | Path, pipeline: Policy, *, entry: str = "main") -> P
     return plan
 
 
+def _python_text(path: Path) -> str:
+    """The program's text read again for its entry function (bounded, as the analysis)."""
+    try:
+        return read_source(path, binary=False).decode("utf-8")
+    except UnicodeDecodeError:
+        raise AnalysisError("is no longer UTF-8 text (changed since it was analyzed?)",
+                            file=str(path)) from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        raw = read_regular(path, MAX_MANIFEST_BYTES, what="a manifest file (TOML)")
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except FileRefused as exc:
+        raise PipelineError(str(exc), file=source) from None
+    except OSError as exc:
+        raise PipelineError(f"cannot read the manifest: {exc.strerror or exc}",
+                            file=source) from None
+    except RecursionError:
+        raise PipelineError(f"not valid TOML: nested too deeply to parse (a manifest nests "
+                            f"at most {MAX_NESTING} levels)", file=source) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PipelineError(f"not valid TOML: {str(exc)[:200]}", file=source) from None
+    except (ValueError, ArithmeticError, MemoryError):
+        raise PipelineError("not valid TOML: a value too large to read", file=source) from None
+    try:
+        check_shape(doc)
+    except ShapeError as exc:
+        raise PipelineError(exc.message, file=source, field=where(exc.path)[1]) from None
+    return doc
+
+
 def _module_programs(report: Report, module: str) -> frozenset[str]:
     try:
         return frozenset(report.segment(module).programs)
@@ -195,12 +230,7 @@ def plan_manifest(path: str | Path, pipeline: Policy | None = None) -> Plan:
     """
     path = Path(path)
     source = str(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PipelineError(f"cannot read the manifest: {exc.strerror}", file=source) from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PipelineError(f"not valid TOML: {exc}", file=source) from None
+    doc = _read_manifest(path)
     for key in doc:
         if key not in _MANIFEST_FIELDS:
             raise PipelineError(f"unknown field; valid: {', '.join(_MANIFEST_FIELDS)}",
@@ -229,16 +259,17 @@ def plan_manifest(path: str | Path, pipeline: Policy | None = None) -> Plan:
     stages: list[Stage] = []
     for index, table in enumerate(raw):
         stages.append(_manifest_stage(source, index, table, pipeline, report, program))
-    names = [s.name for s in stages]
-    for name in names:
-        if names.count(name) > 1:
-            raise PipelineError(f"two segments are named {name!r}", file=source,
+    names: set[str] = set()
+    for stage in stages:
+        if stage.name in names:
+            raise PipelineError(f"two segments are named {stage.name!r}", file=source,
                                 field="segment.name")
+        names.add(stage.name)
     params: tuple[str, ...] = ()
     first_args: tuple[str, ...] = ()
     entry = doc.get("entry")
     if entry is not None and program is not None:
-        chain = read_chain(Path(program), Path(program).read_text(encoding="utf-8"), entry)
+        chain = read_chain(Path(program), _python_text(Path(program)), entry)
         params, first_args = chain.params, chain.first_args
     plan = Plan(name=str(doc.get("name", path.stem)), program=program, policy=pipeline,
                 stages=tuple(stages), params=params, first_args=first_args,

@@ -5,6 +5,10 @@ each stage's lifespan measures its own work (a parse step's 2 s is not spent wai
 download). A stage's result goes to the broker, which holds it for the next stage's zone
 until that zone starts. The first stage that does not exit 0 stops the pipeline: later
 stages are never made.
+
+Each stage's output and stderr are kept up to MAX_OUTPUT bytes each (hvtsm.limits); what
+lies beyond is read, counted and dropped (`truncated`), so a stage writing without end
+costs the controller no more memory than that.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from hvtsm.agent_stage import stage_agent, stage_program, zone_python
 from hvtsm.errors import PipelineError
 from hvtsm.lifecycle import Manager, ZoneRun
+from hvtsm.limits import MAX_OUTPUT
 from hvtsm.pipeline.plan import Plan, Stage
 from hvtsm.store.models import ZoneState
 from hvtsm.zones.base import Backend, WorkloadIO
@@ -35,6 +40,8 @@ class StageResult:
     stderr: bytes = b""
     #: who ended the stage's zone, in the end line's words
     ended: str = ""
+    #: stream -> bytes beyond MAX_OUTPUT, read and dropped
+    truncated: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -43,7 +50,8 @@ class StageResult:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "zone": self.zone_id, "state": self.state,
                 "exit_status": self.exit_status, "reason": self.reason, "ended": self.ended,
-                "stderr": self.stderr.decode("utf-8", errors="replace")}
+                "stderr": self.stderr.decode("utf-8", errors="replace"),
+                "truncated": dict(self.truncated)}
 
 
 @dataclass
@@ -135,7 +143,7 @@ def _run_stage(manager: Manager, stage: Stage, argv: list[str], group: str, *,
                on_stage: Callable[[Stage, ZoneRun], None] | None) -> tuple[StageResult, bytes]:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    collected: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
+    collected = {out_r: Kept(), err_r: Kept()}
     readers = [threading.Thread(target=_drain, args=(fd, collected[fd]), daemon=True)
                for fd in (out_r, err_r)]
     for reader in readers:
@@ -154,17 +162,35 @@ def _run_stage(manager: Manager, stage: Stage, argv: list[str], group: str, *,
     manager.wait(run.zone_id)
     for reader in readers:
         reader.join(10)
+    truncated = {name: collected[fd].dropped for name, fd in (("stdout", out_r),
+                                                                 ("stderr", err_r))
+                 if collected[fd].dropped}
     outcome = StageResult(stage.name, run.zone_id, str(run.state), run.exit_status,
-                          run.end_reason, bytes(collected[err_r]),
-                          run.outcome.describe() if run.outcome is not None else "")
-    output = bytes(collected[out_r]) if keep_output else b""
+                          run.end_reason, bytes(collected[err_r].data),
+                          run.outcome.describe() if run.outcome is not None else "",
+                          truncated)
+    output = bytes(collected[out_r].data) if keep_output else b""
     return outcome, output
 
 
-def _drain(fd: int, into: bytearray) -> None:
+@dataclass
+class Kept:
+    """The first `limit` bytes of a stream, and how many more there were."""
+
+    limit: int = MAX_OUTPUT
+    data: bytearray = field(default_factory=bytearray)
+    dropped: int = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = max(0, self.limit - len(self.data))
+        self.data += chunk[:room]
+        self.dropped += len(chunk) - min(room, len(chunk))
+
+
+def _drain(fd: int, into: Kept) -> None:
     try:
         while chunk := os.read(fd, 65536):
-            into += chunk
+            into.add(chunk)
     finally:
         os.close(fd)
 

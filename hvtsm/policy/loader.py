@@ -1,22 +1,45 @@
 """Reading policy TOML files into typed `Policy` objects, refusing anything unclear.
 
 Every error names the file, the phase index and the field, and says what would be valid.
+Nothing a zone cannot use gets through, whatever the input's size or shape (the limits are
+in hvtsm.limits, README.md "Limits on input"): the file must be a regular file of at most
+MAX_POLICY_BYTES, read without blocking; its document's shape is bounded before any field
+is read (hvtsm.policy.shape: nesting, array and string sizes, no NaN or infinity); then each
+field has its range: at most MAX_PHASES phases, durations up to MAX_DURATION_MS (ten
+years), sizes up to MAX_SIZE, CPU lists naming only this host's CPUs, at most MAX_EGRESS
+egress entries per phase and MAX_GLOBS globs per list. Validation is linear in the input:
+the monotonicity check indexes the earlier egress rules (hvtsm.restrictions).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from guest_agent.profile import POLICY_FIELDS, Profile, ProfileError
+from guest_agent.profile import POLICY_FIELDS, Profile, ProfileError, canonical_glob
 from guest_agent.protocol import ANOMALY_CATEGORIES
 from hvtsm.errors import PolicyError
+from hvtsm.files import FileRefused, read_regular
+from hvtsm.limits import (
+    MAX_CHANNEL_MESSAGE,
+    MAX_CHANNEL_RATE,
+    MAX_CPU,
+    MAX_CPU_QUOTA,
+    MAX_EGRESS,
+    MAX_FACTOR,
+    MAX_NAME,
+    MAX_NESTING,
+    MAX_POLICY_BYTES,
+    MIN_MEMORY,
+    shown,
+)
 from hvtsm.policy.model import (
     AnomalyRules,
     ChannelGrant,
@@ -26,11 +49,9 @@ from hvtsm.policy.model import (
     SegmentSelector,
     TransientRules,
 )
+from hvtsm.policy.shape import ShapeError, check_shape, where
 from hvtsm.restrictions import EgressRule, FilesystemMode, NetworkMode, Restrictions
-from hvtsm.units import parse_cpuset, parse_duration_ms, parse_size
-
-#: below this a zone cannot even start a shell; a typo like '16KiB' is caught here
-MIN_MEMORY = 4 * 1024 * 1024
+from hvtsm.units import format_cpuset, format_size, parse_cpuset, parse_duration_ms, parse_size
 
 _TOP_FIELDS = ("name", "description", "phase", "anomaly", "segment", "channel", "transient",
                "forensics")
@@ -52,33 +73,72 @@ _CHANNEL_FIELDS = ("from", "to", "direction", "max_message", "max_rate", "phases
 _TRANSIENT_FIELDS = ("enabled", "triggers", "expect_exec", "policy", "lifespan_scale",
                      "max_zones")
 _TRIGGERS = ("exec", "connect")
-#: the largest channel message a grant may allow (messages travel in pieces over the link)
-MAX_CHANNEL_MESSAGE = 16 * 1024 * 1024
 _MATCH_FIELDS = ("role", "capability")
 _SYSCALL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_WHAT = "a policy file (TOML)"
+#: `host_cpus` for a policy already in force (a zone `resume` adopts): its CPUs were this
+#: host's when the zone was made, and the zone must be followed to its end regardless
+EVERY_CPU = frozenset(range(MAX_CPU + 1))
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, host_cpus: frozenset[int] | None = None) -> Policy:
+    """The policy in file `path`; PolicyError naming file, phase and field otherwise.
+    `host_cpus`: the CPUs a `cpus` list may name (default: this host's online CPUs)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_POLICY_BYTES, what=_WHAT)
+    except FileRefused as exc:
+        raise PolicyError(str(exc), file=str(path)) from None
     except OSError as exc:
-        raise PolicyError(f"cannot read the file: {exc.strerror}", file=str(path)) from None
-    return parse_policy(raw, source=str(path))
+        raise PolicyError(f"cannot read the file: {exc.strerror or exc}",
+                          file=str(path)) from None
+    return parse_policy(raw, source=str(path), host_cpus=host_cpus)
 
 
-def parse_policy(raw: bytes, *, source: str) -> Policy:
+def parse_policy(raw: bytes, *, source: str, host_cpus: frozenset[int] | None = None) -> Policy:
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{format_size(len(raw))} of policy; {_WHAT} may be at most "
+                          f"{format_size(MAX_POLICY_BYTES)}", file=source)
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PolicyError(f"not valid TOML: {exc}", file=source) from None
-    return _Builder(source).policy(doc, hashlib.sha256(raw).hexdigest())
+    except RecursionError:
+        raise PolicyError(f"not valid TOML: nested too deeply to parse (a policy nests at "
+                          f"most {MAX_NESTING} levels)", file=source) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"not UTF-8 text (byte {exc.start}: {exc.reason}); a policy is "
+                          "TOML", file=source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"not valid TOML: {str(exc)[:200]}", file=source) from None
+    except (ValueError, ArithmeticError, MemoryError):
+        # what tomllib lets through from its own conversions
+        raise PolicyError("not valid TOML: a value too large to read (an integer of "
+                          "thousands of digits?)", file=source) from None
+    try:
+        check_shape(doc)
+    except ShapeError as exc:
+        phase, field = where(exc.path)
+        raise PolicyError(exc.message, file=source, phase=phase, field=field) from None
+    policy = _Builder(source, host_cpus).policy(doc, hashlib.sha256(raw).hexdigest())
+    return replace(policy, text=raw.decode("utf-8"))
+
+
+def _online_cpus() -> frozenset[int]:
+    from hvtsm.host import online_cpus
+
+    return online_cpus()
 
 
 class _Builder:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, host_cpus: frozenset[int] | None = None) -> None:
         self.source = source
+        self._host_cpus = host_cpus
+
+    @property
+    def host_cpus(self) -> frozenset[int]:
+        if self._host_cpus is None:
+            self._host_cpus = _online_cpus()
+        return self._host_cpus
 
     def fail(self, message: str, *, phase: int | None = None, field: str | None = None,
              hint: str | None = None) -> PolicyError:
@@ -98,9 +158,10 @@ class _Builder:
     def policy(self, doc: dict[str, Any], digest: str) -> Policy:
         self.only_known(doc, _TOP_FIELDS)
         name = doc.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME:
             raise self.fail("a policy needs a name of letters, digits, '.', '_' or '-' "
-                            "(e.g. name = \"default\")", field="name")
+                            f"(e.g. name = \"default\"), at most {MAX_NAME} characters",
+                            field="name")
         description = doc.get("description", "")
         if not isinstance(description, str):
             raise self.fail("must be a string", field="description")
@@ -129,6 +190,8 @@ class _Builder:
 
     def channels(self, raw: list[Any], phase_count: int) -> tuple[ChannelGrant, ...]:
         grants: list[ChannelGrant] = []
+        #: (sender, receiver) pairs granted so far: a set, so many grants stay linear
+        granted: set[tuple[str, str]] = set()
         for index, table in enumerate(raw):
             where = f"channel[{index}]"
             if not isinstance(table, dict):
@@ -137,15 +200,17 @@ class _Builder:
             ends = []
             for end in ("from", "to"):
                 value = table.get(end)
-                if not isinstance(value, str) or not _NAME_RE.match(value):
+                if not isinstance(value, str) or not _NAME_RE.match(value) \
+                        or len(value) > MAX_NAME:
                     raise self.fail("needs a zone name (a segment's name) of letters, digits, "
-                                    "'.', '_' or '-'", field=f"{where}.{end}")
+                                    f"'.', '_' or '-', at most {MAX_NAME} characters",
+                                    field=f"{where}.{end}")
                 ends.append(value)
             if ends[0] == ends[1]:
                 raise self.fail("a channel joins two different zones", field=f"{where}.to")
             direction = table.get("direction", "one-way")
             if direction not in ("one-way", "both"):
-                raise self.fail(f"{direction!r} is not a direction; use \"one-way\" (from -> "
+                raise self.fail(f"{shown(direction)} is not a direction; use \"one-way\" (from -> "
                                 "to) or \"both\"", field=f"{where}.direction")
             try:
                 size = parse_size(table.get("max_message", "64KiB"))
@@ -155,9 +220,9 @@ class _Builder:
                 raise self.fail(f"must be above 0 and at most {MAX_CHANNEL_MESSAGE // 2**20}MiB",
                                 field=f"{where}.max_message")
             rate = table.get("max_rate", 100)
-            if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
-                raise self.fail(f"{rate!r} must be a number of messages per second above 0",
-                                field=f"{where}.max_rate")
+            if not _number(rate) or not 0 < rate <= MAX_CHANNEL_RATE:
+                raise self.fail(f"{shown(rate)} must be a number of messages per second above 0 "
+                                f"and at most {MAX_CHANNEL_RATE:,}", field=f"{where}.max_rate")
             phases = table.get("phases")
             if phases is not None:
                 if (not isinstance(phases, list) or not phases or not all(
@@ -175,11 +240,12 @@ class _Builder:
             grant = ChannelGrant(ends[0], ends[1], direction == "both", size, float(rate),
                                  None if phases is None else tuple(sorted(set(phases))),
                                  content)
-            for other in grants:
-                if other.allows(grant.source, grant.target) or (
-                        grant.both and other.allows(grant.target, grant.source)):
-                    raise self.fail(f"{grant.source} -> {grant.target} is granted twice",
-                                    field=where)
+            paths = [(grant.source, grant.target)] + (
+                [(grant.target, grant.source)] if grant.both else [])
+            if any(p in granted for p in paths):
+                raise self.fail(f"{grant.source} -> {grant.target} is granted twice",
+                                field=where)
+            granted.update(paths)
             grants.append(grant)
         return tuple(grants)
 
@@ -198,16 +264,20 @@ class _Builder:
         if expect is None or not all(v.startswith(("/", "*")) for v in expect):
             raise self.fail("must be a list of absolute path globs",
                             field="transient.expect_exec")
+        try:
+            expect = [canonical_glob(v) for v in expect]
+        except ValueError as exc:
+            raise self.fail(str(exc), field="transient.expect_exec") from None
         policy = table.get("policy")
         if policy is not None and (not isinstance(policy, str) or not policy):
             raise self.fail("must be a policy name or path", field="transient.policy")
         scale = table.get("lifespan_scale", 0.25)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 1:
-            raise self.fail(f"{scale!r} must be a number in (0, 1]: a transient zone never "
+        if not _number(scale) or not 0 < scale <= 1:
+            raise self.fail(f"{shown(scale)} must be a number in (0, 1]: a transient zone never "
                             "outlives its parent's schedule", field="transient.lifespan_scale")
         most = table.get("max_zones", 8)
         if isinstance(most, bool) or not isinstance(most, int) or not 1 <= most <= 256:
-            raise self.fail(f"{most!r} must be a whole number from 1 to 256",
+            raise self.fail(f"{shown(most)} must be a whole number from 1 to 256",
                             field="transient.max_zones")
         return TransientRules(enabled, tuple(dict.fromkeys(triggers)), tuple(expect), policy,
                               float(scale), most)
@@ -231,8 +301,8 @@ class _Builder:
             at_ms = self.at(index, table)
             if phases and at_ms <= phases[-1].at_ms:
                 raise self.fail(
-                    f"at {table['at']!r} is not after the previous phase's "
-                    f"{raw_phases[index - 1]['at']!r}; phases must be listed in strictly "
+                    f"at {shown(table['at'])} is not after the previous phase's "
+                    f"{shown(raw_phases[index - 1]['at'])}; phases must be listed in strictly "
                     "increasing time order", phase=index, field="at")
             if phases and phases[-1].terminate:
                 raise self.fail("no phase may follow the terminate phase", phase=index,
@@ -260,6 +330,8 @@ class _Builder:
                 raise self.fail(
                     f"{why}; a later phase may only tighten (monotonic policies)",
                     phase=index, field=field)
+            if "cpus" in sets:  # after the order of the phases: a policy's own error first
+                self.on_this_host(index, table["cpus"], following.cpus)
             current = following
             phases.append(Phase(index=index, at_ms=at_ms, sets=sets, restrictions=current,
                                 terminate=terminate))
@@ -271,12 +343,12 @@ class _Builder:
                             field="at")
         value = table["at"]
         if isinstance(value, int | float) and not isinstance(value, bool):
-            raise self.fail(f"{value!r} has no unit; write e.g. \"{value}s\" (units: ms, s, m, h)",
-                            phase=index, field="at")
+            raise self.fail(f"{shown(value)} has no unit; write e.g. \"{value}s\" (units: ms, s, "
+                            "m, h)", phase=index, field="at")
         if not isinstance(value, str):
             raise self.fail("must be a duration string like \"5s\"", phase=index, field="at")
         if value.strip().startswith("-"):
-            raise self.fail(f"{value!r} is negative; 'at' counts from the workload's start",
+            raise self.fail(f"{shown(value)} is negative; 'at' counts from the workload's start",
                             phase=index, field="at")
         try:
             return parse_duration_ms(value)
@@ -303,11 +375,21 @@ class _Builder:
                     raise self.fail(str(exc), phase=index, field=field) from None
         return sets
 
+    def on_this_host(self, index: int, value: Any, cpus: frozenset[int] | None) -> None:
+        """A zone pinned to a CPU the host lacks could not even be made (the cpuset write
+        fails): refused here, at load time."""
+        missing = (cpus or frozenset()) - self.host_cpus
+        if missing:
+            raise self.fail(f"{shown(value)} names CPU(s) {format_cpuset(missing)[:60]} this "
+                            f"host does not have (its CPUs: {format_cpuset(self.host_cpus)})",
+                            phase=index, field="cpus",
+                            hint="CPU numbers as in /sys/devices/system/cpu/online")
+
     def action(self, index: int, table: dict[str, Any]) -> bool:
         if "action" not in table:
             return False
         if table["action"] != "terminate":
-            raise self.fail(f"{table['action']!r} is not an action; the only action is "
+            raise self.fail(f"{shown(table['action'])} is not an action; the only action is "
                             "\"terminate\"", phase=index, field="action")
         return True
 
@@ -327,9 +409,10 @@ class _Builder:
             raise self.fail(exc.message, field=f"anomaly.{exc.field}", hint=hint) from None
         reaction = self._reaction(table.get("reaction", "accelerate"), "anomaly.reaction")
         factor = table.get("factor", 4.0)
-        if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
-            raise self.fail(f"{factor!r} must be a number above 1 (remaining lifespan is divided "
-                            "by it)", field="anomaly.factor")
+        if not _number(factor) or not 1 < factor <= MAX_FACTOR:
+            raise self.fail(f"{shown(factor)} must be a number above 1 and at most "
+                            f"{MAX_FACTOR:,} (remaining lifespan is divided by it)",
+                            field="anomaly.factor")
         escalate_raw = table.get("escalate", [])
         if not isinstance(escalate_raw, list):
             raise self.fail("must be a list of reactions for the 2nd, 3rd, ... anomaly, like "
@@ -343,7 +426,7 @@ class _Builder:
         on = {}
         for category, value in on_raw.items():
             if category not in known:
-                raise self.fail(f"{category!r} is not an anomaly category; known: "
+                raise self.fail(f"{shown(category)} is not an anomaly category; known: "
                                 + ", ".join(sorted(set(known))), field=f"anomaly.on.{category}")
             on[category] = self._reaction(value, f"anomaly.on.{category}")
         return AnomalyRules(monitor=monitor, watch=watch, reaction=reaction,
@@ -353,7 +436,7 @@ class _Builder:
         try:
             return Reaction(value)
         except ValueError:
-            raise self.fail(f"{value!r} is not a reaction; use one of: "
+            raise self.fail(f"{shown(value)} is not a reaction; use one of: "
                             + ", ".join(r.value for r in Reaction), field=field) from None
 
     def segment(self, index: int, table: Any) -> SegmentSelector:
@@ -375,14 +458,20 @@ class _Builder:
             raise self.fail("must be a string or a list of strings",
                             field=f"{field}.match.capability")
         scale = table.get("lifespan_scale")
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 100:
-            raise self.fail(f"{scale!r} must be a number in (0, 100]; 0.25 gives a quarter of "
+        if not _number(scale) or not 0 < scale <= 100:
+            raise self.fail(f"{shown(scale)} must be a number in (0, 100]; 0.25 gives a quarter of "
                             "the lifespan", field=f"{field}.lifespan_scale")
         policy = table.get("policy")
         if policy is not None and (not isinstance(policy, str) or not policy):
             raise self.fail("must be a policy name (policies/NAME.toml) or a path",
                             field=f"{field}.policy")
         return SegmentSelector(role, tuple(caps), float(scale), policy)
+
+
+def _number(value: Any) -> TypeGuard[int | float]:
+    """A finite int or float (not a bool: TOML's true is no number)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 def _str_list(value: Any) -> list[str] | None:
@@ -395,7 +484,7 @@ def _network(value: Any) -> NetworkMode:
     try:
         return NetworkMode(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a network mode; use one of: "
+        raise ValueError(f"{shown(value)} is not a network mode; use one of: "
                          + ", ".join(m.value for m in NetworkMode)) from None
 
 
@@ -403,31 +492,33 @@ def _filesystem(value: Any) -> FilesystemMode:
     try:
         return FilesystemMode(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a filesystem mode; use 'rw' or 'ro'") from None
+        raise ValueError(f"{shown(value)} is not a filesystem mode; use 'rw' or 'ro'") from None
 
 
 def _egress(value: Any) -> tuple[EgressRule, ...]:
     items = _str_list(value)
     if items is None:
         raise ValueError("must be a list of \"address:port\" strings, e.g. [\"192.0.2.10:443\"]")
-    return tuple(sorted({EgressRule.parse(item) for item in items}))
+    if len(items) > MAX_EGRESS:
+        raise ValueError(f"{len(items)} egress entries; at most {MAX_EGRESS} per phase")
+    return tuple(sorted({EgressRule.parse(item) for item in items}, key=EgressRule.sort_key))
 
 
 def _int_in(low: int, high: int, name: str) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{value!r} must be a whole number from {low} to {high}")
+            raise ValueError(f"{shown(value)} must be a whole number from {low} to {high}")
         return value
 
     return parse
 
 
 def _quota(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"{value!r} must be a percentage of one CPU above 0 "
-                         "(50 = half a CPU, 200 = two CPUs)")
+    if not _number(value) or not 0 < value <= MAX_CPU_QUOTA:
+        raise ValueError(f"{shown(value)} must be a percentage of one CPU above 0 and at most "
+                         f"{MAX_CPU_QUOTA} (50 = half a CPU, 200 = two CPUs)")
     if value < 1:
-        raise ValueError(f"{value!r} is below 1% of a CPU; the kernel's minimum quota is 1 ms "
+        raise ValueError(f"{shown(value)} is below 1% of a CPU; the kernel's minimum quota is 1 ms "
                          "per 100 ms period, so use at least 1")
     return float(value)
 
@@ -443,7 +534,7 @@ def _cpus(value: Any) -> frozenset[int]:
 def _memory(value: Any) -> int:
     size = parse_size(value)
     if size < MIN_MEMORY:
-        raise ValueError(f"{value!r} is below the 4MiB a zone needs to run anything; "
+        raise ValueError(f"{shown(value)} is below the 4MiB a zone needs to run anything; "
                          "write e.g. \"64MiB\"")
     return size
 

@@ -148,6 +148,9 @@ class Policy:
     #: keep the guest's memory for forensics when the zone is ended while its workload runs
     #: (libvirt zones; a cgroup zone has no memory image of its own)
     memory_dump: bool = False
+    #: the TOML it was loaded from: what a zone's row keeps (and `resume` parses again) is
+    #: what was validated, not what the file holds by then ("" when built otherwise)
+    text: str = field(default="", repr=False, compare=False)
 
     def initial(self) -> Restrictions:
         """Restrictions in force when the workload starts (phases at 0 included)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 from tests.integration.cli_helpers import (
     CONNECT_PROBE,
     audit,
+    env,
     hvtsm,
+    hvtsm_argv,
     json_lines,
     running,
     spawn,
@@ -252,3 +255,55 @@ def test_cleanup_spares_a_live_controller_of_another_store(db: str, tmp_path: Pa
         proc.communicate(timeout=20)
     assert proc.returncode == 130
     no_leftovers(start["zone"])
+
+
+LOUD = """
+name = "loud"
+[[phase]]
+at = "0s"
+memory = "256MiB"
+[[phase]]
+at = "60s"
+action = "terminate"
+[anomaly]
+monitor = false
+"""
+#: runs `hvtsm ARGS`, reads its JSON lines in pieces and prints the controller's peak RSS
+#: (KiB), the output events, their largest data and the exit line
+_MEASURE = """
+import json, resource, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+events = largest = 0
+last = b""
+rest = b""
+while chunk := proc.stdout.read(1 << 20):
+    lines = (rest + chunk).split(b"\\n")
+    rest = lines.pop()
+    for line in lines:
+        if line.startswith(b'{"event": "output"'):
+            events += 1
+            largest = max(largest, len(json.loads(line)["data"]))
+        elif line:
+            last = line
+proc.wait()
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, events, largest,
+      last.decode())
+"""
+
+
+def test_a_huge_line_keeps_the_controller_small(db: str, tmp_path: Path) -> None:
+    """The issue: 500 MB without a newline took the controller to 2.9 GiB."""
+    policy = write_policy(tmp_path / "loud.toml", LOUD)
+
+    def measure(*command: str) -> tuple[int, int, int, dict[str, object]]:
+        out = subprocess.run([sys.executable, "-c", _MEASURE, *hvtsm_argv(
+            db, "run", "--policy", policy, "--json", "--", *command)], env=env(),
+            capture_output=True, text=True, timeout=300, check=True).stdout
+        rss, events, largest, last = out.split(" ", 3)
+        return int(rss), int(events), int(largest), json.loads(last)
+
+    quiet, _, _, _ = measure("true")
+    rss, events, largest, end = measure("sh", "-c", "head -c 200000000 /dev/zero | tr '\\0' x")
+    assert end["event"] == "exit" and end["status"] == 0, end
+    assert largest == 64 * 1024 and events == 200_000_000 // (64 * 1024) + 1
+    assert rss - quiet < 64 * 1024, (quiet, rss)  # KiB: not the 200 MB line, nor copies

@@ -281,7 +281,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "channel_ack": {"id": "d1"},
     "standby_ready": {"id": "sb", "pid": 100, "prepared": 1.7e9, "mode": "python"},
     "admin_result": {"id": "a1", "op": "scrub", "ok": True, "error": "e", "killed": 1,
-                     "deleted": 2, "rounds": 1, "seconds": 0.1, "iface": "lo",
+                     "deleted": 2, "rounds": 1, "seconds": 0.1, "ipc_removed": 0, "iface": "lo",
                      "was_up": True, "path": "/", "was_ro": False, "how": "superblock",
                      "pid": 5, "limit": 10, "previous": [1, 2]},
 }

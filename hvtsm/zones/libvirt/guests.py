@@ -24,6 +24,7 @@ import libvirt
 
 from hvtsm.agent_stage import stage_agent, zone_python
 from hvtsm.errors import HvtsmError, ZoneError
+from hvtsm.files import read_tail
 from hvtsm.host import HostCapabilities
 from hvtsm.image.lab import build_lab_image, kernel_cmdline
 from hvtsm.monitor.events import LinkEvents, TransientSink
@@ -386,6 +387,7 @@ def _make_zone_dir(path: Path) -> None:
 
 def _tail(path: Path, lines: int = 3) -> str:
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        text = read_tail(path, 64 * 1024).decode(errors="replace")  # a log may be huge
+        return " | ".join(text.strip().splitlines()[-lines:])
     except OSError:
         return ""
