@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pwd
 import shutil
 import subprocess
 import threading
@@ -21,8 +22,11 @@ from hvtsm.analysis.local_modules import digest_files, read_program
 from hvtsm.errors import ZoneError
 
 STAGE_ROOT = Path("/var/lib/hvtsm/agent")
-#: hvtsm's state directory: enterable (a guest's QEMU user reads the agent and its own
-#: snapshot through it) but not listable by anyone but root
+#: the user libvirt runs QEMU as (qemu.conf's default on Debian)
+QEMU_USER = "libvirt-qemu"
+#: hvtsm's state directory: enterable by anyone (a guest's workload reaches its snapshot
+#: through it), listable by root and QEMU's group alone (QEMU's 9p server opens each
+#: directory on the way to read it: see `guarded`)
 STATE_ROOT = STAGE_ROOT.parent
 _STAGING = threading.Lock()
 
@@ -54,10 +58,30 @@ def _stage() -> Path:
         with contextlib.suppress(OSError):
             tmp.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
-    STATE_ROOT.chmod(0o711)
+    guarded(STATE_ROOT)
     for d in (STAGE_ROOT, target):
         d.chmod(0o755)
     return target
+
+
+def _qemu_gid() -> int | None:
+    try:
+        return pwd.getpwnam(QEMU_USER).pw_gid
+    except KeyError:
+        return None  # no libvirt here, or QEMU runs as root
+
+
+def guarded(directory: Path) -> None:
+    """`directory` enterable by anyone, its list readable by root and QEMU's group: a
+    guest's 9p server (QEMU, as its own user) must open the directories on the way to what
+    a guest reads, while no zone may learn the names in it (another zone's snapshot or
+    request). A guest's workload is not in that group inside its guest."""
+    gid = _qemu_gid()
+    if gid is not None:
+        os.chown(directory, 0, gid)
+        directory.chmod(0o751)
+    else:
+        directory.chmod(0o711)
 
 
 def zone_python() -> str:
@@ -113,7 +137,7 @@ def stage_program(path: str | os.PathLike[str], *, expect: str | None = None,
         except OSError:
             # another process staged the same digest first (the same bytes)
             shutil.rmtree(tmp, ignore_errors=True)
-    STATE_ROOT.chmod(0o711)
-    PROGRAM_ROOT.chmod(0o711)
+    guarded(STATE_ROOT)
+    guarded(PROGRAM_ROOT)
     root.chmod(0o755)
     return target

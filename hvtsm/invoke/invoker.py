@@ -26,7 +26,7 @@ from typing import IO, Any, TypedDict, cast
 
 from sqlmodel import col, select
 
-from hvtsm.agent_stage import INVOKE_SPOOL
+from hvtsm.agent_stage import INVOKE_SPOOL, guarded
 from hvtsm.errors import HvtsmError, InvokeError, ZoneError
 from hvtsm.invoke.code import get_code, put_code
 from hvtsm.invoke.plan import command, exec_targets, runtime_for, segment_choice
@@ -294,7 +294,7 @@ class Invoker:
             with contextlib.suppress(FileExistsError):
                 d.mkdir(mode=0o755)
             d.chmod(0o755)
-        self.spool.chmod(0o711)
+        guarded(self.spool)
         path = self.spool / ("r" + secrets.token_hex(16))
         path.mkdir(mode=0o755)
         path.chmod(0o755)

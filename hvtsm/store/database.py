@@ -50,7 +50,7 @@ def _private_file(path: Path) -> None:
     if not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.parent == Path("/var/lib/hvtsm"):
-            path.parent.chmod(0o711)
+            path.parent.chmod(0o711)  # agent_stage.guarded opens it to QEMU's group
     if path.exists() and not path.is_file():
         raise OSError(f"{path} is not a regular file")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)

@@ -124,7 +124,7 @@ def test_kernel_isolation_alone_holds(tmp_path: Path, scripts: Path, victim_of: 
     lines = attack(db, policy, scripts, victim, store)
     assert lines and lines[-1] == {"done": True}, lines
     probes = [line for line in lines if "probe" in line]
-    assert len(probes) == 22, probes
+    assert len(probes) == 24, probes
     assert not holes(lines), holes(lines)
     assert os.stat(store).st_mode & 0o077 == 0, oct(os.stat(store).st_mode)
     victim.end()

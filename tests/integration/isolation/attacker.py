@@ -129,7 +129,55 @@ def same_uid() -> int:
     return os.getuid()
 
 
+def world_writable_places() -> list[str]:
+    """Directories outside its scratch anyone may write to, where a file could be left for
+    another zone: each one it managed to write in."""
+    written = []
+    skip = ("/proc", "/sys", "/dev", "/tmp", "/var/tmp", "/run")
+    for top in ("/", "/var", "/var/lib", "/var/spool", "/var/cache", "/srv", "/opt",
+                "/home", "/etc", "/usr/local"):
+        try:
+            entries = [os.path.join(top, n) for n in os.listdir(top)]
+        except OSError:
+            continue
+        for path in [top, *entries]:
+            if path.startswith(skip) or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            if os.stat(path).st_mode & 0o002:
+                probe = os.path.join(path, f".hvtsm-probe-{os.getpid()}")
+                try:
+                    open(probe, "w").close()
+                except OSError:
+                    continue
+                os.unlink(probe)
+                written.append(path)
+    if not written:
+        raise OSError(errno.EROFS, "none writable")
+    return written
+
+
+def inherited_descriptors() -> list[str]:
+    """Descriptors it did not open itself (beyond stdin, stdout, stderr)."""
+    mine = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd == mine:
+                continue
+            try:
+                found.append(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+            except OSError:
+                continue
+    finally:
+        os.close(mine)
+    if not found:
+        raise OSError(errno.ENOENT, "none")
+    return found
+
+
 attempt("see another zone's processes", foreign_processes)
+attempt("hold a descriptor of the controller's", inherited_descriptors)
 attempt("see the controller's command line", controller)
 attempt("signal the other zone's workload", lambda: os.kill(VICTIM_PID, 0))
 attempt("kill the other zone's workload", lambda: os.kill(VICTIM_PID, signal.SIGKILL))
@@ -152,4 +200,5 @@ attempt("list the invoke spool", lambda: listing("/var/spool/hvtsm/invoke"))
 attempt("see the host's network interfaces", foreign_interfaces)
 attempt("see other zones' cgroups", foreign_cgroups)
 attempt("write outside its scratch", lambda: open("/var/hvtsm-probe", "w").close())
+attempt("leave a file in a world-writable place", world_writable_places)
 print(json.dumps({"done": True}), flush=True)
