@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hvtsm.zones.cgroup.mounts import parse_mountinfo
 from hvtsm.zones.cgroup.view import CgroupMount, cgroup_mounts, hidden, named_binds
 
 
@@ -66,9 +67,9 @@ MOUNTINFO = b"""\
 
 def test_the_hierarchies_holding_the_zone_are_mounted_again() -> None:
     dirs = ["/sys/fs/cgroup/memory/hvtsm/z1", "/sys/fs/cgroup/pids/hvtsm/z1"]
-    assert cgroup_mounts(dirs, MOUNTINFO) == (
+    assert cgroup_mounts(dirs, parse_mountinfo(MOUNTINFO)) == (
         CgroupMount(b"/sys/fs/cgroup/memory", b"cgroup", b"memory"),
         CgroupMount(b"/sys/fs/cgroup/pids", b"cgroup", b"pids"),
     )
-    assert cgroup_mounts(["/sys/fs/cgroup/unified/hvtsm/z1"], MOUNTINFO) == (
+    assert cgroup_mounts(["/sys/fs/cgroup/unified/hvtsm/z1"], parse_mountinfo(MOUNTINFO)) == (
         CgroupMount(b"/sys/fs/cgroup/unified", b"cgroup2", b"nsdelegate"),)

@@ -36,6 +36,9 @@ class MountEntry:
     point: bytes
     options: frozenset[str]
     fstype: str
+    #: the file system's own options, in mountinfo's order (a cgroup v1 hierarchy's
+    #: controllers)
+    super_options: tuple[str, ...] = ()
 
     def readonly_flags(self) -> int:
         flags = mountflags.MS_REMOUNT | mountflags.MS_BIND | mountflags.MS_RDONLY
@@ -76,6 +79,8 @@ def parse_mountinfo(text: bytes) -> list[MountEntry]:
             point=_unescape(fields[4]),
             options=frozenset(fields[5].decode().split(",")),
             fstype=fields[sep + 1].decode(),
+            super_options=tuple(fields[sep + 3].decode().split(","))
+            if len(fields) > sep + 3 else (),
         ))
     return entries
 
@@ -85,18 +90,22 @@ def read_mountinfo(path: str = "/proc/self/mountinfo", *,
     """The caller's mounts. `proc_dir`: an fd of the caller's /proc/self opened earlier,
     for a caller that has since joined a zone's mount namespace, whose /proc belongs to
     the zone's PID namespace and so has no entry for the caller."""
-    # plain os calls: this runs in forked children of a multithreaded controller
     if proc_dir is not None:
-        fd = os.open("mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
-    else:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return parse_mountinfo(read_bytes("mountinfo", dir_fd=proc_dir))
+    return parse_mountinfo(read_bytes(path))
+
+
+def read_bytes(path: str | bytes, *, dir_fd: int | None = None) -> bytes:
+    """A whole file, with plain os calls: this runs in forked children of a multithreaded
+    controller."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return parse_mountinfo(b"".join(chunks))
+    return b"".join(chunks)
 
 
 def enter_private_mount_ns() -> None:

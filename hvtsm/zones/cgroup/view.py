@@ -180,7 +180,7 @@ def _account(account: Account) -> None:
         if not os.path.isfile(source):
             continue
         copy = _OWN + b"/" + name
-        data = _read(source)
+        data = mounts.read_bytes(source)
         if data and not data.endswith(b"\n"):
             data += b"\n"
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -192,24 +192,8 @@ def _account(account: Account) -> None:
         _remount_readonly(source)
 
 
-def _read(path: bytes) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
 def _makedirs(path: bytes) -> None:
-    parts = [p for p in path.split(b"/") if p]
-    current = b""
-    for part in parts:
-        current += b"/" + part
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(current, 0o755)
+    os.makedirs(path, 0o755, exist_ok=True)
 
 
 # -- worked out by the controller, before the fork -------------------------------------------
@@ -271,26 +255,17 @@ def named_binds(argv: Sequence[str], cwd: str, *, units: Sequence[Path] = ()) ->
     return tuple(p for p in out if not any(p.startswith(q + b"/") for q in out))
 
 
-def cgroup_mounts(zone_dirs: Sequence[str], mountinfo: bytes | None = None
+def cgroup_mounts(zone_dirs: Sequence[str], entries: Sequence[mounts.MountEntry] | None = None
                   ) -> tuple[CgroupMount, ...]:
     """The host's cgroup hierarchies holding one of the zone's cgroup directories, to mount
     again inside the zone's cgroup namespace."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo", "rb") as f:
-            mountinfo = f.read()
     out: list[CgroupMount] = []
-    for line in mountinfo.splitlines():
-        fields = line.split(b" ")
-        try:
-            sep = fields.index(b"-", 6)
-        except ValueError:
+    for entry in mounts.read_mountinfo() if entries is None else entries:
+        if entry.fstype not in ("cgroup", "cgroup2"):
             continue
-        fstype = fields[sep + 1]
-        if fstype not in (b"cgroup", b"cgroup2") or len(fields) < sep + 4:
+        if not any(os.fsencode(d).startswith(entry.point + b"/") for d in zone_dirs):
             continue
-        point = fields[4]
-        if not any(os.fsencode(d).startswith(point + b"/") for d in zone_dirs):
-            continue
-        options = [o for o in fields[sep + 3].split(b",") if o not in (b"rw", b"ro")]
-        out.append(CgroupMount(point, fstype, b",".join(options) or None))
+        options = [o for o in entry.super_options if o not in ("rw", "ro")]
+        out.append(CgroupMount(entry.point, entry.fstype.encode(),
+                               ",".join(options).encode() or None))
     return tuple(out)
