@@ -48,8 +48,10 @@ class LivePrinter:
         if isinstance(notice, PhaseApplied):
             changes = ", ".join(f"{k} {v}" for k, v in notice.changes.items()) or "no change"
             late = "  LATE" if notice.late else ""
+            already = f"  (already in force: {', '.join(notice.already)})" \
+                if notice.already else ""
             return (f"{prefix} phase {notice.phase} (at {format_duration_ms(notice.at_ms)}): "
-                    f"{changes}  [lag {notice.lag_ms:.1f} ms]{late}")
+                    f"{changes}  [lag {notice.lag_ms:.1f} ms]{late}{already}")
         if isinstance(notice, Note):
             return f"{prefix} {notice.note}: {notice.detail}"
         if isinstance(notice, AnomalySeen):

@@ -77,14 +77,16 @@ class PhaseApplied(Notice):
     lag_ms: float
     late: bool
     changes: Mapping[str, str]
-    #: the restrictions were already in force (a re-application after a crash)
-    already: bool = False
+    #: the steps the zone already had in force ("network (NIC absent)": the phase was
+    #: half-applied before its controller died, or a limit was already tighter)
+    already: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
-        out = {"phase": self.phase, "at_ms": self.at_ms, "scheduled": self.scheduled,
-               "lag_ms": self.lag_ms, "late": self.late, "changes": dict(self.changes)}
+        out: dict[str, Any] = {"phase": self.phase, "at_ms": self.at_ms,
+                               "scheduled": self.scheduled, "lag_ms": self.lag_ms,
+                               "late": self.late, "changes": dict(self.changes)}
         if self.already:
-            out["already"] = True
+            out["already"] = list(self.already)
         return out
 
 

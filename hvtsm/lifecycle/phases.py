@@ -4,7 +4,9 @@ The timeline fires one job per pending transition (scheduler threads); `due` app
 phase and every earlier one not applied yet in one step, records a `phase_applied` row
 (scheduled, applied, lag, late) and announces it. A phase that cannot be applied ends the
 zone (fail closed: a zone must not keep running looser than its policy says), and so does
-any unexpected failure of the step itself (`guarded_due`).
+any unexpected failure of the step itself (`guarded_due`). A phase whose effect the zone
+already has (a controller killed after the kernel's change and before its record; the
+driver looks first) is applied all the same, its row's note saying "already in force".
 """
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ class Phases:
                 return
             applied = time.time()
             changes = target.changes_from(previous)
-            self.mark(run, phase_index, due, applied, changes, "; ".join(report.notes))
+            # a step the zone already had (the kernel ahead of the store after a crash)
+            # is a success, audited as in force
+            self.mark(run, phase_index, due, applied, changes, report.audit_note())
             self._follow(run)
-        self.core.notify(self.notice(run, phase_index, due, applied, changes))
+        self.core.notify(self.notice(run, phase_index, due, applied, changes,
+                                     tuple(str(a) for a in report.already)))
 
     def _terminating(self, run: ZoneRun, phase_index: int, due: float) -> None:
         """The phase that ends the zone, recorded and told before the end it causes."""
@@ -130,8 +135,8 @@ class Phases:
         return index in run.overdue or (applied - due) * 1000 > LATE_AFTER_MS
 
     def notice(self, run: ZoneRun, index: int, due: float, applied: float,
-               changes: dict[str, str]) -> PhaseApplied:
+               changes: dict[str, str], already: tuple[str, ...] = ()) -> PhaseApplied:
         phase = run.policy.phases[index]
         return PhaseApplied(run.zone_id, applied, index, phase.at_ms * run.scale, due,
                             round((applied - due) * 1000, 3),
-                            self.late(run, index, due, applied), dict(changes))
+                            self.late(run, index, due, applied), dict(changes), already)

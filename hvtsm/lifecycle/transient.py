@@ -152,7 +152,7 @@ class Transients:
                     continue
                 try:
                     changes = target.changes_from(child.handle.applied)
-                    self.core.driver_of(child).apply(child.handle, target)
+                    report = self.core.driver_of(child).apply(child.handle, target)
                 except HvtsmError as exc:
                     self.ending.end(child, f"could not follow its parent's tightening "
                                     f"({exc}); terminated to fail closed",
@@ -160,9 +160,11 @@ class Transients:
                     continue
                 with self.core.store.session() as session:
                     self.core.save(session, child)
+                already = "; already in force: " + ", ".join(map(str, report.already)) \
+                    if report.already else ""
                 self.core.note(child.zone_id, "tightened", "follows its parent "
                                + parent.zone_id + ": "
-                               + ", ".join(f"{k} {v}" for k, v in changes.items()))
+                               + ", ".join(f"{k} {v}" for k, v in changes.items()) + already)
 
     def attribute(self, zone_id: str, report: AnomalyReport) -> str:
         """The zone an anomaly belongs to: the transient zone the agent names, when it is

@@ -158,11 +158,36 @@ class Workload(Protocol):
 
 
 @dataclass(frozen=True)
+class InForce:
+    """A step of an application whose effect the zone already had when the driver looked
+    (a phase half-applied before its controller died, a limit something else lowered
+    further): the step succeeds and changes nothing, and a limit found tighter than the
+    target stays as tight."""
+
+    #: the restriction field ("network", "memory", ...)
+    field: str
+    #: what the driver found, in the kernel's or hypervisor's words ("NIC absent")
+    found: str
+
+    def __str__(self) -> str:
+        return f"{self.field} ({self.found})"
+
+
+@dataclass(frozen=True)
 class ApplyReport:
     """What `apply` changed, field -> printable value, plus anything worth auditing."""
 
     changed: dict[str, str]
     notes: tuple[str, ...] = ()
+    #: the steps whose effect was already in force (audited as such, never failed)
+    already: tuple[InForce, ...] = ()
+
+    def audit_note(self) -> str:
+        """The notes and what was already in force, as one line for the audit trail."""
+        parts = list(self.notes)
+        if self.already:
+            parts.append("already in force: " + ", ".join(map(str, self.already)))
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -207,7 +232,11 @@ class ZoneDriver(Protocol):
 
     def apply(self, handle: ZoneHandle[Any], restrictions: Restrictions) -> ApplyReport:
         """Bring the zone to `restrictions` (always at least as tight as handle.applied).
-        Updates handle.applied and handle.state."""
+        Updates handle.applied and handle.state. Idempotent against the zone itself: each
+        step looks at what is in force first, so a step whose effect is already there (the
+        kernel ahead of handle.applied after a crash) succeeds and is reported in
+        `ApplyReport.already`, and nothing is ever loosened to reach `restrictions` (a
+        limit found tighter stays)."""
 
     def freeze(self, handle: ZoneHandle[Any]) -> None: ...
 
@@ -220,8 +249,11 @@ class ZoneDriver(Protocol):
 
     def adopt(self, zone_id: str, state: Mapping[str, Any],
               applied: Restrictions) -> tuple[ZoneHandle[Any], Workload | None]:
-        """Rebuild a handle from stored state after a controller restart. The workload is
-        None when nothing runs in the zone any more."""
+        """Rebuild a handle from stored state after a controller restart, its state read
+        again from the zone itself where the store may be behind (a NIC gone, a loopback
+        down: what a phase half-applied before the crash already did). `applied` stays
+        what the store says; the overdue phase's `apply` finds the rest in force. The
+        workload is None when nothing runs in the zone any more."""
 
     def split(self, parent: ZoneHandle[Any], spec: ZoneSpec, request: CodePath,
               initial: Restrictions) -> tuple[ZoneHandle[Any], Workload]:

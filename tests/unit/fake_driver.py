@@ -14,6 +14,7 @@ from hvtsm.zones.base import (
     ApplyReport,
     Backend,
     DriverEvents,
+    InForce,
     StartFacts,
     WorkloadIO,
     ZoneHandle,
@@ -76,6 +77,8 @@ class FakeDriver:
         self.live: set[str] = set()
         self.fail_apply: str | None = None
         self.fail_start = False
+        #: what each apply reports as already in force (a zone ahead of its store)
+        self.already: tuple[InForce, ...] = ()
 
     def bound(self, events: DriverEvents) -> FakeDriver:
         """This fake as a driver factory: `Manager(store, driver.bound)` keeps the test's
@@ -101,7 +104,7 @@ class FakeDriver:
         changed = restrictions.changes_from(handle.applied)
         handle.applied = restrictions
         self.applied.append((handle.zone_id, time.time(), restrictions))
-        return ApplyReport(changed)
+        return ApplyReport(changed, already=self.already)
 
     def freeze(self, handle: ZoneHandle[Any]) -> None:
         handle.state.frozen = True

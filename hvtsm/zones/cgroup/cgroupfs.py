@@ -317,10 +317,14 @@ class CgroupV1(ZoneCgroup):
         if memsw.exists():
             # memsw = limit: no swap, as on v2 with memory.swap.max = 0
             files.append(memsw)
-        current = int(read_file(files[0]))
-        # the kernel keeps limit <= memsw at every moment: lower limit first, raise memsw first
-        lowering = value != -1 and value < current
-        for path in files if lowering else reversed(files):
+        if value == -1:
+            # the kernel keeps limit <= memsw at every moment: raise memsw first
+            order = list(reversed(files))
+        else:
+            # lower limit first; a file already at or below the value stays (a limit is
+            # only ever lowered: one half of it written before a crash is never raised)
+            order = [f for f in files if int(read_file(f)) > value]
+        for path in order:
             try:
                 write_file(path, str(value))
             except OSError as exc:
@@ -467,9 +471,16 @@ class CgroupV2(ZoneCgroup):
         if limit is None and "memory" not in self.controllers:
             return
         self._need("memory", "memory")
-        # v2 reclaims, then OOM-kills inside the zone when it cannot get under a lowered max
-        self._set(self.path / "memory.max", "max" if limit is None else str(limit),
-                  "the memory limit")
+        try:
+            current = read_file(self.path / "memory.max")
+        except OSError:
+            current = "max"  # the write below says what is wrong
+        # a limit is only ever lowered: one already at or below this one stays
+        if limit is None or current == "max" or int(current) > limit:
+            # v2 reclaims, then OOM-kills inside the zone when it cannot get under a
+            # lowered max
+            self._set(self.path / "memory.max", "max" if limit is None else str(limit),
+                      "the memory limit")
         swap = self.path / "memory.swap.max"
         if swap.exists():
             self._set(swap, "max" if limit is None else "0", "the swap limit")

@@ -32,6 +32,7 @@ from hvtsm.zones.base import (
     ApplyReport,
     Backend,
     DriverEvents,
+    InForce,
     Workload,
     WorkloadIO,
     ZoneHandle,
@@ -39,7 +40,7 @@ from hvtsm.zones.base import (
     ZoneStats,
     narrowed,
 )
-from hvtsm.zones.cgroup import cgroupfs, confine, launcher, mounts, netns, nft, view
+from hvtsm.zones.cgroup import cgroupfs, confine, launcher, limits, mounts, netns, nft, view
 from hvtsm.zones.cgroup import transient as transient_zones
 from hvtsm.zones.cgroup.agents import ZoneAgents
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
@@ -90,8 +91,7 @@ class CgroupDriver:
         self.identities = Identities()
         self._keep_run = view.keep_run_paths()
         self.transients = transient_zones.CgroupTransients(
-            caps, ZoneAgents(events, on_transient=self._on_transient), events,
-            self._set_limits)
+            caps, ZoneAgents(events, on_transient=self._on_transient), events)
         self.agents = self.transients.agents
 
     # -- naming -------------------------------------------------------------------------
@@ -134,7 +134,7 @@ class CgroupDriver:
                 if spec.monitor is not None:
                     state.monitor = dict(spec.monitor)
             cgroup.create()
-            self._set_limits(cgroup, initial, Restrictions(), lambda _name, _value: None)
+            limits.write(cgroup, initial)
             nic = initial.network.has_nic
             netns.create(net, nic=nic, lo_up=initial.network is not NetworkMode.NONE,
                          ip=self._ip)
@@ -277,65 +277,57 @@ class CgroupDriver:
         old = handle.applied
         changed = restrictions.changes_from(old)
         notes: list[str] = []
+        already: list[InForce] = []
 
         def done(name: str, value: object) -> None:
             handle.applied = handle.applied.with_field(name, value)
 
         # the network first: cutting it is what a tightening most often exists for
         if (restrictions.network, restrictions.egress) != (old.network, old.egress):
-            notes += self._apply_network(handle.zone_id, state, old, restrictions)
+            notes += self._apply_network(handle.zone_id, state, old, restrictions, already)
             done("network", restrictions.network)
             done("egress", restrictions.egress)
         if restrictions.filesystem is not old.filesystem:
-            notes += self._apply_filesystem(handle, restrictions.filesystem)
+            notes += self._apply_filesystem(handle, restrictions.filesystem, already)
             done("filesystem", restrictions.filesystem)
-        self._set_limits(self.cgroup(handle.zone_id), restrictions, old, done)
+        already += limits.tighten(self.cgroup(handle.zone_id), restrictions, old, done)
         if state.monitor is not None and changed:
             # the agent judges connects against the allow-list in force now
             self.agents.update(handle.zone_id, zone_profile(state.monitor, handle.applied))
-        return ApplyReport(changed, tuple(notes))
-
-    def _set_limits(self, cgroup: ZoneCgroup, new: Restrictions, old: Restrictions,
-                    done: Callable[[str, object], None]) -> None:
-        # memory last: lowering it is the one change that may fail (and end the zone)
-        setters: list[tuple[str, Callable[[Any], None]]] = [
-            ("cpus", cgroup.set_cpus),
-            ("cpu_shares", cgroup.set_cpu_shares),
-            ("cpu_quota", cgroup.set_cpu_quota),
-            ("pids", cgroup.set_pids),
-            ("memory", cgroup.set_memory),
-        ]
-        for name, setter in setters:
-            value = getattr(new, name)
-            if value != getattr(old, name):
-                setter(value)
-                done(name, value)
+        return ApplyReport(changed, tuple(notes), tuple(already))
 
     def _apply_network(self, zone_id: str, state: CgroupZoneState, old: Restrictions,
-                       new: Restrictions) -> list[str]:
+                       new: Restrictions, already: list[InForce]) -> list[str]:
         if new.network.rank() < old.network.rank():
             raise ZoneError(f"cannot loosen the network from '{old.network}' to "
                             f"'{new.network}'", zone_id=zone_id)
         if new.network is NetworkMode.FULL:
             if new.egress is None:
-                nft.run_in_netns(zone_id, [self.caps.nft or "nft", "delete", "table", "inet",
-                                           nft.EGRESS_TABLE])
+                nft.drop_egress(zone_id, nft=self.caps.nft)
                 return ["egress allow-list removed"]
+            # one transaction replacing the table whatever it holds: applying it again
+            # leaves the same rules
             nft.set_egress(zone_id, new.egress, nft=self.caps.nft)
             return [f"egress allow-list in force: {len(new.egress)} destination(s)"]
-        remove_nic = state.nic
-        lo_down = new.network is NetworkMode.NONE and state.lo_up
-        netns.tighten(zone_id, remove_nic=remove_nic, lo_down=lo_down, ip=self._ip)
+        lo_down = new.network is NetworkMode.NONE
+        # the kernel's word, not the stored state's: a cut done before a crash is in force
+        found = netns.tighten(zone_id, lo_down=lo_down, ip=self._ip)
         notes = []
-        if remove_nic:
-            state.nic = False
+        # in force already: what the recorded restrictions say is still to be done
+        if found.nic:
             notes.append(f"NIC unplugged (veth {state.host_if} deleted)")
-        if lo_down:
-            state.lo_up = False
+        elif old.network.has_nic:
+            already.append(InForce("network", "NIC absent"))
+        if lo_down and (found.lo_up or found.lo_addressed):
             notes.append("loopback down")
+        elif lo_down and old.network is not NetworkMode.NONE:
+            already.append(InForce("network", "loopback down"))
+        state.nic = False
+        state.lo_up = state.lo_up and not lo_down
         return notes
 
-    def _apply_filesystem(self, handle: Handle, mode: FilesystemMode) -> list[str]:
+    def _apply_filesystem(self, handle: Handle, mode: FilesystemMode,
+                          already: list[InForce]) -> list[str]:
         if mode is FilesystemMode.RW:
             raise ZoneError("cannot make a read-only zone writable again",
                             zone_id=handle.zone_id)
@@ -345,19 +337,32 @@ class CgroupDriver:
         namespaces = self._mount_namespaces(handle.zone_id, state)
         if not namespaces:
             return ["no process left in the zone to remount for"]
+        # a namespace whose every mount is read-only already (a switch done before a
+        # crash) is left alone; one no zone process shows is remounted, which read-only
+        # mounts take without harm
+        writable = [path for path, mountinfo in namespaces.items()
+                    if mountinfo is None or not mounts.all_readonly(mountinfo)]
+        if not writable:
+            already.append(InForce("filesystem", "every mount read-only in "
+                                   f"{len(namespaces)} mount namespace(s)"))
+            return []
         total = sum(launcher.remount_readonly_live(path, handle.zone_id)
-                    for path in namespaces)
-        return [f"{total} mount(s) remounted read-only in {len(namespaces)} mount "
+                    for path in writable)
+        return [f"{total} mount(s) remounted read-only in {len(writable)} mount "
                 "namespace(s)"]
 
-    def _mount_namespaces(self, zone_id: str, state: CgroupZoneState) -> list[str]:
-        """One path per distinct mount namespace of the zone: the reference taken at start,
-        plus any namespace a zone process made for itself since."""
+    def _mount_namespaces(self, zone_id: str,
+                          state: CgroupZoneState) -> dict[str, str | None]:
+        """One path per distinct mount namespace of the zone (the reference taken at
+        start, plus any namespace a zone process made for itself since), each with the
+        mountinfo of a zone process in it (None: no zone process shows it)."""
         host = os.stat("/proc/self/ns/mnt").st_ino
         seen: dict[int, str] = {}
-        candidates = [state.ns_ref] + [
-            f"/proc/{pid}/ns/mnt" for pid in sorted(self.cgroup(zone_id).pids())]
-        for path in candidates:
+        shown: dict[int, str] = {}
+        candidates: list[tuple[str | None, str | None]] = [(state.ns_ref, None)]
+        candidates += [(f"/proc/{pid}/ns/mnt", f"/proc/{pid}/mountinfo")
+                       for pid in sorted(self.cgroup(zone_id).pids())]
+        for path, mountinfo in candidates:
             if not path:
                 continue
             try:
@@ -366,7 +371,9 @@ class CgroupDriver:
                 continue
             if inode != host:
                 seen.setdefault(inode, path)
-        return list(seen.values())
+                if mountinfo is not None:
+                    shown.setdefault(inode, mountinfo)
+        return {path: shown.get(inode) for inode, path in seen.items()}
 
     # -- freezing and statistics ----------------------------------------------------------
 
@@ -399,8 +406,30 @@ class CgroupDriver:
             return handle, launcher.AdoptedWorkload(cgroup, min(pids))
         pid = zone_state.pid if zone_state.pid in pids else min(pids)
         zone_state.frozen = cgroup.frozen()
+        self._read_network(zone_id, zone_state)
         self.agents.reattach(zone_id, zone_state)
         return handle, launcher.AdoptedWorkload(cgroup, pid)
+
+    def _read_network(self, zone_id: str, state: CgroupZoneState) -> None:
+        """The NIC and loopback as the kernel has them: the store is behind when the
+        controller died between a cut and its record (the overdue phase then finds the
+        cut in force). Only ever tighter than what was stored: a NIC or loopback back in
+        the namespace would be a stranger's, and the next cut removes it all the same."""
+        try:
+            found = netns.present(zone_id, ip=self._ip)
+        except ZoneError as exc:
+            log.warning("zone %s: cannot read its network namespace: %s", zone_id, exc)
+            return
+        ahead = [what for what, stored, now in (("NIC absent", state.nic, found.nic),
+                                                 ("loopback down", state.lo_up, found.lo_up))
+                 if stored and not now]
+        if ahead:
+            self.events.note(zone_id, "kernel-ahead",
+                             f"found in the kernel at adoption: {', '.join(ahead)} (the "
+                             "store said otherwise: a cut done just before its controller "
+                             "stopped)")
+        state.nic = state.nic and found.nic
+        state.lo_up = state.lo_up and found.lo_up
 
     def leftovers(self) -> set[str]:
         claims = {z for z in self.identities.claimed().values() if _ZONE_ID.match(z)}

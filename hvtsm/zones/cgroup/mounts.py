@@ -39,6 +39,8 @@ class MountEntry:
     #: the file system's own options, in mountinfo's order (a cgroup v1 hierarchy's
     #: controllers)
     super_options: tuple[str, ...] = ()
+    mount_id: int = 0
+    parent_id: int = 0
 
     def readonly_flags(self) -> int:
         flags = mountflags.MS_REMOUNT | mountflags.MS_BIND | mountflags.MS_RDONLY
@@ -81,6 +83,8 @@ def parse_mountinfo(text: bytes) -> list[MountEntry]:
             fstype=fields[sep + 1].decode(),
             super_options=tuple(fields[sep + 3].decode().split(","))
             if len(fields) > sep + 3 else (),
+            mount_id=int(fields[0]),
+            parent_id=int(fields[1]),
         ))
     return entries
 
@@ -138,6 +142,26 @@ def make_view_readonly(*, proc_dir: int | None = None) -> int:
             raise
         count += 1
     return count
+
+
+def all_readonly(mountinfo: str) -> bool:
+    """Whether every mount `make_view_readonly` would remount in the namespace that
+    `mountinfo` (a /proc/<pid>/mountinfo) shows is read-only already. False when it cannot
+    be read: the remount then runs and says what is wrong."""
+    try:
+        entries = read_mountinfo(mountinfo)
+    except OSError:
+        return False
+    return readonly_view(entries)
+
+
+def readonly_view(entries: list[MountEntry]) -> bool:
+    """Whether the mounts a process can reach, nsfs handles aside (never remounted), are
+    all read-only. A mount stacked over another on the same point (a second /dev/pts)
+    hides it: the remount by path reaches only the top one, and so can the zone."""
+    covered = {(e.point, e.parent_id) for e in entries}
+    seen = [e for e in entries if e.fstype != "nsfs" and (e.point, e.mount_id) not in covered]
+    return bool(seen) and all("ro" in e.options for e in seen)
 
 
 def _is_mount_point(path: Path) -> bool:

@@ -3,6 +3,10 @@
 Each zone gets `hvtsm-<zone_id>` (listed by `ip netns`), a host-side veth `hz...` whose
 ifalias names the zone, and the peer renamed `eth0` inside. Addresses: the /30 number
 `net_index` of the pool, host side .1, zone side .2.
+
+A cut reads the namespace first (`NetPresent`) and asks the kernel only for what it does
+not have yet: a cut half-done before a controller died is finished, not failed on a NIC
+that is already gone.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hvtsm.errors import ZoneError
 from hvtsm.zones import netslots
@@ -25,6 +31,8 @@ HOST_IF_PREFIX = "hz"
 ALIAS_PREFIX = "hvtsm:"
 NETNS_DIR = Path("/run/netns")
 SYS_NET = Path("/sys/class/net")
+#: the zone's end of its veth pair, inside the namespace
+ZONE_IF = "eth0"
 #: IFNAMSIZ - 1
 _IFNAME_MAX = 15
 _IFNAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -93,19 +101,68 @@ def create(net: ZoneNet, *, nic: bool, lo_up: bool, ip: str = "ip") -> None:
             zone_id=net.zone_id)
 
 
-def tighten(zone_id: str, *, remove_nic: bool, lo_down: bool, ip: str = "ip") -> None:
-    """Unplug the NIC (deleting eth0 inside removes the host side too) and/or take
-    loopback down, in one `ip` run inside the namespace."""
-    # down first: that drops eth0's routes at once, so connects fail from here on, while
-    # the deletion after it waits on the kernel's teardown of the device (~20 ms)
-    lines = ["link set eth0 down", "link del eth0"] if remove_nic else []
-    if lo_down:
-        # without its addresses a down lo fails connects at once (ENETUNREACH) instead of
-        # swallowing them until they time out
-        lines += ["link set lo down", "addr flush dev lo"]
-    if lines:
-        run([ip, "-n", netns_name(zone_id), "-batch", "-"], input="\n".join(lines) + "\n",
-            zone_id=zone_id)
+@dataclass(frozen=True)
+class NetPresent:
+    """What a zone's namespace holds now, as the kernel says (`ip -j addr show`)."""
+
+    #: eth0 exists in the namespace
+    nic: bool
+    #: lo is up
+    lo_up: bool
+    #: lo has an address (a down lo keeps 127.0.0.1 unless flushed)
+    lo_addressed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> NetPresent:
+        links: list[dict[str, Any]] = json.loads(text or "[]")
+        by_name = {str(link.get("ifname")): link for link in links}
+        lo = by_name.get("lo", {})
+        return cls(nic=ZONE_IF in by_name, lo_up="UP" in lo.get("flags", ()),
+                   lo_addressed=bool(lo.get("addr_info")))
+
+    def cut_lines(self, *, lo_down: bool) -> list[str]:
+        """The `ip` lines that take the namespace from here to no NIC (and with `lo_down`
+        to a loopback down without addresses): none when that is in force already."""
+        # down first: that drops eth0's routes at once, so connects fail from here on,
+        # while the deletion after it waits on the kernel's teardown of the device (~20 ms)
+        lines = [f"link set {ZONE_IF} down", f"link del {ZONE_IF}"] if self.nic else []
+        if lo_down:
+            if self.lo_up:
+                lines.append("link set lo down")
+            if self.lo_addressed:
+                # without its addresses a down lo fails connects at once (ENETUNREACH)
+                # instead of swallowing them until they time out
+                lines.append("addr flush dev lo")
+        return lines
+
+
+def present(zone_id: str, *, ip: str = "ip") -> NetPresent:
+    """Read the zone's namespace (one `ip` run, ~2 ms)."""
+    result = run([ip, "-n", netns_name(zone_id), "-j", "addr", "show"], zone_id=zone_id)
+    try:
+        return NetPresent.parse(result.stdout)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ZoneError(f"cannot read the zone's network namespace: `ip -j` said "
+                        f"{result.stdout[:200]!r} ({exc})", zone_id=zone_id) from exc
+
+
+def tighten(zone_id: str, *, lo_down: bool, ip: str = "ip") -> NetPresent:
+    """Take the NIC away (deleting eth0 inside removes the host side too) and, with
+    `lo_down`, the loopback, in one `ip` run inside the namespace; only what the kernel
+    does not have already. Returns the namespace as it was found."""
+    found = present(zone_id, ip=ip)
+    lines = found.cut_lines(lo_down=lo_down)
+    if not lines:
+        return found
+    argv = [ip, "-n", netns_name(zone_id), "-batch", "-"]
+    result = run(argv, input="\n".join(lines) + "\n", check=False, zone_id=zone_id)
+    if result.returncode != 0:
+        # the batch stops at its first error: one that only says a step was done meanwhile
+        # (by another hand) leaves the rest, which the kernel's word now tells
+        rest = present(zone_id, ip=ip).cut_lines(lo_down=lo_down)
+        if rest:
+            run(argv, input="\n".join(rest) + "\n", zone_id=zone_id)
+    return found
 
 
 def destroy(zone_id: str, *, ip: str = "ip") -> list[str]:

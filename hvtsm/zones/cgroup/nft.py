@@ -84,6 +84,15 @@ def set_egress(zone_id: str, rules: Sequence[EgressRule], *, nft: str | None) ->
     run_in_netns(zone_id, [nft, "-f", "-"], input=egress_ruleset(rules))
 
 
+def drop_egress(zone_id: str, *, nft: str | None) -> None:
+    """Remove the zone's allow-list, whether or not it is there: the table is declared
+    before it is deleted, in one transaction, so a removal done already is no error."""
+    if nft is None:
+        return  # without nft no allow-list was ever made
+    run_in_netns(zone_id, [nft, "-f", "-"],
+                 input=f"table inet {EGRESS_TABLE} {{}}\ndelete table inet {EGRESS_TABLE}\n")
+
+
 def nat_ruleset(pool: ipaddress.IPv4Network) -> str:
     comment = f'comment "hvtsm pool {pool}"'
     return (

@@ -10,7 +10,6 @@ agent can tell its processes apart.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 from hvtsm.errors import HvtsmError, ZoneError
@@ -19,23 +18,18 @@ from hvtsm.monitor.anomalies import agent_network
 from hvtsm.monitor.code_path import CodePath
 from hvtsm.restrictions import FilesystemMode, Restrictions
 from hvtsm.zones.base import ApplyReport, Backend, DriverEvents, ZoneHandle, ZoneSpec
-from hvtsm.zones.cgroup import cgroupfs, launcher
+from hvtsm.zones.cgroup import cgroupfs, launcher, limits
 from hvtsm.zones.cgroup.agents import ZoneAgents
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
 from hvtsm.zones.cgroup.state import CgroupTransientState
 
-#: writes a restriction's limits into a cgroup; `done(name, value)` after each
-SetLimits = Callable[[ZoneCgroup, Restrictions, Restrictions, Callable[[str, object], None]],
-                     None]
-
 
 class CgroupTransients:
-    def __init__(self, caps: HostCapabilities, agents: ZoneAgents, events: DriverEvents,
-                 set_limits: SetLimits) -> None:
+    def __init__(self, caps: HostCapabilities, agents: ZoneAgents,
+                 events: DriverEvents) -> None:
         self.caps = caps
         self.agents = agents
         self.events = events
-        self._set_limits = set_limits
 
     def cgroup(self, state: CgroupTransientState, zone_id: str) -> ZoneCgroup:
         return cgroupfs.child_cgroup(self.caps, state.parent, zone_id)
@@ -56,7 +50,7 @@ class CgroupTransients:
                 notes.append("cgroup v2: held to its parent's resource limits (a cgroup "
                              "that holds processes cannot delegate controllers)")
             else:
-                self._set_limits(cgroup, initial, Restrictions(), lambda _n, _v: None)
+                limits.write(cgroup, initial)
             # the process is blocked in its exec/connect until the agent answers: moved
             # now, everything it runs or forks from here on is in the transient zone
             cgroup.move(request.pid)
@@ -100,8 +94,8 @@ class CgroupTransients:
             handle.applied = handle.applied.with_field(name, value)
 
         cgroup = self.cgroup(handle.state, handle.zone_id)
-        if cgroup.version == 1:
-            self._set_limits(cgroup, restrictions, old, done)
+        already = limits.tighten(cgroup, restrictions, old, done) if cgroup.version == 1 \
+            else []
         network = agent_network(restrictions)
         if network != agent_network(old):
             try:
@@ -114,7 +108,7 @@ class CgroupTransients:
         if restrictions.filesystem is not old.filesystem:
             notes.append("filesystem ro is not enforced for the subtree alone")
         handle.applied = restrictions
-        return ApplyReport(changed, tuple(notes))
+        return ApplyReport(changed, tuple(notes), tuple(already))
 
     def on_ack(self, zone_id: str, data: dict[str, Any]) -> None:
         """The agent's answer to a `transient` message. The host placed the process before
