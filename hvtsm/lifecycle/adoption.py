@@ -1,7 +1,10 @@
 """Taking over the zones of controllers that died: their live zones are rebuilt from the
-store (`ZoneDriver.adopt` from the stored driver state), their jobs move into this
-controller's table, and every transition that fell due meanwhile fires at once, audited as
-late ("fell due while no controller ran").
+store (`ZoneDriver.adopt` from the stored driver state, read again from the zone itself
+where it can be ahead of the store), their jobs move into this controller's table, and
+every transition that fell due meanwhile fires at once, audited as late ("fell due while
+no controller ran"). A transition half-applied before the crash is finished by that same
+firing: the driver finds the done part in force (audited "already in force"), so it never
+fails on it and never ends the zone early.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from hvtsm.controllers import claim_zone, dead_controllers, orphaned_zones
 from hvtsm.errors import ZoneError
@@ -49,7 +54,9 @@ class Adoption:
                               host_cpus=EVERY_CPU)
         applied = Restrictions.from_json(json.loads(zone.applied))
         driver = self.core.driver_for(Backend(zone.backend))
-        handle, workload = driver.adopt(zone.id, json.loads(zone.driver_state), applied)
+        stored = json.loads(zone.driver_state)
+        handle, workload = driver.adopt(zone.id, stored, applied)
+        found = drift(stored, handle.state.to_json())
         run = ZoneRun(zone_id=zone.id, policy=policy, scale=zone.lifespan_scale,
                       kind=ZoneKind(zone.kind), name=zone.name, group=zone.group_id,
                       parent=zone.parent_id, handle=handle, workload=workload,
@@ -70,7 +77,8 @@ class Adoption:
         with self.core.store.session() as session:
             record_event(session, zone_id=zone.id, kind="adopted",
                          detail=f"by controller {self.core.controller.id}; "
-                         f"{len(run.pending)} transition(s) pending")
+                         f"{len(run.pending)} transition(s) pending"
+                         + (f"; read from the zone: {', '.join(found)}" if found else ""))
             self.core.save(session, run)
         run.opened.set()
         if workload is None:
@@ -98,3 +106,11 @@ class Adoption:
                 row = session.get(Controller, c.id)
                 if row is not None:
                     session.delete(row)
+
+
+def drift(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What a driver read from the zone at adoption that its stored state did not say
+    ("nic true -> false": a NIC the kernel no longer has, a cut done just before the old
+    controller died), field by field."""
+    return [f"{key} {json.dumps(stored.get(key))} -> {json.dumps(value)}"
+            for key, value in now.items() if key in stored and stored[key] != value]

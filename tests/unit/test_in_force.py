@@ -12,6 +12,7 @@ import pytest
 from sqlmodel import select
 
 from hvtsm.lifecycle import Manager, Notice
+from hvtsm.lifecycle.adoption import drift
 from hvtsm.lifecycle.notices import PhaseApplied as PhaseNotice
 from hvtsm.restrictions import NetworkMode, Restrictions
 from hvtsm.store import Store
@@ -274,3 +275,10 @@ def test_a_phase_already_in_force_is_applied_and_audited_as_such(tmp_path: Path)
     assert run.end_cause is not None and str(run.end_cause) == "policy"
     assert [r.network for _, _, r in driver.applied][:1] == [NetworkMode.LOOPBACK]
     assert time.time() - (run.started_at or 0) >= 0.9
+
+
+def test_adoption_audits_what_the_zone_said_beyond_its_stored_state() -> None:
+    stored = {"nic": True, "lo_up": True, "frozen": False, "pid": 12}
+    now = {"nic": False, "lo_up": True, "frozen": False, "pid": 12, "new_field": 1}
+    assert drift(stored, now) == ["nic true -> false"]
+    assert drift(stored, dict(stored)) == []

@@ -420,14 +420,7 @@ class CgroupDriver:
         except ZoneError as exc:
             log.warning("zone %s: cannot read its network namespace: %s", zone_id, exc)
             return
-        ahead = [what for what, stored, now in (("NIC absent", state.nic, found.nic),
-                                                 ("loopback down", state.lo_up, found.lo_up))
-                 if stored and not now]
-        if ahead:
-            self.events.note(zone_id, "kernel-ahead",
-                             f"found in the kernel at adoption: {', '.join(ahead)} (the "
-                             "store said otherwise: a cut done just before its controller "
-                             "stopped)")
+        # the lifecycle audits what changed against the stored state (its "adopted" event)
         state.nic = state.nic and found.nic
         state.lo_up = state.lo_up and found.lo_up
 
