@@ -20,8 +20,9 @@ fields, or raises AdminError naming what went wrong (ok false, with that text).
 * ``remount_ro`` {path}: the mount at `path` read-only: its superblock (MS_REMOUNT |
   MS_RDONLY, keeping the mount's nosuid/nodev/noexec/atime flags), or, when the file
   system refuses that, the mount point alone (MS_BIND). Result: path, was_ro, how.
-* ``nproc`` {pid, limit}: RLIMIT_NPROC of that process, soft and hard. Result: pid,
-  limit, previous [soft, hard] (-1: unlimited).
+* ``nproc`` {pid, limit}: RLIMIT_NPROC of that process, soft and hard, lowered to `limit`
+  and never raised (a lower one stays). Result: pid, limit, previous [soft, hard] (-1:
+  unlimited).
 
 Stdlib only (ctypes for mount(2)). `System` holds the roots and calls the ops use, so tests
 give them a fake /proc and run directory and record the kills and mounts.
@@ -362,10 +363,18 @@ def _limit(value: int) -> int:
     return -1 if value == resource.RLIM_INFINITY else value
 
 
+def lowered(current: int, limit: int) -> int:
+    """A resource limit brought down to `limit`, never raised: one already lower (set by
+    the phase before a controller died, or by the process itself) stays."""
+    return limit if current == resource.RLIM_INFINITY or current > limit else current
+
+
 def nproc(msg: dict[str, Any], system: System) -> dict[str, Any]:
     pid, limit = msg["pid"], msg["limit"]
     try:
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NPROC, (limit, limit))
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NPROC)
+        resource.prlimit(pid, resource.RLIMIT_NPROC, (lowered(soft, limit),
+                                                      lowered(hard, limit)))
     except (OSError, ValueError) as e:
         raise AdminError(f"cannot set RLIMIT_NPROC {limit} on pid {pid}: {e}") from None
     return {"pid": pid, "limit": limit, "previous": [_limit(soft), _limit(hard)]}

@@ -103,8 +103,8 @@ host -> agent
                   delete the uid's other top-level entries of the `shared` dirs; make
                   `scratch` fresh (0700, uid:gid). Result: killed, deleted, rounds, seconds.
                   link_down {iface} -> iface, was_up. remount_ro {path} -> path, was_ro,
-                  how (superblock|bind). nproc {pid, limit}: RLIMIT_NPROC -> pid, limit,
-                  previous [soft, hard] (-1: unlimited).
+                  how (superblock|bind). nproc {pid, limit}: RLIMIT_NPROC lowered, never
+                  raised -> pid, limit, previous [soft, hard] (-1: unlimited).
 
 A ``start`` with ``channel`` (the zone's name among its group) gives the workload the channel
 endpoint: a unix stream socket at the abstract address CHANNEL_ADDRESS in the workload's

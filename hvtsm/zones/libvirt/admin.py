@@ -34,19 +34,32 @@ class GuestAdmin:
     def __init__(self, guests: Guests) -> None:
         self.guests = guests
 
-    def link_down(self, handle: ZoneHandle[Any], iface: str) -> None:
-        self._link(handle).admin("link_down", timeout=REQUEST_TIMEOUT, iface=iface)
+    def link_down(self, handle: ZoneHandle[Any], iface: str) -> bool:
+        """Whether the interface was up (False: it was down already)."""
+        result = self._link(handle).admin("link_down", timeout=REQUEST_TIMEOUT, iface=iface)
+        return result.get("was_up") is not False
 
-    def remount_ro(self, handle: ZoneHandle[Any], path: str) -> None:
-        self._link(handle).admin("remount_ro", timeout=REQUEST_TIMEOUT, path=path)
+    def remount_ro(self, handle: ZoneHandle[Any], path: str) -> bool:
+        """Whether the mount was read-only already."""
+        result = self._link(handle).admin("remount_ro", timeout=REQUEST_TIMEOUT, path=path)
+        return result.get("was_ro") is True
 
-    def nproc(self, handle: ZoneHandle[Any], pid: int, limit: int) -> None:
+    def nproc(self, handle: ZoneHandle[Any], pid: int, limit: int) -> tuple[int, int] | None:
+        """Lower the process's RLIMIT_NPROC to `limit` (the agent never raises it); the
+        (soft, hard) it had before (-1: unlimited), None when it could not be set."""
         try:
-            self._link(handle).admin("nproc", timeout=REQUEST_TIMEOUT, pid=pid, limit=limit)
+            result = self._link(handle).admin("nproc", timeout=REQUEST_TIMEOUT, pid=pid,
+                                              limit=limit)
         except ZoneError as exc:
             # the workload may have ended since: the limit is the guest kernel's business
             # then, not a failure of the phase
             log.info("zone %s: RLIMIT_NPROC not set: %s", handle.zone_id, exc)
+            return None
+        previous = result.get("previous")
+        if (isinstance(previous, list) and len(previous) == 2
+                and all(isinstance(p, int) and not isinstance(p, bool) for p in previous)):
+            return previous[0], previous[1]
+        return None
 
     def _link(self, handle: ZoneHandle[Any]) -> AgentLink:
         return self.guests.require_link(handle.state.guest, handle.zone_id)

@@ -350,6 +350,11 @@ class LibvirtDriver:
             return handle, None
         self.guests.watch_domain(name)
         self.guests.serve(loaded.guest, zone_id)
+        try:
+            # the guest's word over the store's: what a cut done just before the crash left
+            self.tightener.reconcile(_zone(handle))
+        except (libvirt.libvirtError, ZoneError) as exc:
+            log.warning("zone %s: cannot read its guest's devices: %s", zone_id, exc)
         gone = self.guests.gone(loaded.guest)
         try:
             if loaded.channel_path is None or loaded.workload is None:
