@@ -6,12 +6,15 @@ Its parts, one job each: the outbox (outbox.py: three lanes, what waits while th
 absent) and the writer (writer.py: the one thread that writes, numbering messages); the
 requests, grouped: starts.py (``start``, ``signal``, the workloads), standbys.py
 (``standby``), channel_requests.py (``channel_deliver``, ``channel_verdict``, the
-channel environment), workers.py (``probe`` and ``admin``, off the reader thread); and
+channel environment), workers.py (``probe`` and ``admin``, off the reader thread),
+deputy_requests.py (``deputy``, ``deputy_ack``: the zone's schedule kept while no host
+is connected, deputy.py); and
 the monitor (monitor.py), whose events (anomaly, monitor, stats, code-path, transient) go
 on the urgent lane. ``profile``, ``transient`` and ``ping`` are answered here.
 
 Threads: the main thread reads the port and dispatches requests (never blocking on one);
-the writer; a heartbeat thread; three per workload (two output pumps, one waiter); one per
+the writer; a heartbeat thread; the deputy's; three per workload (two output pumps, one
+waiter); one per
 running probe (at most MAX_PROBES) and one for admin requests; the monitor's two (its poll
 loop answers seccomp notifications and fanotify events, its sampler reads /proc); the
 channel endpoint's (endpoint.py: one accepting, one per client connection).
@@ -37,6 +40,7 @@ from typing import Any, Callable
 from guest_agent import __version__, fanotify, seccomp
 from guest_agent.admin import OPS as ADMIN_OPS
 from guest_agent.channel_requests import ChannelRequests
+from guest_agent.deputy_requests import DeputyRequests
 from guest_agent.endpoint import Endpoint
 from guest_agent.monitor import Monitor
 from guest_agent.outbox import URGENT, Outbox
@@ -61,7 +65,8 @@ log = logging.getLogger("guest_agent")
 
 CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
     "events:anomaly", "events:monitor", "events:stats", "events:code-path",
-    "events:transient", "transient", "channel", "standby", "admin"] + [
+    "events:transient", "events:deputy", "transient", "channel", "standby", "admin",
+    "deputy"] + [
     "admin:" + op for op in ADMIN_OPS]
 
 
@@ -106,13 +111,16 @@ class Agent:
         self.probes = Probes(self.send)
         self.admin = AdminRequests(self.send)
         self.writer = Writer(port, self.outbox, self.stop, self.hello, self.starts.forget)
+        self.deputies = DeputyRequests(self.send, lambda: self.port.connected,
+                                       self.starts.root_pid)
         self._handlers: dict[str, Callable[[Message], None]] = {
             "start": self.starts.on_start, "signal": self.starts.on_signal,
             "standby": self.standbys.on_standby, "probe": self.probes.on_probe,
             "admin": self.admin.on_admin, "ping": self._on_ping,
             "profile": self._on_profile, "transient": self.monitor.transient,
             "channel_deliver": self.channels.on_deliver,
-            "channel_verdict": self.channels.on_verdict}
+            "channel_verdict": self.channels.on_verdict,
+            "deputy": self.deputies.on_deputy, "deputy_ack": self.deputies.on_ack}
         assert set(self._handlers) == HOST_TYPES
 
     # --- outgoing ---------------------------------------------------------------------
@@ -126,6 +134,7 @@ class Agent:
             "boot_ms": int(uptime() * 1000), "heartbeat": self.heartbeat,
             "hostname": uname.nodename, "port": self.port.describe,
             "workloads": self.starts.running(), "dropped": self.outbox.dropped,
+            "deputy": self.deputies.report(),
         }
         if reply_to is not None:
             msg["id"] = reply_to
@@ -147,13 +156,17 @@ class Agent:
         return self.outbox.put({"type": "event", "kind": kind, "id": workload_id,
                                 "time": time.time(), "data": data}, URGENT)
 
+    def _needed(self) -> bool:
+        """Something to watch, or a schedule to keep and records to hand over: a
+        controller that resumes looks for this agent."""
+        return bool(self.monitor.stats()["watching"]) or self.deputies.deputy.busy()
+
     def _orphan_watch(self) -> None:
-        """Beside a cgroup zone: once the controller that started us is gone and nothing
-        is watched, no one will need us (a controller that resumes only looks for agents
-        that watch a zone)."""
+        """Beside a cgroup zone: once the controller that started us is gone and we are
+        not needed (`_needed`), no one will need us."""
         parent = os.getppid()
         while not self.stop.wait(1.0):
-            if os.getppid() != parent and not self.monitor.stats()["watching"]:
+            if os.getppid() != parent and not self._needed():
                 log.info("controller gone and nothing to watch: exiting")
                 self.stop.set()
                 self.port.close()
@@ -221,6 +234,7 @@ class Agent:
         if self.channels.hand is not None:
             self._spawn_thread(self.channels.hand_loop, "channel-hand")
         self.monitor.start()
+        self.deputies.start()
         code = 0
         try:
             self._read()
@@ -241,7 +255,8 @@ class Agent:
                 try:
                     data = self.port.read(generation, 0.5)
                 except Disconnected:
-                    if self.host_mode and not self.monitor.stats()["watching"]:
+                    self.deputies.deputy.host_lost()
+                    if self.host_mode and not self._needed():
                         # beside a cgroup zone with nothing left to watch (a spare the
                         # controller never used, or a zone whose processes are gone): no
                         # controller needs to find this agent again
@@ -254,6 +269,7 @@ class Agent:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self.deputies.close()
         self.outbox.close()
         self.starts.kill_all()
         self.standbys.close()

@@ -4,7 +4,8 @@ private mount namespace on this host.
 Every resource name derives from the zone id (cgroup `hvtsm/<id>`, netns `hvtsm-<id>`,
 veth `hz...`, namespace reference `/run/hvtsm/ns/<id>`), so a zone can be found and
 removed from its id alone, even when the controller that made it is gone. The agents
-beside the zones are `agents.py`'s, transient zones (child cgroups) `transient.py`'s.
+beside the zones are `agents.py`'s, transient zones (child cgroups) `transient.py`'s, the
+schedule an agent keeps while no controller runs (its deputy) `deputy.py`'s.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from hvtsm.zones.base import (
     ZoneStats,
     narrowed,
 )
-from hvtsm.zones.cgroup import cgroupfs, launcher, mounts, netns, nft
+from hvtsm.zones.cgroup import cgroupfs, deputy, launcher, mounts, netns, nft
 from hvtsm.zones.cgroup import transient as transient_zones
 from hvtsm.zones.cgroup.agents import ZoneAgents
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
@@ -120,8 +121,9 @@ class CgroupDriver:
             zone_addr=str(net.zone_addr), net_index=index, user=spec.user, cwd=spec.cwd)
         handle: Handle = ZoneHandle(zone_id, self.backend, state, initial)
         try:
-            # the agent beside the zone watches it and/or serves its channel
-            if spec.monitor is not None or spec.channel is not None:
+            # the agent beside the zone watches it, serves its channel and/or keeps its
+            # schedule while no controller runs
+            if spec.monitor is not None or spec.channel is not None or spec.deputy:
                 agent = self.agents.take(zone_id)
                 state.agent_pid, state.agent_name = agent.pid, agent.name
                 state.channel = spec.channel
@@ -191,6 +193,12 @@ class CgroupDriver:
 
     def channel_link(self, zone_id: str) -> AgentLink | None:
         return self.agents.link(zone_id)
+
+    def deputy(self, handle: Handle) -> deputy.CgroupDeputy | None:
+        zone = narrowed(handle, CgroupZoneState)
+        if zone is None or zone.state.agent_pid is None:
+            return None  # a transient zone's phases are its controller's alone
+        return deputy.CgroupDeputy(zone, self.cgroup(handle.zone_id), self.agents)
 
     def close(self) -> None:
         self.agents.close()
@@ -270,7 +278,9 @@ class CgroupDriver:
         if restrictions.filesystem is not old.filesystem:
             notes += self._apply_filesystem(handle, restrictions.filesystem)
             done("filesystem", restrictions.filesystem)
-        self._set_limits(self.cgroup(handle.zone_id), restrictions, old, done)
+        # through the deputy's own lower-only steps, under the zone's lock: a value the
+        # deputy lowered already is never raised by a controller that comes late
+        notes += deputy.lower_limits(self.cgroup(handle.zone_id), restrictions, old, done)
         if state.monitor is not None and changed:
             # the agent judges connects against the allow-list in force now
             self.agents.update(handle.zone_id, zone_profile(state.monitor, handle.applied))
@@ -371,16 +381,18 @@ class CgroupDriver:
         _check_id(zone_id)
         handle: Handle = ZoneHandle(zone_id, self.backend, load_state(state), applied)
         cgroup = self.handle_cgroup(handle)
+        zone_state = handle.state
+        if isinstance(zone_state, CgroupZoneState):
+            # even an empty zone's: its deputy may have ended it, and says when
+            self.agents.reattach(zone_id, zone_state)
         pids = cgroup.pids()
         if not pids:
             return handle, None
-        zone_state = handle.state
         if isinstance(zone_state, CgroupTransientState):
             # its processes are watched by its parent's agent, adopted with the parent
             return handle, launcher.AdoptedWorkload(cgroup, min(pids))
         pid = zone_state.pid if zone_state.pid in pids else min(pids)
         zone_state.frozen = cgroup.frozen()
-        self.agents.reattach(zone_id, zone_state)
         return handle, launcher.AdoptedWorkload(cgroup, pid)
 
     def leftovers(self) -> set[str]:

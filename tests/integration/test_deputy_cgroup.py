@@ -1,0 +1,230 @@
+"""A schedule that holds without a controller (issue 11, part 6), through the real CLI and
+real cgroup zones: the controller is SIGKILLed before a phase falls due, and the zone's
+agent (its deputy) still cuts the network, lowers the memory limit and ends the zone on
+time, seen from inside the zone and from the host; `hvtsm resume` then audits each as
+applied by the agent, and `hvtsm zones --json` shows the stretch without a controller."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvtsm.lifecycle.deputy import DEPUTY_GRACE_S
+from tests.integration.cli_helpers import (
+    audit,
+    env,
+    hvtsm,
+    hvtsm_argv,
+    json_lines,
+    running,
+    wait_for,
+    write_policy,
+    zones,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="cgroup zones need root"),
+]
+
+#: what the deputy's lag may be beyond its grace here: applying the steps (an `ip`-free
+#: netlink call, a cgroup write: milliseconds), the probe's own 50 ms period, a loaded host
+SLACK_S = 0.35
+
+SCHEDULE = """
+name = "unattended"
+[[phase]]
+at = "0s"
+network = "full"
+memory = "256MiB"
+[[phase]]
+at = "2s"
+network = "loopback"
+[[phase]]
+at = "4s"
+memory = "128MiB"
+[[phase]]
+at = "8s"
+action = "terminate"
+# the cut itself is under test (the agent's containment would kill the prober at its first
+# refused connect); the agent is still there: every zone with phases has one, its deputy
+[anomaly]
+monitor = false
+"""
+
+ENDS = """
+name = "ends-alone"
+[[phase]]
+at = "0s"
+network = "full"
+[[phase]]
+at = "1500ms"
+action = "terminate"
+[anomaly]
+monitor = false
+"""
+
+#: every 50 ms: a connect to the host end of the zone's NIC, and the memory limit the zone's
+#: own cgroup file says (found through /proc/self/cgroup), each line stamped
+PROBE = r"""
+import os, socket, struct, sys, time
+def gateway():
+    for line in open('/proc/net/route').read().splitlines()[1:]:
+        f = line.split()
+        if f[1] == '00000000':
+            return socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+def limit_file():
+    for line in open('/proc/self/cgroup').read().splitlines():
+        _, controllers, path = line.split(':', 2)
+        if 'memory' in controllers.split(','):
+            return '/sys/fs/cgroup/memory' + path + '/memory.limit_in_bytes'
+        if controllers == '':
+            v2 = '/sys/fs/cgroup' + path + '/memory.max'
+            if os.path.exists(v2):
+                return v2
+port, gw, limit = int(sys.argv[1]), gateway(), limit_file()
+while True:
+    try:
+        s = socket.create_connection((gw, port), timeout=0.2)
+        s.close()
+        net = 'ok'
+    except OSError:
+        net = 'failed'
+    mem = open(limit).read().strip()
+    print(time.time(), net, mem, flush=True)
+    time.sleep(0.05)
+"""
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _start(db: str, policy: str, *argv: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`hvtsm run` whose workload writes to the test's own pipe (it outlives the
+    controller: the controller passes it on, it does not relay it)."""
+    proc = subprocess.Popen(hvtsm_argv(db, "run", "--policy", policy, "--", *argv),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), stdin=subprocess.DEVNULL)
+    zone = wait_for(lambda: [z for z in zones(db) if z["state"] == "running"],
+                    what="the zone running")[0]
+    return proc, zone
+
+
+def _lines(text: str) -> list[tuple[float, str, int]]:
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2].isdigit():
+            out.append((float(parts[0]), parts[1], int(parts[2])))
+    return out
+
+
+def _agent_alive(zone_id: str) -> bool:
+    try:
+        record = json.loads((Path("/run/hvtsm/agents") / f"{zone_id}.agent").read_text())
+    except OSError:
+        return False
+    return running(int(record["pid"]))
+
+
+def test_tightenings_happen_on_time_with_the_controller_killed(
+        tmp_path: Path, listener: int) -> None:
+    db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
+    policy = write_policy(tmp_path / "unattended.toml", SCHEDULE)
+    proc, zone = _start(db, policy, "python3", "-c", PROBE, str(listener))
+    zone_id, started = zone["zone"], _epoch(zone["started"])
+    assert _agent_alive(zone_id), "an unwatched zone with phases has an agent: its deputy"
+    time.sleep(max(0.0, started + 1.0 - time.time()))
+    proc.send_signal(signal.SIGKILL)  # at ~1 s: before the first tightening is due
+    proc.wait(10)
+    killed = time.time()
+    assert killed < started + 2, "the controller must die before the network cut is due"
+    # the probe writes straight to our pipe: read what it said until after the memory cut
+    wait_for(lambda: time.time() > started + 5.0, timeout=10, what="the memory cut")
+    resume = subprocess.Popen(hvtsm_argv(db, "resume", "--json"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env(),
+                              stdin=subprocess.DEVNULL)
+    out, err = resume.communicate(timeout=60)
+    probe_out = proc.stdout.read() if proc.stdout else ""
+    assert resume.returncode == 0, err
+    samples = _lines(probe_out)
+    assert samples, f"the probe said nothing: {probe_out[:400]!r}"
+
+    net_due, mem_due = started + 2, started + 4
+    oks = [t for t, net, _ in samples if net == "ok"]
+    cut = min(t for t, net, _ in samples if net == "failed")
+    assert oks and max(oks) < net_due + DEPUTY_GRACE_S + SLACK_S
+    assert net_due <= cut <= net_due + DEPUTY_GRACE_S + SLACK_S, (cut - net_due, samples[:5])
+    assert all(net == "failed" for t, net, _ in samples if t > cut)
+    lowered = min(t for t, _, mem in samples if mem == 128 * 2**20)
+    assert all(mem == 256 * 2**20 for t, _, mem in samples if t < lowered)
+    assert mem_due <= lowered <= mem_due + DEPUTY_GRACE_S + SLACK_S, lowered - mem_due
+
+    # resumed at ~5 s: the zone's agent said what it applied; the rest is the controller's
+    events = json_lines(out)
+    assert events[0]["event"] == "adopt" and events[0]["zone"] == zone_id
+    by_agent = {e["phase"]: e for e in events if e["event"] == "phase" and e["by"] == "agent"}
+    assert set(by_agent) == {1, 2}
+    assert all(not e["late"] and e["lag_ms"] < (DEPUTY_GRACE_S + SLACK_S) * 1000
+               for e in by_agent.values())
+    end = events[-1]
+    assert end["event"] == "exit" and end["ended_by"] == "policy", end
+    trail = audit(db, zone_id)
+    applied = {t["phase"]: t for t in trail if t["kind"] == "phase"}
+    for index in (1, 2):
+        assert "applied by the zone's agent while no controller ran" in applied[index]["note"]
+        assert not applied[index]["late"]
+    assert abs(applied[1]["applied_at"] - cut) < SLACK_S
+    assert abs(applied[2]["applied_at"] - lowered) < SLACK_S
+    assert "NIC unplugged" in applied[1]["note"]  # the controller completed the cut
+    assert not applied[3]["late"], applied[3]  # the end: the resumed controller's, on time
+    [row] = zones(db)
+    assert row["state"] == "terminated" and abs(_epoch(row["ended"]) - (started + 8)) < 1.0
+    [span] = row["unattended"]
+    assert [p["phase"] for p in span["phases"]] == [1, 2]
+    assert _epoch(span["since"]) == pytest.approx(killed, abs=0.5)
+    assert _epoch(span["until"]) > started + 5
+    table = hvtsm(db, "zones", "--all", check=True).stdout
+    assert "UNATTENDED" in table and "1,2 by agent" in table
+    assert not _agent_alive(zone_id)
+
+
+def test_the_lifespans_end_with_no_controller_at_all(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
+    policy = write_policy(tmp_path / "ends.toml", ENDS)
+    proc, zone = _start(db, policy, "sleep", "60")
+    zone_id, started = zone["zone"], _epoch(zone["started"])
+    pids = Path(f"/sys/fs/cgroup/pids/hvtsm/{zone_id}/cgroup.procs")
+    if not pids.exists():
+        pids = Path(f"/sys/fs/cgroup/hvtsm/{zone_id}/cgroup.procs")
+    workload = int(pids.read_text().split()[0])
+    time.sleep(max(0.0, started + 0.5 - time.time()))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    wait_for(lambda: not running(workload), timeout=10, what="the zone's processes gone")
+    gone = time.time()
+    due = started + 1.5
+    assert due <= gone <= due + DEPUTY_GRACE_S + SLACK_S, gone - due
+    assert [z["state"] for z in zones(db)] == ["running"], "no controller recorded it yet"
+    result = hvtsm(db, "resume", "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = json_lines(result.stdout)
+    [end] = [e for e in events if e["event"] == "phase" and e["phase"] == 1]
+    assert end["by"] == "agent" and end["changes"] == {"action": "terminate"}
+    assert events[-1]["event"] == "exit" and events[-1]["ended_by"] == "policy"
+    [row] = zones(db)
+    assert row["state"] == "terminated" and abs(_epoch(row["ended"]) - gone) < SLACK_S
+    assert [p["phase"] for p in row["unattended"][0]["phases"]] == [1]
+    assert row["unattended"][0]["phases"][0]["terminate"]
+    for root in ("/sys/fs/cgroup/memory/hvtsm", "/sys/fs/cgroup/hvtsm"):
+        assert not os.path.exists(os.path.join(root, zone_id))
+    assert not _agent_alive(zone_id)
