@@ -10,6 +10,10 @@ once the terminate phase when it is due. Every step is monotonic and idempotent,
 controller that is only late (its host busy) and applies the phase too does no harm: no
 timing decides who wins.
 
+Times are the host's: each ``deputy`` message says when it was sent (``sent``), and the
+deputy keeps the difference to its own clock (a guest's may be off by seconds), so a
+guest applies a phase at the host's due time, and reports host times.
+
 A step that fails fails closed: the schedule's `fail_closed` steps (the zone's kill) run,
 as the controller would end a zone it cannot tighten. Each application is a `Record` in a
 bounded log, sent as an ``event`` of kind ``deputy`` while a host is connected, listed in
@@ -210,6 +214,12 @@ class Deputy:
         #: a message changed a schedule since the last look
         self._changed = False
         self._stopped = False
+        #: the host's clock minus ours (a guest's clock may be off): every time the deputy
+        #: compares or reports is the host's
+        self._skew = 0.0
+
+    def _now(self) -> float:
+        return self._clock() + self._skew
 
     # -- the host's messages -------------------------------------------------------------
 
@@ -217,7 +227,11 @@ class Deputy:
         """A ``deputy`` message: the zone's schedule replaces the one before (no phases:
         the zone has none left to keep)."""
         schedule = Schedule.from_message(msg)
+        sent = msg.get("sent")
         with self._lock:
+            if isinstance(sent, (int, float)) and math.isfinite(sent):
+                # read on receipt: the link's delay (milliseconds) is the error left
+                self._skew = float(sent) - self._clock()
             if not schedule.phases:
                 self._schedules.pop(schedule.zone, None)
             else:
@@ -243,7 +257,7 @@ class Deputy:
         """The host went away: from now on the zones with a schedule run unattended."""
         with self._lock:
             if self._alone_since is None and self._schedules:
-                self._alone_since = self._clock()
+                self._alone_since = self._now()
 
     def report(self) -> dict[str, Any]:
         """For the ``hello``: what waits to be acknowledged, and since when no host was
@@ -288,7 +302,7 @@ class Deputy:
             if self._stopped:
                 return False
             if not self._changed:
-                now = self._clock()
+                now = self._now()
                 self._lock.wait(MAX_WAIT_S if wake is None
                                 else min(MAX_WAIT_S, max(0.0, wake - now)))
             return not self._stopped
@@ -297,7 +311,7 @@ class Deputy:
         """Apply what is due now; when to look again (None: nothing pending)."""
         with self._lock:
             self._changed = False
-            now = self._clock()
+            now = self._now()
             due: list[tuple[Schedule, Decision]] = []
             wake: float | None = None
             for zone, schedule in self._schedules.items():
@@ -308,7 +322,7 @@ class Deputy:
                     wake = decision.wake_at if wake is None else min(wake, decision.wake_at)
         for schedule, decision in due:
             self.apply(schedule, decision)
-        return self._clock() if due else wake
+        return self._now() if due else wake
 
     def apply(self, schedule: Schedule, decision: Decision) -> Record:
         """Carry out `decision.apply` of `schedule` and record it (never raises). An end
@@ -318,7 +332,7 @@ class Deputy:
         phase = decision.apply
         assert phase is not None
         alone = not self._connected()
-        record = Record(0, schedule.zone, phase.index, phase.due, self._clock(), 0.0, True,
+        record = Record(0, schedule.zone, phase.index, phase.due, self._now(), 0.0, True,
                         phase.terminate, phase.stands_in, alone, decision.together)
         try:
             if phase.terminate:
@@ -337,7 +351,7 @@ class Deputy:
                     record.results.append(("fail closed: " + outcome.detail)[:MAX_DETAIL])
             except StepError as e2:
                 record.results.append(f"fail closed failed: {e2}"[:MAX_DETAIL])
-        record.finished = self._clock()
+        record.finished = self._now()
         del record.results[MAX_RESULTS:]
         told = record.seq != 0  # an end was told before the kill
         self._keep(schedule, phase, record)
@@ -353,7 +367,7 @@ class Deputy:
         self._keep_seq(record)
         if not record.alone:
             told = Record(**{**record.__dict__, "results": list(results)[:MAX_RESULTS],
-                             "finished": self._clock()})
+                             "finished": self._now()})
             self._emit(told.to_dict())
 
     def _keep_seq(self, record: Record) -> None:

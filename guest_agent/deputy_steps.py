@@ -454,34 +454,40 @@ class Kill(Step):
     freezer: str | None = None
     op: ClassVar[str] = "kill"
 
+    def _all(self, system: System) -> set[int]:
+        """The zone's processes, those of its transient zones (nested cgroups) included."""
+        return _pids(system, self.procs + tuple(
+            nested for path in self.procs for nested in system.nested(path)))
+
     def run(self, ctx: Context) -> Outcome:
         system = ctx.system
-        pids = _pids(system, self.procs)
+        pids = self._all(system)
         if not pids:
             return Outcome(False, "no process left")
         if self.kill is not None and system.exists(self.kill):
+            # one write kills the whole subtree, forking processes included (Linux 5.14+)
             with contextlib.suppress(FileNotFoundError):
                 system.write(self.kill, "1")
         else:
             frozen = False
             if self.freezer is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # v1's freezer holds the subtree
                     system.write(self.freezer, "FROZEN")
                     frozen = True
-            for pid in _pids(system, self.procs):
+            for pid in self._all(system):
                 system.kill(pid, signal.SIGKILL)
             if frozen and self.freezer is not None:
                 with contextlib.suppress(OSError):  # v1 frozen tasks die once thawed
                     system.write(self.freezer, "THAWED")
 
         def empty() -> bool:
-            left = _pids(system, self.procs)
+            left = self._all(system)
             for pid in left:  # one that slipped past the first pass
                 system.kill(pid, signal.SIGKILL)
             return not left
 
         if not system.wait_until(empty, SETTLE_S):
-            raise StepError(f"processes {sorted(_pids(system, self.procs))[:8]} still in the "
+            raise StepError(f"processes {sorted(self._all(system))[:8]} still in the "
                             f"zone {SETTLE_S:g} s after SIGKILL")
         return Outcome(True, f"{len(pids)} process(es) killed")
 

@@ -87,6 +87,16 @@ class System:
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
+    def nested(self, procs: str) -> list[str]:
+        """The cgroup.procs files of the cgroups below the one of `procs`."""
+        top, name = os.path.split(procs)
+        out = []
+        for where, dirs, _files in os.walk(top):
+            if where != top:
+                out.append(os.path.join(where, name))
+            dirs.sort()
+        return out
+
     def in_netns(self, netns: str | None, fn: Callable[[], T]) -> T:
         """`fn()` in the network namespace at `netns` (None: the agent's own). A network
         namespace belongs to a thread, so a short-lived thread joins it and nothing else

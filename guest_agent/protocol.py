@@ -100,7 +100,9 @@ host -> agent
     deputy        id (the zone), phases[{index, due (epoch s), steps[], terminate}];
                   optional in_force (the highest phase the host applied), grace (s, at
                   most 5), fail_closed[] (steps that end the zone when a step fails),
-                  lock (a directory whose flock both sides hold while writing limits).
+                  lock (a directory whose flock both sides hold while writing limits),
+                  sent (the host's epoch s when it sent this: the agent's times follow the
+                  host's clock).
                   The zone's schedule, replacing the one before (no phases: none left);
                   the deputy applies a phase `grace` s after its due time unless the host
                   said it is in force (guest_agent/deputy.py; steps:
@@ -451,7 +453,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
                "private": _paths, "iface": _ident, "path": _path, "pid": _pid,
                "limit": _size}),
     "deputy": ({"id": _ident, "phases": _list},
-               {"in_force": _int, "grace": _num, "fail_closed": _list, "lock": _path}),
+               {"in_force": _int, "grace": _num, "fail_closed": _list, "lock": _path,
+                "sent": _num}),
     "deputy_ack": ({"id": _ident, "seq": _seq}, {"thaw": _bool}),
 }
 

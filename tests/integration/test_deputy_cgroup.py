@@ -111,6 +111,7 @@ def _epoch(iso: str) -> float:
 def _start(db: str, policy: str, *argv: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """`hvtsm run` whose workload writes to the test's own pipe (it outlives the
     controller: the controller passes it on, it does not relay it)."""
+    zones(db)  # the store's tables exist before two processes race to make them
     proc = subprocess.Popen(hvtsm_argv(db, "run", "--policy", policy, "--", *argv),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(), stdin=subprocess.DEVNULL)

@@ -364,3 +364,33 @@ def test_every_step_survives_the_wire() -> None:
 def test_a_step_that_cannot_be_used_is_refused(bad: Any) -> None:
     with pytest.raises(steps.StepError):
         steps.from_dict(bad)
+
+
+def test_a_guest_clock_that_is_off_keeps_the_hosts_due_times() -> None:
+    system, clock = FakeSystem(), Clock(DUE - 10)  # the host says DUE - 5: we are 5 s behind
+    dep, _ = deputy(system, clock, connected=True)
+    dep.schedule(message({"index": 1, "due": DUE, "steps": []}, sent=DUE - 5))
+    clock.now = DUE - 5 + 0.29  # host time DUE + 0.29
+    dep.step()
+    assert dep.records() == []
+    clock.now = DUE - 5 + 0.3
+    dep.step()
+    [record] = dep.records()
+    assert record.finished == pytest.approx(DUE + 0.3)  # reported in the host's time
+
+
+def test_kill_reaches_the_transient_zones_below(tmp_path: Path) -> None:
+    top = tmp_path / "zone"
+    (top / "t1").mkdir(parents=True)
+    (top / "cgroup.procs").write_text("41\n")
+    (top / "t1" / "cgroup.procs").write_text("77\n")
+    system = FakeSystem()
+
+    def kill(pid: int, sig: int) -> None:
+        system.signals.append((pid, sig))
+        for f in (top / "cgroup.procs", top / "t1" / "cgroup.procs"):
+            f.write_text("\n".join(p for p in f.read_text().split() if p != str(pid)))
+
+    system.kill = kill  # type: ignore[method-assign]
+    outcome = run(steps.Kill((str(top / "cgroup.procs"),), 1), system)
+    assert outcome.changed and {p for p, _ in system.signals} == {41, 77}

@@ -220,7 +220,8 @@ class Commands:
             if thaw:
                 msg["thaw"] = True
             self._transport.send(msg)
-        self._transport.send({"type": "deputy", "id": zone_id, **plain(dict(schedule))})
+        self._transport.send({"type": "deputy", "id": zone_id, **plain(dict(schedule)),
+                              "sent": time.time()})
 
     def channel_deliver(self, delivery_id: str, sender: str, data: bytes,
                         timeout: float) -> None:

@@ -14,6 +14,7 @@ returns applies the real restriction, then has the agent thaw them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from guest_agent.deputy_steps import (
@@ -26,6 +27,7 @@ from guest_agent.deputy_steps import (
 )
 from hvtsm.errors import ZoneError
 from hvtsm.monitor.deputy import DeputyReport
+from hvtsm.monitor.link import AgentLink
 from hvtsm.restrictions import FilesystemMode, NetworkMode, Restrictions
 from hvtsm.zones.base import DeputyOrders, ZoneHandle
 from hvtsm.zones.libvirt.guests import Guests
@@ -60,6 +62,15 @@ def schedule(workload: str, applied: Restrictions, orders: DeputyOrders) -> dict
               for p in orders.phases]
     return {"phases": phases, "in_force": orders.in_force, "grace": orders.grace,
             "fail_closed": [kill]}
+
+
+def forget(link: AgentLink | None, zone_id: str) -> None:
+    """The zone let go of its (pooled) guest: its agent drops the zone's schedule. A link
+    that is gone already took the agent's only host with it: the guest is retired."""
+    if link is None or link.closed:
+        return
+    with contextlib.suppress(ZoneError):
+        link.delegate(zone_id, {"phases": []})
 
 
 class GuestDeputy:

@@ -153,8 +153,10 @@ class LibvirtDriver:
         running = remote is not None and remote.poll() is None
         if state.bound and not running and not state.destroyed:
             # the workload exited on its own: the pooled guest outlives the zone (its pool
-            # scrubs or retires it); the zone only lets go of it
+            # scrubs or retires it); the zone only lets go of it, and its agent forgets the
+            # zone's schedule (a later phase must never cut the next zone's guest)
             self._workloads.pop(handle.zone_id, None)
+            deputy.forget(self.guests.link(state.guest), handle.zone_id)
             self.guests.unserve(state.guest, handle.zone_id)
             state.released = True
             return
