@@ -7,14 +7,14 @@ absent) and the writer (writer.py: the one thread that writes, numbering message
 requests, grouped: starts.py (``start``, ``signal``, the workloads), standbys.py
 (``standby``), channel_requests.py (``channel_deliver``, ``channel_verdict``, the
 channel environment), workers.py (``probe`` and ``admin``, off the reader thread),
-deputy_requests.py (``deputy``, ``deputy_ack``: the zone's schedule kept while no host
-is connected, deputy.py); and
-the monitor (monitor.py), whose events (anomaly, monitor, stats, code-path, transient) go
-on the urgent lane. ``profile``, ``transient`` and ``ping`` are answered here.
+deputy_requests.py (``deputy``, ``deputy_ack``: the zone's schedule kept while no host is
+connected, deputy.py, whose records go on the urgent lane too); and the monitor
+(monitor.py), whose events (anomaly, monitor, stats, code-path, transient) go on the urgent
+lane. ``profile``, ``transient`` and ``ping`` are answered here.
 
 Threads: the main thread reads the port and dispatches requests (never blocking on one);
-the writer; a heartbeat thread; the deputy's; three per workload (two output pumps, one
-waiter); one per
+the writer; a heartbeat thread; the deputy's (and a short-lived one while a step works in a
+zone's network namespace); three per workload (two output pumps, one waiter); one per
 running probe (at most MAX_PROBES) and one for admin requests; the monitor's two (its poll
 loop answers seccomp notifications and fanotify events, its sampler reads /proc); the
 channel endpoint's (endpoint.py: one accepting, one per client connection).

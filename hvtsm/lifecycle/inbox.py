@@ -2,13 +2,13 @@
 
 Anomalies, held code paths, workload ends and what a zone's deputy applied on its own go
 into one queue that one supervised thread works through in arrival order. One order for
-all of them is what makes the lifecycle's
-guarantees hold by construction: a driver's `Workload.wait` returns only after everything
-its agent said about the workload was handed over here, so an anomaly that explains an end
-(the agent's containment) is reacted to before that end is recorded; a transient zone split
-off on a code path exists before any anomaly of its processes is looked at. A reaction may
-have to stop the very agent link that reported it, which is why none runs on a link's
-reader thread.
+all of them is what makes the lifecycle's guarantees hold by construction: a driver's
+`Workload.wait` returns only after everything its agent said about the workload was handed
+over here, so an anomaly that explains an end (the agent's containment) is reacted to
+before that end is recorded, as is a deputy's terminate (it is told before its kill); a
+transient zone split off on a code path exists before any anomaly of its processes is
+looked at. A reaction may have to stop the very agent link that reported it, which is why
+none runs on a link's reader thread.
 
 Notes are audited at once on the caller's thread; channel pieces go straight to the broker
 (which judges each message at its first piece, on the link's reader thread); problems of a

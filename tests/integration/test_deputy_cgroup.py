@@ -13,11 +13,13 @@ import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
+from sqlmodel import select
 
 from hvtsm.lifecycle.deputy import DEPUTY_GRACE_S
+from hvtsm.store import Store
+from hvtsm.store.models import Zone
 from tests.integration.cli_helpers import (
     audit,
     env,
@@ -66,7 +68,7 @@ name = "ends-alone"
 at = "0s"
 network = "full"
 [[phase]]
-at = "1500ms"
+at = "2500ms"
 action = "terminate"
 [anomaly]
 monitor = false
@@ -108,16 +110,33 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def _start(db: str, policy: str, *argv: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def _start(db: str, policy: str, *argv: str) -> tuple[subprocess.Popen[str], str]:
     """`hvtsm run` whose workload writes to the test's own pipe (it outlives the
-    controller: the controller passes it on, it does not relay it)."""
+    controller: the controller passes it on, it does not relay it); the zone's id, from the
+    controller's own start line (read at once: polling the store from a CLI would be late
+    on a busy host)."""
     zones(db)  # the store's tables exist before two processes race to make them
     proc = subprocess.Popen(hvtsm_argv(db, "run", "--policy", policy, "--", *argv),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(), stdin=subprocess.DEVNULL)
-    zone = wait_for(lambda: [z for z in zones(db) if z["state"] == "running"],
-                    what="the zone running")[0]
-    return proc, zone
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        words = proc.stderr.readline().split()
+        if len(words) > 4 and words[2] == "zone" and words[4] == "started:":
+            return proc, words[3]
+    raise AssertionError("the controller never said the zone started")
+
+
+def _started(db: str, zone_id: str) -> float:
+    store = Store(db)
+    try:
+        with store.session() as session:
+            row = session.exec(select(Zone).where(Zone.id == zone_id)).one()
+            assert row.started_at is not None
+            return row.started_at
+    finally:
+        store.dispose()
 
 
 def _lines(text: str) -> list[tuple[float, str, int]]:
@@ -141,14 +160,14 @@ def test_tightenings_happen_on_time_with_the_controller_killed(
         tmp_path: Path, listener: int) -> None:
     db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
     policy = write_policy(tmp_path / "unattended.toml", SCHEDULE)
-    proc, zone = _start(db, policy, "python3", "-c", PROBE, str(listener))
-    zone_id, started = zone["zone"], _epoch(zone["started"])
-    assert _agent_alive(zone_id), "an unwatched zone with phases has an agent: its deputy"
-    time.sleep(max(0.0, started + 1.0 - time.time()))
+    proc, zone_id = _start(db, policy, "python3", "-c", PROBE, str(listener))
+    time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)  # at ~1 s: before the first tightening is due
     proc.wait(10)
     killed = time.time()
+    started = _started(db, zone_id)
     assert killed < started + 2, "the controller must die before the network cut is due"
+    assert _agent_alive(zone_id), "an unwatched zone with phases has an agent: its deputy"
     # the probe writes straight to our pipe: read what it said until after the memory cut
     wait_for(lambda: time.time() > started + 5.0, timeout=10, what="the memory cut")
     resume = subprocess.Popen(hvtsm_argv(db, "resume", "--json"), stdout=subprocess.PIPE,
@@ -202,18 +221,19 @@ def test_tightenings_happen_on_time_with_the_controller_killed(
 def test_the_lifespans_end_with_no_controller_at_all(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
     policy = write_policy(tmp_path / "ends.toml", ENDS)
-    proc, zone = _start(db, policy, "sleep", "60")
-    zone_id, started = zone["zone"], _epoch(zone["started"])
+    proc, zone_id = _start(db, policy, "sleep", "60")
     pids = Path(f"/sys/fs/cgroup/pids/hvtsm/{zone_id}/cgroup.procs")
     if not pids.exists():
         pids = Path(f"/sys/fs/cgroup/hvtsm/{zone_id}/cgroup.procs")
     workload = int(pids.read_text().split()[0])
-    time.sleep(max(0.0, started + 0.5 - time.time()))
+    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    started = _started(db, zone_id)
+    assert time.time() < started + 2, "the controller must die before the end is due"
     wait_for(lambda: not running(workload), timeout=10, what="the zone's processes gone")
     gone = time.time()
-    due = started + 1.5
+    due = started + 2.5
     assert due <= gone <= due + DEPUTY_GRACE_S + SLACK_S, gone - due
     assert [z["state"] for z in zones(db)] == ["running"], "no controller recorded it yet"
     result = hvtsm(db, "resume", "--json", timeout=60)
