@@ -86,9 +86,12 @@ def capabilities(permission_events: bool = True) -> list[str]:
 
 class Agent:
     def __init__(self, port: Port, *, heartbeat: float = 1.0,
-                 watch_fd: int | None = None, channel_fd: int | None = None) -> None:
+                 watch_fd: int | None = None, channel_fd: int | None = None,
+                 host_pid: int | None = None) -> None:
         self.port = port
         self.heartbeat = heartbeat
+        #: beside a cgroup zone: the controller that started us (None: our parent now)
+        self.host_pid = host_pid
         # on the host (--watch-fd) a stuck agent must not hold other programs' opens:
         # fanotify only reports there; in the guest it answers each sensitive open
         self.host_mode = watch_fd is not None
@@ -164,7 +167,9 @@ class Agent:
     def _orphan_watch(self) -> None:
         """Beside a cgroup zone: once the controller that started us is gone and we are
         not needed (`_needed`), no one will need us."""
-        parent = os.getppid()
+        # the controller says who it is: one killed while we were still importing has made
+        # our parent init already, and that parent would never change
+        parent = self.host_pid or os.getppid()
         while not self.stop.wait(1.0):
             if os.getppid() != parent and not self._needed():
                 log.info("controller gone and nothing to watch: exiting")
@@ -303,6 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channel-fd", type=int, metavar="N",
                         help="host mode: an inherited SOCK_SEQPACKET socket on which the "
                              "controller hands over each zone's listening channel socket")
+    parser.add_argument("--host-pid", type=int, metavar="PID",
+                        help="host mode: the controller that started the agent (it leaves "
+                             "when that one is gone and it is not needed)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="guest_agent[%(process)d] %(levelname)s %(message)s")
     agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat,
-                  watch_fd=args.watch_fd, channel_fd=args.channel_fd)
+                  watch_fd=args.watch_fd, channel_fd=args.channel_fd,
+                  host_pid=args.host_pid)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)

@@ -104,7 +104,7 @@ class HostAgent:
                 "--watch-fd", str(theirs.fileno()),
                 "--channel-fd", str(chan_theirs.fileno()),
                 "--wait-port", str(RECONNECT_WINDOW_S), "--heartbeat", str(HEARTBEAT_S),
-                "--log-level", "warning"]
+                "--host-pid", str(os.getpid()), "--log-level", "warning"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "PYTHONPATH": source, "LANG": "C.UTF-8"}
         try:

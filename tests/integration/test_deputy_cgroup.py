@@ -161,6 +161,13 @@ def test_tightenings_happen_on_time_with_the_controller_killed(
     db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
     policy = write_policy(tmp_path / "unattended.toml", SCHEDULE)
     proc, zone_id = _start(db, policy, "python3", "-c", PROBE, str(listener))
+    try:
+        _unattended_run(db, proc, zone_id)
+    finally:
+        hvtsm(db, "cleanup", zone_id)  # whatever a failure left (the zone, its agent)
+
+
+def _unattended_run(db: str, proc: subprocess.Popen[str], zone_id: str) -> None:
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)  # at ~1 s: before the first tightening is due
     proc.wait(10)
@@ -222,6 +229,13 @@ def test_the_lifespans_end_with_no_controller_at_all(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
     policy = write_policy(tmp_path / "ends.toml", ENDS)
     proc, zone_id = _start(db, policy, "sleep", "60")
+    try:
+        _ends_alone(db, proc, zone_id)
+    finally:
+        hvtsm(db, "cleanup", zone_id)
+
+
+def _ends_alone(db: str, proc: subprocess.Popen[str], zone_id: str) -> None:
     pids = Path(f"/sys/fs/cgroup/pids/hvtsm/{zone_id}/cgroup.procs")
     if not pids.exists():
         pids = Path(f"/sys/fs/cgroup/hvtsm/{zone_id}/cgroup.procs")

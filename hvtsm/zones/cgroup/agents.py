@@ -46,6 +46,8 @@ class ZoneAgents:
         self._swept = False
         #: after a controller restart: set once each zone's agent is back, or is not
         self._back: dict[str, threading.Event] = {}
+        #: zones whose agent was found gone, told by `back` (once the zone is registered)
+        self._gone: dict[str, str] = {}
 
     # -- assigning --------------------------------------------------------------------------
 
@@ -195,9 +197,11 @@ class ZoneAgents:
         sink = self.sink(zone_id)
         agent = HostAgent.reattach(zone_id, pid, name)
         if agent is None:
+            # told by `back`: reported now, it could reach the lifecycle before the zone
+            # it belongs to is registered there, and be dropped
+            self._gone[zone_id] = (f"the zone's agent (pid {pid}) is gone: its processes "
+                                   "are no longer watched, nor its schedule kept")
             back.set()
-            sink.problem("disconnected", f"the zone's agent (pid {pid}) is gone: its "
-                         "processes are no longer watched")
             return
         self._agents[zone_id] = agent
 
@@ -211,11 +215,15 @@ class ZoneAgents:
         threading.Thread(target=connect, name=f"agent-{zone_id}", daemon=True).start()
 
     def back(self, zone_id: str, timeout: float) -> AgentLink | None:
-        """After `reattach`: the zone's link once its agent reconnected (its hello is in),
-        None when it did not within `timeout` or has no agent."""
+        """After `reattach` (its caller registered the zone meanwhile): the zone's link once
+        its agent reconnected (its hello is in), None when it did not within `timeout` or
+        has no agent; an agent found gone is reported now, as a lost link."""
         event = self._back.get(zone_id)
         if event is not None:
             event.wait(timeout)
+        gone = self._gone.pop(zone_id, None)
+        if gone is not None:
+            self.sink(zone_id).problem("disconnected", gone)
         return self.link(zone_id)
 
 
