@@ -6,7 +6,9 @@ Three figures, each against a baseline measured in the same run:
   driver      create + start of a cgroup zone (cgroups, netns with NIC, mount ns)
   manager     the same plus the audit rows and the scheduled timeline, with and without
               the agent that watches the zone (started beside it, the workload handed
-              over before its first instruction)
+              over before its first instruction); unwatched, with and without the agent
+              that keeps the zone's schedule while no controller runs (its deputy: every
+              zone with phases after its start has one)
   cli         the whole `hvtsm run -- true` command, Python start-up included
 
 Run as root: python3 bench/zone_start.py [--n 50]
@@ -15,17 +17,20 @@ Run as root: python3 bench/zone_start.py [--n 50]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from common import bare_driver, cgroup_driver, percentile, progress, summary, temp_store
 
 from hvtsm.lifecycle import Manager
 from hvtsm.policy import load_policy, parse_policy
-from hvtsm.zones.base import WorkloadIO, ZoneSpec
+from hvtsm.restrictions import Restrictions
+from hvtsm.zones.base import WorkloadIO, ZoneHandle, ZoneSpec
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = ["/bin/true"]
@@ -60,18 +65,26 @@ def driver_starts(n: int) -> tuple[list[float], list[float]]:
     return starts, ends
 
 
-def manager_starts(n: int, *, monitor: bool) -> list[float]:
+def manager_starts(n: int, *, monitor: bool, deputy: bool = True) -> list[float]:
     manager = Manager(temp_store(), cgroup_driver())
     manager.start()
     text = (REPO / "policies" / "default.toml").read_text()
     if not monitor:
         text = text.replace("monitor = true", "monitor = false")
     policy = parse_policy(text.encode(), source="default.toml")
+    driver = manager.driver
+
+    def create(spec: ZoneSpec, initial: Restrictions) -> ZoneHandle[Any]:
+        # the zone as it was made before every zone with phases got an agent
+        return driver.create(dataclasses.replace(spec, deputy=False), initial)
+
     out = []
     for i in range(n):
-        progress(f"manager {'with' if monitor else 'without'} monitoring {i + 1}/{n}")
+        progress(f"manager {'with' if monitor else 'without'} monitoring"
+                 f"{'' if deputy else ', no deputy'} {i + 1}/{n}")
         t0 = time.perf_counter()
-        run = manager.launch(policy, COMMAND, user="root", policy_toml=text)
+        run = manager.launch(policy, COMMAND, user="root", policy_toml=text,
+                             create=None if deputy else create)
         out.append((time.perf_counter() - t0) * 1000)
         run.ended.wait(10)
     progress("")
@@ -103,6 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     base = baseline(args.n)
     starts, ends = driver_starts(args.n)
+    bare = manager_starts(args.n, monitor=False, deputy=False)
     managed = manager_starts(args.n, monitor=False)
     watched = manager_starts(args.n, monitor=True)
     base_after = baseline(args.n)
@@ -111,8 +125,11 @@ def main() -> None:
     print(summary("baseline subprocess start", base_all))
     print(summary("zone start, driver (goal p50 < 100 ms)", starts)
           + f"  ratio p50 {percentile(starts, 50) / b50:.1f}x")
-    print(summary("zone start, manager with audit + timeline, monitoring off", managed)
-          + f"  ratio p50 {percentile(managed, 50) / b50:.1f}x")
+    print(summary("zone start, manager with audit + timeline, monitoring off, no agent", bare)
+          + f"  ratio p50 {percentile(bare, 50) / b50:.1f}x")
+    print(summary("zone start, manager, monitoring off, agent keeping the schedule", managed)
+          + f"  ratio p50 {percentile(managed, 50) / b50:.1f}x, +"
+          f"{percentile(managed, 50) - percentile(bare, 50):.2f}ms p50 for the agent")
     print(summary("zone start, manager, agent beside the zone watching (default)", watched)
           + f"  ratio p50 {percentile(watched, 50) / b50:.1f}x")
     print(summary("zone terminate + cleanup", ends))

@@ -6,12 +6,15 @@ Its parts, one job each: the outbox (outbox.py: three lanes, what waits while th
 absent) and the writer (writer.py: the one thread that writes, numbering messages); the
 requests, grouped: starts.py (``start``, ``signal``, the workloads), standbys.py
 (``standby``), channel_requests.py (``channel_deliver``, ``channel_verdict``, the
-channel environment), workers.py (``probe`` and ``admin``, off the reader thread); and
-the monitor (monitor.py), whose events (anomaly, monitor, stats, code-path, transient) go
-on the urgent lane. ``profile``, ``transient`` and ``ping`` are answered here.
+channel environment), workers.py (``probe`` and ``admin``, off the reader thread),
+deputy_requests.py (``deputy``, ``deputy_ack``: the zone's schedule kept while no host is
+connected, deputy.py, whose records go on the urgent lane too); and the monitor
+(monitor.py), whose events (anomaly, monitor, stats, code-path, transient) go on the urgent
+lane. ``profile``, ``transient`` and ``ping`` are answered here.
 
 Threads: the main thread reads the port and dispatches requests (never blocking on one);
-the writer; a heartbeat thread; three per workload (two output pumps, one waiter); one per
+the writer; a heartbeat thread; the deputy's (and a short-lived one while a step works in a
+zone's network namespace); three per workload (two output pumps, one waiter); one per
 running probe (at most MAX_PROBES) and one for admin requests; the monitor's two (its poll
 loop answers seccomp notifications and fanotify events, its sampler reads /proc); the
 channel endpoint's (endpoint.py: one accepting, one per client connection).
@@ -37,6 +40,7 @@ from typing import Any, Callable
 from guest_agent import __version__, fanotify, seccomp
 from guest_agent.admin import OPS as ADMIN_OPS
 from guest_agent.channel_requests import ChannelRequests
+from guest_agent.deputy_requests import DeputyRequests
 from guest_agent.endpoint import Endpoint
 from guest_agent.monitor import Monitor
 from guest_agent.outbox import URGENT, Outbox
@@ -61,7 +65,8 @@ log = logging.getLogger("guest_agent")
 
 CAPABILITIES = ["start", "signal", "ping"] + ["probe:" + k for k in sorted(PROBES)] + [
     "events:anomaly", "events:monitor", "events:stats", "events:code-path",
-    "events:transient", "transient", "channel", "standby", "admin"] + [
+    "events:transient", "events:deputy", "transient", "channel", "standby", "admin",
+    "deputy"] + [
     "admin:" + op for op in ADMIN_OPS]
 
 
@@ -81,9 +86,12 @@ def capabilities(permission_events: bool = True) -> list[str]:
 
 class Agent:
     def __init__(self, port: Port, *, heartbeat: float = 1.0,
-                 watch_fd: int | None = None, channel_fd: int | None = None) -> None:
+                 watch_fd: int | None = None, channel_fd: int | None = None,
+                 host_pid: int | None = None) -> None:
         self.port = port
         self.heartbeat = heartbeat
+        #: beside a cgroup zone: the controller that started us (None: our parent now)
+        self.host_pid = host_pid
         # on the host (--watch-fd) a stuck agent must not hold other programs' opens:
         # fanotify only reports there; in the guest it answers each sensitive open
         self.host_mode = watch_fd is not None
@@ -106,13 +114,16 @@ class Agent:
         self.probes = Probes(self.send)
         self.admin = AdminRequests(self.send)
         self.writer = Writer(port, self.outbox, self.stop, self.hello, self.starts.forget)
+        self.deputies = DeputyRequests(self.send, lambda: self.port.connected,
+                                       self.starts.root_pid)
         self._handlers: dict[str, Callable[[Message], None]] = {
             "start": self.starts.on_start, "signal": self.starts.on_signal,
             "standby": self.standbys.on_standby, "probe": self.probes.on_probe,
             "admin": self.admin.on_admin, "ping": self._on_ping,
             "profile": self._on_profile, "transient": self.monitor.transient,
             "channel_deliver": self.channels.on_deliver,
-            "channel_verdict": self.channels.on_verdict}
+            "channel_verdict": self.channels.on_verdict,
+            "deputy": self.deputies.on_deputy, "deputy_ack": self.deputies.on_ack}
         assert set(self._handlers) == HOST_TYPES
 
     # --- outgoing ---------------------------------------------------------------------
@@ -126,6 +137,7 @@ class Agent:
             "boot_ms": int(uptime() * 1000), "heartbeat": self.heartbeat,
             "hostname": uname.nodename, "port": self.port.describe,
             "workloads": self.starts.running(), "dropped": self.outbox.dropped,
+            "deputy": self.deputies.report(),
         }
         if reply_to is not None:
             msg["id"] = reply_to
@@ -147,13 +159,19 @@ class Agent:
         return self.outbox.put({"type": "event", "kind": kind, "id": workload_id,
                                 "time": time.time(), "data": data}, URGENT)
 
+    def _needed(self) -> bool:
+        """Something to watch, or a schedule to keep and records to hand over: a
+        controller that resumes looks for this agent."""
+        return bool(self.monitor.stats()["watching"]) or self.deputies.deputy.busy()
+
     def _orphan_watch(self) -> None:
-        """Beside a cgroup zone: once the controller that started us is gone and nothing
-        is watched, no one will need us (a controller that resumes only looks for agents
-        that watch a zone)."""
-        parent = os.getppid()
+        """Beside a cgroup zone: once the controller that started us is gone and we are
+        not needed (`_needed`), no one will need us."""
+        # the controller says who it is: one killed while we were still importing has made
+        # our parent init already, and that parent would never change
+        parent = self.host_pid or os.getppid()
         while not self.stop.wait(1.0):
-            if os.getppid() != parent and not self.monitor.stats()["watching"]:
+            if os.getppid() != parent and not self._needed():
                 log.info("controller gone and nothing to watch: exiting")
                 self.stop.set()
                 self.port.close()
@@ -221,6 +239,7 @@ class Agent:
         if self.channels.hand is not None:
             self._spawn_thread(self.channels.hand_loop, "channel-hand")
         self.monitor.start()
+        self.deputies.start()
         code = 0
         try:
             self._read()
@@ -241,7 +260,8 @@ class Agent:
                 try:
                     data = self.port.read(generation, 0.5)
                 except Disconnected:
-                    if self.host_mode and not self.monitor.stats()["watching"]:
+                    self.deputies.deputy.host_lost()
+                    if self.host_mode and not self._needed():
                         # beside a cgroup zone with nothing left to watch (a spare the
                         # controller never used, or a zone whose processes are gone): no
                         # controller needs to find this agent again
@@ -254,6 +274,7 @@ class Agent:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self.deputies.close()
         self.outbox.close()
         self.starts.kill_all()
         self.standbys.close()
@@ -287,6 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channel-fd", type=int, metavar="N",
                         help="host mode: an inherited SOCK_SEQPACKET socket on which the "
                              "controller hands over each zone's listening channel socket")
+    parser.add_argument("--host-pid", type=int, metavar="PID",
+                        help="host mode: the controller that started the agent (it leaves "
+                             "when that one is gone and it is not needed)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -310,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="guest_agent[%(process)d] %(levelname)s %(message)s")
     agent = Agent(make_port(args.port, args.connect, args.name), heartbeat=args.heartbeat,
-                  watch_fd=args.watch_fd, channel_fd=args.channel_fd)
+                  watch_fd=args.watch_fd, channel_fd=args.channel_fd,
+                  host_pid=args.host_pid)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)

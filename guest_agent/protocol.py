@@ -19,7 +19,9 @@ agent -> host
     hello         protocol, agent_version, capabilities[str], pid, kernel, python, boot_ms;
                   optional heartbeat (period, s), hostname, port, workloads[{id, pid}] (those
                   whose exit is not sent yet), dropped (as in heartbeat), id (when it
-                  answers a ``ping`` with ``hello: true``)
+                  answers a ``ping`` with ``hello: true``), deputy{} (DEPUTY_REPORT: what
+                  the zone's deputy applied that no host acknowledged yet, and since when
+                  no host was connected)
     heartbeat     uptime (s since boot); optional id (answer to a ``ping``), dropped (messages
                   the agent discarded so far), queued (bytes waiting to be sent)
     started       id, pid                  the workload ``id`` exec'd (pid in the guest);
@@ -44,7 +46,10 @@ agent -> host
                   ``transient-timeout`` anomaly follows: fail closed);
                   kind ``transient``: data = {op, ok, zone, hold, pid, error, held_ms,
                   procs, memory}: the agent's answer to a ``transient`` message, or op
-                  ``ended`` when a transient zone's cgroup it manages became empty.
+                  ``ended`` when a transient zone's cgroup it manages became empty;
+                  kind ``deputy``: data = DEPUTY_RECORD fields: a phase the deputy applied
+                  (sent at once while a host is connected; also listed in each hello
+                  until acknowledged).
     channel_send  id (the sender's message id, unique per agent), to (the receiving zone's
                   name), size (bytes of the whole message), offset (of this piece's first
                   byte), data (base64 of at most CHANNEL_PIECE_BYTES bytes); optional cancel
@@ -92,6 +97,19 @@ host -> agent
                   (base64): a message for the workload, in pieces as ``channel_send``; the
                   agent answers ``channel_ack`` once the workload took it
     channel_verdict id (the sender's message id), verdict (delivered|refused), reason (text)
+    deputy        id (the zone), phases[{index, due (epoch s), steps[], terminate}];
+                  optional in_force (the highest phase the host applied), grace (s, at
+                  most 5), fail_closed[] (steps that end the zone when a step fails),
+                  lock (a directory whose flock both sides hold while writing limits),
+                  sent (the host's epoch s when it sent this: the agent's times follow the
+                  host's clock).
+                  The zone's schedule, replacing the one before (no phases: none left);
+                  the deputy applies a phase `grace` s after its due time unless the host
+                  said it is in force (guest_agent/deputy.py; steps:
+                  guest_agent/deputy_steps.py)
+    deputy_ack    id (the zone), seq; optional thaw: the host audited the deputy's records
+                  up to `seq` and the time it was away (the agent forgets them); thaw: it
+                  applied what the deputy's freezes stood in for (they end)
     admin         id, op (ADMIN_OPS) and the op's fields (ADMIN_FIELDS): guest
                   administration as a typed request, carried out off the agent's reader
                   thread, one at a time, and answered by ``admin_result``
@@ -152,7 +170,8 @@ AGENT_TYPES = frozenset(
      "channel_send", "channel_ack", "standby_ready", "admin_result"]
 )
 HOST_TYPES = frozenset(["start", "signal", "probe", "ping", "profile", "transient",
-                        "channel_deliver", "channel_verdict", "standby", "admin"])
+                        "channel_deliver", "channel_verdict", "standby", "admin", "deputy",
+                        "deputy_ack"])
 #: ``standby.mode``: python (the loader runs the script itself) | exec (it execs the program)
 STANDBY_MODES = ("python", "exec")
 CHANNEL_TYPES = frozenset(["channel_send", "channel_ack", "channel_deliver", "channel_verdict"])
@@ -163,6 +182,18 @@ EVENT_MONITOR = "monitor"
 EVENT_STATS = "stats"
 EVENT_CODE_PATH = "code-path"
 EVENT_TRANSIENT = "transient"
+EVENT_DEPUTY = "deputy"
+
+#: ``event`` kind ``deputy`` (and each of a hello's ``deputy.records``): a phase the zone's
+#: deputy applied. started/finished: epoch s; ok false: a step failed (`error`) and the
+#: deputy ended the zone (fail closed); terminate: the zone's processes are gone; froze:
+#: part of it is a freeze until the host applies the real restriction; alone: no host was
+#: connected; together: lower phases it brought in force; results: one text per step.
+DEPUTY_RECORD = ("seq", "zone", "phase", "due", "started", "finished", "ok", "terminate",
+                 "froze", "alone", "together", "results", "error")
+#: a hello's ``deputy``: records (DEPUTY_RECORD objects), lost (records dropped for room),
+#: alone_since (epoch s the host went away, or null), zones {zone: phase in force}
+DEPUTY_REPORT = ("records", "lost", "alone_since", "zones")
 
 #: ``event`` kind ``code-path``: data fields. trigger is "exec" (program, argv) or
 #: "connect" (address, port, family); hold numbers the held call for the answer.
@@ -291,6 +322,10 @@ def _dict(v: Any) -> str | None:
     return None if isinstance(v, dict) else "must be an object"
 
 
+def _list(v: Any) -> str | None:
+    return None if isinstance(v, list) else "must be a list"
+
+
 def _str_list(v: Any) -> str | None:
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
         return None
@@ -375,7 +410,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
                "capabilities": _str_list, "pid": _int, "kernel": _str, "python": _str,
                "boot_ms": _int},
               {"heartbeat": _num, "hostname": _str, "port": _str, "workloads": _workloads,
-               "id": _ident, "dropped": _int}),
+               "id": _ident, "dropped": _int, "deputy": _dict}),
     "heartbeat": ({"seq": _seq, "uptime": _num},
                   {"id": _ident, "dropped": _int, "queued": _int}),
     "started": ({"seq": _seq, "id": _ident, "pid": _int}, {"standby": _dict}),
@@ -418,6 +453,10 @@ SCHEMAS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
               {"uid": _id_number, "gid": _id_number, "scratch": _path, "shared": _paths,
                "private": _paths, "iface": _ident, "path": _path, "pid": _pid,
                "limit": _size}),
+    "deputy": ({"id": _ident, "phases": _list},
+               {"in_force": _int, "grace": _num, "fail_closed": _list, "lock": _path,
+                "sent": _num}),
+    "deputy_ack": ({"id": _ident, "seq": _seq}, {"thaw": _bool}),
 }
 
 

@@ -45,6 +45,12 @@ class Starts:
         with self._lock:
             return wid in self._workloads
 
+    def root_pid(self, wid: str) -> int | None:
+        """The first process of workload `wid`, while it runs (the deputy's)."""
+        with self._lock:
+            work = self._workloads.get(wid)
+        return work.pid if work is not None and work.status is None else None
+
     def running(self) -> list[dict[str, Any]]:
         """{id, pid} of the workloads whose exit is not written yet."""
         with self._lock:

@@ -66,9 +66,12 @@ class Timeline:
             timezone=UTC,
         )
 
-    def start(self, handler: PhaseHandler, *, adopt_tables: list[str] = ()) -> int:  # type: ignore[assignment]
+    def start(self, handler: PhaseHandler, *, adopt_tables: list[str] = (),  # type: ignore[assignment]
+              keep: Callable[[str], bool] = lambda _job: True) -> int:
         """Start firing jobs; first move the jobs of `adopt_tables` (dead controllers') into
-        this controller's table. Returns how many jobs were adopted."""
+        this controller's table, those `keep` (a job id) says are still pending (a phase
+        the zone's agent applied meanwhile, or of a zone that ended, is dropped). Returns how
+        many jobs were adopted."""
         global _handler
         with _handler_lock:
             _handler = handler
@@ -81,10 +84,12 @@ class Timeline:
             self.scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.engine, tablename=table),
                                         alias=alias)
             for job in self.scheduler.get_jobs(jobstore=alias):
-                self.scheduler.add_job(phase_due, trigger=job.trigger, args=job.args, id=job.id,
-                                       replace_existing=True, jobstore="default")
+                if keep(job.id):
+                    self.scheduler.add_job(phase_due, trigger=job.trigger, args=job.args,
+                                           id=job.id, replace_existing=True,
+                                           jobstore="default")
+                    adopted += 1
                 self.scheduler.remove_job(job.id, jobstore=alias)
-                adopted += 1
             self.scheduler.remove_jobstore(alias)
             drop_table(self.engine, table)
         self.scheduler.resume()

@@ -16,8 +16,8 @@ from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
 from hvtsm.errors import StoreError
 from hvtsm.host import probe_host
 from hvtsm.store import Store
-from hvtsm.store.audit import find_zone, list_zones, zone_trail
-from hvtsm.store.models import Zone
+from hvtsm.store.audit import find_zone, list_zones, span_phases, unattended_spans, zone_trail
+from hvtsm.store.models import UnattendedSpan, Zone
 from hvtsm.zones.base import Backend
 from hvtsm.zones.factory import drivers_for
 from hvtsm.zones.logged import LoggedEvents
@@ -59,6 +59,7 @@ def cmd_zones(args: argparse.Namespace) -> int:
     store = Store(args.db)
     with store.session() as session:
         zones = list_zones(session, include_ended=args.all)
+        spans = unattended_spans(session, zone_ids=[z.id for z in zones])
     if args.json:
         for z in zones:
             print(json.dumps({
@@ -67,17 +68,48 @@ def cmd_zones(args: argparse.Namespace) -> int:
                 "created": iso(z.created_at), "started": iso(z.started_at),
                 "ended": iso(z.ended_at), "exit_status": z.exit_status,
                 "reason": z.end_reason, "controller": z.controller_id, "kind": z.kind,
-                "name": z.name, "parent": z.parent_id}))
+                "name": z.name, "parent": z.parent_id,
+                "unattended": [_span_json(s) for s in spans.get(z.id, [])]}))
         return EXIT_OK
     if not zones:
         say("no zones" + ("" if args.all else " running (--all shows ended ones)"))
         return EXIT_OK
     now = time.time()
-    print(table(["ZONE", "STATE", "BACKEND", "POLICY", "PHASE", "AGE", "PARENT", "COMMAND"], [
+    print(table(["ZONE", "STATE", "BACKEND", "POLICY", "PHASE", "AGE", "UNATTENDED", "PARENT",
+                 "COMMAND"], [
         [z.id, z.state, z.backend, z.policy_name, z.phase_index,
          _age((z.ended_at or now) - (z.started_at or z.created_at)),
-         z.parent_id or "-", " ".join(json.loads(z.command))[:40]] for z in zones]))
+         _unattended(spans.get(z.id, [])), z.parent_id or "-",
+         " ".join(json.loads(z.command))[:40]] for z in zones]))
     return EXIT_OK
+
+
+def _span_json(span: UnattendedSpan) -> dict[str, Any]:
+    """One stretch without a controller, for `zones --json`."""
+    return {"since": iso(span.since), "until": iso(span.until),
+            "seconds": None if span.since is None else round(span.until - span.since, 3),
+            "controller": span.controller_id,
+            "phases": [{"phase": p.get("phase"), "due": _iso(p.get("due")),
+                        "applied": _iso(p.get("applied")), "lag_ms": p.get("lag_ms"),
+                        "ok": p.get("ok"), "terminate": p.get("terminate"),
+                        "froze": p.get("froze")} for p in span_phases(span)]}
+
+
+def _iso(value: Any) -> str | None:
+    return iso(float(value)) if isinstance(value, int | float) else None
+
+
+def _unattended(spans: list[UnattendedSpan]) -> str:
+    """`12s: 1,2 by agent` per stretch (the seconds without a controller, the phases its
+    agent applied meanwhile); "-" when a controller always ran."""
+    if not spans:
+        return "-"
+    parts = []
+    for span in spans:
+        took = "?" if span.since is None else _age(span.until - span.since)
+        phases = ",".join(str(p.get("phase")) for p in span_phases(span))
+        parts.append(f"{took}: {phases} by agent" if phases else f"{took}: none applied")
+    return "; ".join(parts)
 
 
 def _age(seconds: float) -> str:

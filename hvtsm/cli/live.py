@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hvtsm.cli.output import clock, emit_json, say
 from hvtsm.lifecycle.notices import (
+    Adopted,
     AnomalySeen,
     ChannelNotice,
     Ended,
@@ -29,7 +30,7 @@ class LivePrinter:
     def __call__(self, notice: Notice) -> None:
         if isinstance(notice, Ended) and notice.parent is None:
             return  # printed by the command once the output is drained
-        if isinstance(notice, Started):
+        if isinstance(notice, Started | Adopted):
             self.started[notice.zone_id] = notice.ts
         if self.json_mode:
             fields = notice.to_json()
@@ -50,10 +51,14 @@ class LivePrinter:
             late = "  LATE" if notice.late else ""
             already = f"  (already in force: {', '.join(notice.already)})" \
                 if notice.already else ""
+            by = "  by the zone's agent" if notice.by == "agent" else ""
             return (f"{prefix} phase {notice.phase} (at {format_duration_ms(notice.at_ms)}): "
-                    f"{changes}  [lag {notice.lag_ms:.1f} ms]{late}{already}")
+                    f"{changes}  [lag {notice.lag_ms:.1f} ms]{late}{already}{by}")
         if isinstance(notice, Note):
             return f"{prefix} {notice.note}: {notice.detail}"
+        if isinstance(notice, Adopted):
+            return (f"hvtsm: adopted zone {notice.zone_id} ({len(notice.pending)} "
+                    "transition(s) pending)")
         if isinstance(notice, AnomalySeen):
             said = evidence_text(dict(notice.evidence))
             return (f"{prefix} ANOMALY {notice.category}: {notice.detail}"

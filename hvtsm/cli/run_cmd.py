@@ -204,20 +204,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     factories = factories_for(backends, caps, libvirt=libvirt_options(args))
     printer = LivePrinter(json_mode=args.json)
     manager = Manager(store, factories, listener=printer, actor=actor())
+    over: list[ZoneRun] = []
     with Interrupts(manager) as interrupts:
         try:
+            # each adopted zone's line comes from the lifecycle (Adopted), before what its
+            # adoption audits and before its first overdue phase
             adopted = manager.start(adopt=True)
             runs = [manager.zones[z] for z in adopted]
-            for run in runs:
-                started = run.started_at or time.time()
-                printer.started[run.zone_id] = started
-                if args.json:
-                    emit_json("adopt", started, zone=run.zone_id,
-                              pending=sorted(run.pending))
-                else:
-                    say(f"hvtsm: adopted zone {run.zone_id} ({len(run.pending)} transition(s) "
-                        "pending)")
-            if not runs:
+            # zones whose agent ended them while no controller ran: adopted and finished
+            over = [r for r in manager.zones.all() if r.zone_id not in adopted]
+            if not runs and not over:
                 say("hvtsm: no orphaned zone to adopt")
             interrupted = False
             for run in runs:
@@ -225,7 +221,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         finally:
             manager.shutdown()
             store.dispose()
-    for run in runs:
+    for run in [*over, *runs]:
         print_end(run, time.time(), json_mode=args.json)
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 

@@ -1,10 +1,12 @@
 """Taking over the zones of controllers that died: their live zones are rebuilt from the
 store (`ZoneDriver.adopt` from the stored driver state, read again from the zone itself
-where it can be ahead of the store), their jobs move into this controller's table, and
-every transition that fell due meanwhile fires at once, audited as late ("fell due while
-no controller ran"). A transition half-applied before the crash is finished by that same
-firing: the driver finds the done part in force (audited "already in force"), so it never
-fails on it and never ends the zone early.
+where it can be ahead of the store), what each zone's deputy (its agent) applied meanwhile
+is audited at the agent's times (lifecycle/deputy.py), their jobs move into this
+controller's table, and every transition that fell due meanwhile and that no deputy
+applied fires at once, audited as late ("fell due while no controller ran"). A transition
+half-applied before the crash is finished by that same firing: the driver finds the done
+part in force (audited "already in force"), so it never fails on it and never ends the
+zone early.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 from hvtsm.controllers import claim_zone, dead_controllers, orphaned_zones
 from hvtsm.errors import ZoneError
 from hvtsm.lifecycle.core import Core
+from hvtsm.lifecycle.deputy import BACK_TIMEOUT_S, Deputies
 from hvtsm.lifecycle.ending import Ending
+from hvtsm.lifecycle.notices import Adopted
 from hvtsm.lifecycle.zonerun import ZoneKind, ZoneRun
 from hvtsm.policy import parse_policy
 from hvtsm.policy.loader import EVERY_CPU
@@ -33,9 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class Adoption:
-    def __init__(self, core: Core, ending: Ending) -> None:
+    def __init__(self, core: Core, ending: Ending, deputies: Deputies) -> None:
         self.core = core
         self.ending = ending
+        self.deputies = deputies
 
     def orphans(self) -> tuple[list[Zone], list[Controller]]:
         """The live zones of dead controllers this one can take over, and those controllers
@@ -48,8 +53,14 @@ class Adoption:
             dead = [c for c in dead_controllers(session) if c.id not in blocked]
             return [z for z in orphans if z.controller_id not in blocked], dead
 
-    def adopt(self, zone: Zone) -> ZoneRun | None:
-        """Take over one zone; None when nothing runs in it any more (it is finished)."""
+    def adopt_all(self, zones: list[Zone]) -> list[ZoneRun]:
+        """Take over each zone; returns those still running. Every zone's agent is taken
+        back before any of their reports is waited for, so their reconnections overlap."""
+        taken = [self._take(zone) for zone in zones]
+        return [run for run, dead in taken if self._settle(run, dead)]
+
+    def _take(self, zone: Zone) -> tuple[ZoneRun, str | None]:
+        """The zone's handle and run, registered (its agent reconnects meanwhile)."""
         policy = parse_policy(zone.policy_toml.encode(), source=zone.policy_source,
                               host_cpus=EVERY_CPU)
         applied = Restrictions.from_json(json.loads(zone.applied))
@@ -64,7 +75,6 @@ class Adoption:
                       pending={int(k): v for k, v in json.loads(zone.pending).items()},
                       phase_index=zone.phase_index, state=ZoneState(zone.state),
                       announced=True)
-        run.overdue = {i for i, due in run.pending.items() if due <= time.time()}
         if zone.name is not None and workload is not None:
             # its group's held messages died with the old controller; it can go on sending
             with contextlib.suppress(ZoneError):
@@ -80,15 +90,32 @@ class Adoption:
                          f"{len(run.pending)} transition(s) pending"
                          + (f"; read from the zone: {', '.join(found)}" if found else ""))
             self.core.save(session, run)
+        assert run.started_at is not None
+        self.core.notify(Adopted(zone.id, run.started_at, tuple(sorted(run.pending))))
+        return run, zone.controller_id
+
+    def _settle(self, run: ZoneRun, dead: str | None) -> bool:
+        """What the zone's deputy applied while no controller ran is audited first; only
+        what it did not apply is overdue (applied by this controller at once, late). False
+        when the zone is over."""
+        assert run.handle is not None
+        driver = self.core.driver_of(run)
+        deputy = driver.deputy(run.handle)
+        report = None if deputy is None else deputy.report(BACK_TIMEOUT_S)
+        with run.lock:
+            self.deputies.adopted(run, report, dead_controller=dead)
+            run.overdue = {i for i, due in run.pending.items() if due <= time.time()}
         run.opened.set()
-        if workload is None:
+        if not run.live:
+            return False  # its deputy ended it (its lifespan, or failing closed)
+        if run.workload is None:
             with run.lock:
                 run.state = ZoneState.EXITED
-                driver.terminate(handle)
+                driver.terminate(run.handle)
                 self.ending.finish(run, None)
-            return None
+            return False
         self.ending.watch(run)
-        return run
+        return True
 
     def reschedule(self, runs: list[ZoneRun]) -> None:
         """Jobs an adopted zone should have and its table lost (a crash between writing the

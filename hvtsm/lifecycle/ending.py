@@ -78,7 +78,7 @@ class Ending:
     def finish(self, run: ZoneRun, status: int | None) -> None:
         if run.ended.is_set():
             return
-        now = time.time()
+        now = run.ended_at or time.time()
         if run.end_cause is not None:
             outcome = Outcome(run.end_cause, run.end_reason_given or str(run.end_cause),
                               status, run.anomalies)

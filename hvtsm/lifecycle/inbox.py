@@ -1,13 +1,14 @@
 """What drivers report, in order: the lifecycle's `DriverEvents`.
 
-Anomalies, held code paths and workload ends go into one queue that one supervised thread
-works through in arrival order. One order for all three is what makes the lifecycle's
-guarantees hold by construction: a driver's `Workload.wait` returns only after everything
-its agent said about the workload was handed over here, so an anomaly that explains an end
-(the agent's containment) is reacted to before that end is recorded; a transient zone split
-off on a code path exists before any anomaly of its processes is looked at. A reaction may
-have to stop the very agent link that reported it, which is why none runs on a link's
-reader thread.
+Anomalies, held code paths, workload ends and what a zone's deputy applied on its own go
+into one queue that one supervised thread works through in arrival order. One order for
+all of them is what makes the lifecycle's guarantees hold by construction: a driver's
+`Workload.wait` returns only after everything its agent said about the workload was handed
+over here, so an anomaly that explains an end (the agent's containment) is reacted to
+before that end is recorded, as is a deputy's terminate (it is told before its kill); a
+transient zone split off on a code path exists before any anomaly of its processes is
+looked at. A reaction may have to stop the very agent link that reported it, which is why
+none runs on a link's reader thread.
 
 Notes are audited at once on the caller's thread; channel pieces go straight to the broker
 (which judges each message at its first piece, on the link's reader thread); problems of a
@@ -27,6 +28,7 @@ from guest_agent.protocol import Message
 from hvtsm.lifecycle.zonerun import ZoneRun
 from hvtsm.monitor.anomalies import AnomalyReport
 from hvtsm.monitor.code_path import CodePath
+from hvtsm.monitor.deputy import DeputyReport
 from hvtsm.supervise import Supervisor
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,13 @@ class ExitItem:
     status: int | None
 
 
-Item = AnomalyItem | CodePathItem | ExitItem
+@dataclass(frozen=True)
+class DeputyItem:
+    zone_id: str
+    report: DeputyReport
+
+
+Item = AnomalyItem | CodePathItem | ExitItem | DeputyItem
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class Handlers:
     code_path: Callable[[str, CodePath], None]
     exited: Callable[[ZoneRun, int | None], None]
     failed: Callable[[Item, BaseException], None]
+    #: phases a zone's deputy applied on its own (the controller was late)
+    deputy: Callable[[str, DeputyReport], None]
 
 
 NoteSink = Callable[[str, str, str], None]
@@ -100,6 +110,9 @@ class Inbox:
 
     def channel(self, zone_id: str, message: Message) -> None:
         self._channel(zone_id, message)
+
+    def deputy(self, zone_id: str, report: DeputyReport) -> None:
+        self._put(DeputyItem(zone_id, report))
 
     def idle(self, guest: str, kind: str, detail: str) -> None:
         if not self._idle:
@@ -166,6 +179,8 @@ class Inbox:
                 handlers.anomaly(item.zone_id, item.report)
             elif isinstance(item, CodePathItem):
                 handlers.code_path(item.zone_id, item.request)
+            elif isinstance(item, DeputyItem):
+                handlers.deputy(item.zone_id, item.report)
             else:
                 handlers.exited(item.run, item.status)
         except Exception as exc:

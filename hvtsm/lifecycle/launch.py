@@ -68,7 +68,8 @@ class Launcher:
                                 phase=zero[-1].index if zero else -1)
             spec = ZoneSpec(zone_id=run.zone_id, net_index=seq, user=user,
                             memory_dump=policy.memory_dump, monitor=monitor,
-                            expect_exec=tuple(expect_exec), cwd=cwd, env=env, channel=name)
+                            expect_exec=tuple(expect_exec), cwd=cwd, env=env, channel=name,
+                            deputy=bool(policy.later_phases()))
             run.step = "could not create the zone"
             handle = (create or driver.create)(spec, initial)
             run.handle = handle

@@ -12,6 +12,7 @@ from hvtsm.channels.broker import Broker
 from hvtsm.controllers import register_controller
 from hvtsm.lifecycle.adoption import Adoption
 from hvtsm.lifecycle.core import Core
+from hvtsm.lifecycle.deputy import Deputies
 from hvtsm.lifecycle.ending import Ending
 from hvtsm.lifecycle.inbox import Handlers, Inbox
 from hvtsm.lifecycle.launch import Create, Launcher
@@ -28,7 +29,7 @@ from hvtsm.restrictions import Restrictions
 from hvtsm.store import Store
 from hvtsm.store.models import Controller
 from hvtsm.supervise import Supervisor
-from hvtsm.timeline import Timeline
+from hvtsm.timeline import Timeline, job_id
 from hvtsm.zones.base import Backend, DriverFactory, WorkloadIO, ZoneDriver
 
 
@@ -49,13 +50,17 @@ class Manager:
         self.events = Inbox(self.supervisor, notes=core.note,
                             channel=lambda zone, msg: core.channels().on_message(zone, msg))
         self._ending = Ending(core, self.events.exited)
-        self._phases = Phases(core, self._ending, bound=self._bound, follow=self._follow)
+        self._phases = Phases(core, self._ending, bound=self._bound, follow=self._follow,
+                              deputy=self._tell_deputy)
+        self._deputies = Deputies(core, self._ending, self._phases, bound=self._bound,
+                                  follow=self._follow)
         self._opener = Opener(core, self._ending, self._phases)
         self._transients = Transients(core, self._opener, self._ending,
                                       raise_anomaly=self.events.anomaly)
-        self._reactions = Reactions(core, self._ending, attribute=self._transients.attribute)
+        self._reactions = Reactions(core, self._ending, attribute=self._transients.attribute,
+                                    deputy=self._tell_deputy)
         self._launcher = Launcher(core, self._opener)
-        self._adoption = Adoption(core, self._ending)
+        self._adoption = Adoption(core, self._ending, self._deputies)
         core.broker = Broker(store, link_of=self.channel_link, anomaly=self.events.anomaly,
                              recorded=self._channel_recorded)
         made = [factory(self.events) for factory in factories]
@@ -63,7 +68,8 @@ class Manager:
         self.driver: ZoneDriver = made[0]
         self.events.start(Handlers(anomaly=self._reactions.react,
                                    code_path=self._transients.split,
-                                   exited=self._ending.exited, failed=self._reactions.failed))
+                                   exited=self._ending.exited, failed=self._reactions.failed,
+                                   deputy=self._deputies.reported))
         self._started = False
 
     # -- what callers look at -------------------------------------------------------------
@@ -110,13 +116,12 @@ class Manager:
         dead: list[Controller] = []
         if adopt:
             orphans, dead = self._adoption.orphans()
-            for zone in orphans:
-                run = self._adoption.adopt(zone)
-                if run is not None:
-                    adopted.append(run)
+            adopted = self._adoption.adopt_all(orphans)
             self._transients.relink()
+        pending = {job_id(run.zone_id, index) for run in adopted for index in run.pending}
         self.timeline.start(self._phases.guarded_due,
-                            adopt_tables=[c.jobs_table for c in dead])
+                            adopt_tables=[c.jobs_table for c in dead],
+                            keep=pending.__contains__)
         self._adoption.reschedule(adopted)
         self._adoption.forget(dead)
         self._started = True
@@ -208,4 +213,7 @@ class Manager:
 
     def _follow(self, run: ZoneRun) -> None:
         self._transients.follow_parent(run)
+
+    def _tell_deputy(self, run: ZoneRun) -> None:
+        self._deputies.send(run)
 

@@ -80,11 +80,14 @@ class PhaseApplied(Notice):
     #: the steps the zone already had in force ("network (NIC absent)": the phase was
     #: half-applied before its controller died, or a limit was already tighter)
     already: tuple[str, ...] = ()
+    #: who put it in force: "controller", or "agent" (the zone's deputy, on its own)
+    by: str = "controller"
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"phase": self.phase, "at_ms": self.at_ms,
                                "scheduled": self.scheduled, "lag_ms": self.lag_ms,
-                               "late": self.late, "changes": dict(self.changes)}
+                               "late": self.late, "changes": dict(self.changes),
+                               "by": self.by}
         if self.already:
             out["already"] = list(self.already)
         return out
@@ -149,6 +152,18 @@ class ChannelNotice(Notice):
     def fields(self) -> dict[str, Any]:
         return {"from": self.sender, "to": self.receiver, "size": self.size,
                 "verdict": self.verdict, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Adopted(Notice):
+    """A controller took the zone over (`hvtsm resume`); `ts` is the zone's start, so later
+    lines count from it. Told before anything its adoption audits (its deputy's phases)."""
+
+    kind: ClassVar[str] = "adopt"
+    pending: tuple[int, ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        return {"pending": list(self.pending)}
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,7 @@ class Opener:
                                      changes=begun.bound(phase.restrictions).describe(),
                                      note=begun.zero_note)
                     self.core.save(session, run, started_at=started)
+                self.phases.tell_deputy(run)
                 with run.notes_lock:
                     run.announced = True
                     notes = tuple(run.opening_notes)

@@ -32,14 +32,22 @@ log = logging.getLogger(__name__)
 Bound = Callable[[ZoneRun, Restrictions], Restrictions]
 #: a zone tightened: whatever follows it (its transient zones) follows
 Follow = Callable[[ZoneRun], None]
+#: the zone's schedule changed: its deputy is told (lifecycle/deputy.py)
+Tell = Callable[[ZoneRun], None]
 
 
 class Phases:
-    def __init__(self, core: Core, ending: Ending, *, bound: Bound, follow: Follow) -> None:
+    def __init__(self, core: Core, ending: Ending, *, bound: Bound, follow: Follow,
+                 deputy: Tell) -> None:
         self.core = core
         self.ending = ending
         self._bound = bound
         self._follow = follow
+        self._deputy = deputy
+
+    def tell_deputy(self, run: ZoneRun) -> None:
+        """The zone's schedule changed (caller holds run.lock): its deputy hears of it."""
+        self._deputy(run)
 
     def schedule(self, run: ZoneRun) -> None:
         """One job per pending transition (caller holds run.lock)."""
@@ -94,6 +102,7 @@ class Phases:
             # is a success, audited as in force
             self.mark(run, phase_index, due, applied, changes, report.audit_note())
             self._follow(run)
+            self.tell_deputy(run)  # in force now: the deputy must not apply it again
         self.core.notify(self.notice(run, phase_index, due, applied, changes,
                                      tuple(str(a) for a in report.already)))
 
@@ -135,8 +144,10 @@ class Phases:
         return index in run.overdue or (applied - due) * 1000 > LATE_AFTER_MS
 
     def notice(self, run: ZoneRun, index: int, due: float, applied: float,
-               changes: dict[str, str], already: tuple[str, ...] = ()) -> PhaseApplied:
+               changes: dict[str, str], already: tuple[str, ...] = (), *,
+               by: str = "controller") -> PhaseApplied:
         phase = run.policy.phases[index]
         return PhaseApplied(run.zone_id, applied, index, phase.at_ms * run.scale, due,
                             round((applied - due) * 1000, 3),
-                            self.late(run, index, due, applied), dict(changes), already)
+                            self.late(run, index, due, applied), dict(changes), already,
+                            by=by)

@@ -19,7 +19,7 @@ from sqlmodel import Session
 from hvtsm.errors import ZoneError
 from hvtsm.lifecycle.core import Core
 from hvtsm.lifecycle.ending import Ending
-from hvtsm.lifecycle.inbox import AnomalyItem, CodePathItem, ExitItem, Item
+from hvtsm.lifecycle.inbox import AnomalyItem, CodePathItem, DeputyItem, ExitItem, Item
 from hvtsm.lifecycle.notices import AnomalySeen, ReactionTaken
 from hvtsm.lifecycle.outcome import EndCause, kills_root
 from hvtsm.lifecycle.zonerun import ZoneRun
@@ -32,13 +32,17 @@ log = logging.getLogger(__name__)
 
 #: which zone an anomaly belongs to (a transient zone the agent names, or the zone itself)
 Attribute = Callable[[str, AnomalyReport], str]
+#: the zone's schedule moved: its deputy is told (lifecycle/deputy.py)
+Tell = Callable[[ZoneRun], None]
 
 
 class Reactions:
-    def __init__(self, core: Core, ending: Ending, *, attribute: Attribute) -> None:
+    def __init__(self, core: Core, ending: Ending, *, attribute: Attribute,
+                 deputy: Tell) -> None:
         self.core = core
         self.ending = ending
         self._attribute = attribute
+        self._deputy = deputy
 
     # -- anomalies ---------------------------------------------------------------------------
 
@@ -121,8 +125,9 @@ class Reactions:
                 self.ending.finish(item.run, item.status)
             return
         what = ("the reaction to an anomaly" if isinstance(item, AnomalyItem)
-                else "placing a held code path")
-        assert isinstance(item, AnomalyItem | CodePathItem)
+                else "placing a held code path" if isinstance(item, CodePathItem)
+                else "auditing what the zone's agent applied")
+        assert isinstance(item, AnomalyItem | CodePathItem | DeputyItem)
         self.fail_closed(item.zone_id, what, exc)
 
     def fail_closed(self, zone_id: str, what: str, exc: BaseException) -> None:
@@ -160,6 +165,7 @@ class Reactions:
                 told = self._audit(session, run, "accelerate", {"factor": factor}, reason, by,
                                    anomaly_id)
                 self.core.save(session, run)
+            self._deputy(run)
         self._tell(told)
         return moved
 
@@ -177,6 +183,7 @@ class Reactions:
                                    anomaly_id,
                                    effect="" if index is not None else "none: no phase left")
                 self.core.save(session, run)
+            self._deputy(run)
         self._tell(told)
         return index
 

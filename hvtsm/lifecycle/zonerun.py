@@ -55,6 +55,11 @@ class ZoneRun:
     #: set by whoever ends the zone under its workload, before the driver kills it
     end_cause: EndCause | None = None
     end_reason_given: str | None = None
+    #: when its end took effect, if before it was recorded (its agent ended it while no
+    #: controller ran); None: when recorded
+    ended_at: float | None = None
+    #: its deputy could not be given its schedule (audited once)
+    deputy_lost: bool = False
     #: why the agent killed the workload's first process, when an anomaly said it did
     contained: str | None = None
     outcome: Outcome | None = None

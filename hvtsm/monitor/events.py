@@ -16,6 +16,7 @@ from typing import Any
 from guest_agent.protocol import (
     EVENT_ANOMALY,
     EVENT_CODE_PATH,
+    EVENT_DEPUTY,
     EVENT_MONITOR,
     EVENT_STATS,
     EVENT_TRANSIENT,
@@ -23,6 +24,7 @@ from guest_agent.protocol import (
 )
 from hvtsm.monitor.anomalies import AnomalyReport, from_agent_event, from_link_problem
 from hvtsm.monitor.code_path import from_event
+from hvtsm.monitor.deputy import DeputyRecord, DeputyReport
 from hvtsm.monitor.link import ChannelFault
 from hvtsm.zones.base import DriverEvents
 
@@ -86,6 +88,14 @@ class LinkEvents:
         elif kind == EVENT_TRANSIENT:
             if self._transient is not None:
                 self._transient(zone, data)
+        elif kind == EVENT_DEPUTY:
+            record = DeputyRecord.parse(data)
+            if record is None or record.zone != zone:
+                self.events.anomaly(zone, AnomalyReport(
+                    "malformed-message", "agent sent a deputy record that cannot be true",
+                    "link", {"problem": "invalid_deputy_record"}))
+                return
+            self.events.deputy(zone, DeputyReport((record,)))
         else:
             self.events.anomaly(zone, AnomalyReport(
                 "malformed-message", f"agent sent an event of unknown kind {str(kind)[:40]}",

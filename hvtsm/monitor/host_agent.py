@@ -4,9 +4,10 @@ limits, freezer and kill never reach it), one per zone.
 
 It talks to the controller over a unix socket it connects to (`/run/hvtsm/agents/<name>.sock`,
 which the controller listens on), so a controller started after a crash can listen there
-again and the agent reconnects: monitoring survives the controller. Python and the agent's
-imports take ~140 ms here, so a driver keeps one agent started ahead (a spare) and gives
-it to the next zone; `<zone>.agent` records which agent (name, pid) watches which zone.
+again and the agent reconnects: monitoring survives the controller, and so does the zone's
+schedule, which the agent keeps meanwhile (its deputy: guest_agent/deputy.py). Python and
+the agent's imports take ~140 ms here, so a driver keeps one agent started ahead (a spare)
+and gives it to the next zone; `<zone>.agent` records which agent (name, pid) watches which zone.
 The zone's launcher hands it each workload's seccomp listener over a second, inherited
 SOCK_SEQPACKET socket (`--watch-fd`); the workload's first exec waits in the kernel until
 the agent answers, so nothing runs unwatched. A third (`--channel-fd`) carries the zone's
@@ -104,7 +105,7 @@ class HostAgent:
                 "--watch-fd", str(theirs.fileno()),
                 "--channel-fd", str(chan_theirs.fileno()),
                 "--wait-port", str(RECONNECT_WINDOW_S), "--heartbeat", str(HEARTBEAT_S),
-                "--log-level", "warning"]
+                "--host-pid", str(os.getpid()), "--log-level", "warning"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "PYTHONPATH": source, "LANG": "C.UTF-8"}
         try:

@@ -15,6 +15,7 @@ from hvtsm.store.models import (
     OperatorAction,
     PhaseApplied,
     Reaction,
+    UnattendedSpan,
     Zone,
     ZoneEvent,
 )
@@ -54,6 +55,31 @@ def record_operator(session: Session, *, actor: str, action: str, zone_id: str |
                     args: dict[str, Any] | None = None, reason: str = "") -> None:
     session.add(OperatorAction(zone_id=zone_id, ts=time.time(), actor=actor, action=action,
                                args=json.dumps(args or {}), reason=reason))
+
+
+def record_unattended(session: Session, *, zone_id: str, since: float | None, until: float,
+                      controller_id: str | None, phases: list[dict[str, Any]],
+                      note: str = "") -> None:
+    session.add(UnattendedSpan(zone_id=zone_id, since=since, until=until,
+                               controller_id=controller_id, phases=json.dumps(phases),
+                               note=note))
+
+
+def unattended_spans(session: Session, *, zone_ids: list[str]) -> dict[str, list[UnattendedSpan]]:
+    """Each zone's stretches without a controller, oldest first."""
+    out: dict[str, list[UnattendedSpan]] = {z: [] for z in zone_ids}
+    if not zone_ids:
+        return out
+    query = select(UnattendedSpan).where(col(UnattendedSpan.zone_id).in_(zone_ids)) \
+        .order_by(col(UnattendedSpan.until))
+    for span in session.exec(query):
+        out.setdefault(span.zone_id, []).append(span)
+    return out
+
+
+def span_phases(span: UnattendedSpan) -> list[dict[str, Any]]:
+    value = json.loads(span.phases or "[]")
+    return [p for p in value if isinstance(p, dict)] if isinstance(value, list) else []
 
 
 def find_zone(session: Session, *, zone_id: str) -> Zone | None:
@@ -110,6 +136,16 @@ def zone_trail(session: Session, *, zone_id: str) -> list[TrailEntry]:
         entries.append(TrailEntry(op.ts, "operator", f"{op.actor}: {op.action} {op.reason}"
                                   .strip(), {"actor": op.actor, "action": op.action,
                                              "args": json.loads(op.args), "reason": op.reason}))
+    for span in session.exec(select(UnattendedSpan).where(UnattendedSpan.zone_id == zone_id)):
+        phases = span_phases(span)
+        since = "an unknown time" if span.since is None else f"{span.until - span.since:.1f} s"
+        applied = ", ".join(str(p.get("phase")) for p in phases) or "none"
+        entries.append(TrailEntry(span.until, "unattended",
+                                  f"ran {since} without a controller; phases applied by its "
+                                  f"agent meanwhile: {applied}", {
+                                      "since": span.since, "until": span.until,
+                                      "controller": span.controller_id, "phases": phases,
+                                      "note": span.note}))
     for ch in channel_audit.channel_rows(session, zone_id=zone_id):
         entries.append(TrailEntry(ch.ts, "channel", channel_audit.summary(ch),
                                   channel_audit.data(ch)))

@@ -106,6 +106,25 @@ class PhaseApplied(SQLModel, table=True):
     note: str = ""
 
 
+class UnattendedSpan(SQLModel, table=True):
+    """A stretch of a zone's life with no controller (its controller died, or its link was
+    lost): from when the zone's agent lost its controller to when one took the zone over
+    again, and the phases the agent applied meanwhile (its deputy: guest_agent/deputy.py)."""
+
+    __tablename__ = "unattended_span"
+    id: int | None = Field(default=None, primary_key=True)
+    zone_id: str = Field(index=True)
+    #: epoch s the agent lost its controller (None: the agent did not say)
+    since: float | None = None
+    #: epoch s a controller took the zone over
+    until: float
+    #: the controller that had gone
+    controller_id: str | None = None
+    #: JSON list of {phase, due, applied, lag_ms, ok, terminate, froze}
+    phases: str = "[]"
+    note: str = ""
+
+
 class Anomaly(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     zone_id: str = Field(index=True)

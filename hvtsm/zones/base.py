@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from guest_agent.protocol import Message
     from hvtsm.monitor.anomalies import AnomalyReport
     from hvtsm.monitor.code_path import CodePath
+    from hvtsm.monitor.deputy import DeputyReport
     from hvtsm.monitor.link import AgentLink
 
 
@@ -71,6 +72,9 @@ class ZoneSpec:
     parent: str | None = None
     #: the zone's name among its group: the workload gets a channel endpoint (None: none)
     channel: str | None = None
+    #: the zone has phases after its start: an agent beside or inside it keeps them while
+    #: no controller runs (`ZoneDriver.delegate`)
+    deputy: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,47 @@ class ApplyReport:
 
 
 @dataclass(frozen=True)
+class DeputyPhase:
+    """A pending phase as the zone's deputy gets it: when, and what is in force from then."""
+
+    index: int
+    #: epoch seconds
+    due: float
+    restrictions: Restrictions
+    #: the lifespan's end
+    terminate: bool = False
+
+
+@dataclass(frozen=True)
+class DeputyOrders:
+    """The zone's schedule for its deputy (the agent beside or inside it), which applies a
+    phase on its own `grace` seconds after its due time unless the controller said it is in
+    force (guest_agent/deputy.py)."""
+
+    phases: tuple[DeputyPhase, ...]
+    #: the highest phase in force (-1: none)
+    in_force: int
+    grace: float
+    #: the deputy's records up to this seq are audited: it may forget them (None: none)
+    ack: int | None = None
+    #: what the deputy froze in place of a restriction is applied now: thaw it
+    thaw: bool = False
+
+
+class ZoneDeputy(Protocol):
+    """A zone's deputy as its driver reaches it (guest_agent/deputy.py)."""
+
+    def delegate(self, orders: DeputyOrders) -> None:
+        """Give the deputy its schedule (replacing the one before), translated into the
+        backend's monotonic steps; acknowledge and thaw as `orders` say. ZoneError when it
+        cannot be reached."""
+
+    def report(self, timeout: float) -> DeputyReport | None:
+        """After `ZoneDriver.adopt`: what the deputy applied while no controller ran, once
+        its agent is back (within `timeout`); None when it did not come back."""
+
+
+@dataclass(frozen=True)
 class ZoneStats:
     procs: int
     memory_bytes: int | None
@@ -217,6 +262,10 @@ class DriverEvents(Protocol):
 
     def idle(self, guest: str, kind: str, detail: str) -> None:
         """Something of a pooled guest that serves no zone (its pool taints it)."""
+
+    def deputy(self, zone_id: str, report: DeputyReport) -> None:
+        """Phases the zone's deputy applied on its own while the controller was connected
+        (it was late)."""
 
 
 class ZoneDriver(Protocol):
@@ -268,6 +317,10 @@ class ZoneDriver(Protocol):
 
     def channel_link(self, zone_id: str) -> AgentLink | None:
         """The open link a zone's channel messages travel on (None: none)."""
+
+    def deputy(self, handle: ZoneHandle[Any]) -> ZoneDeputy | None:
+        """The zone's deputy: the agent beside or inside it that keeps its schedule while no
+        controller runs (None: the zone has none, as a transient zone)."""
 
     def leftovers(self) -> set[str]:
         """Zone ids that still have resources (cgroups, namespaces, domains) on this host."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from guest_agent.protocol import Message
 from hvtsm.monitor.anomalies import AnomalyReport
 from hvtsm.monitor.code_path import CodePath
+from hvtsm.monitor.deputy import DeputyReport
 from hvtsm.monitor.link import ChannelFault
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ class LoggedEvents:
 
     def channel(self, zone_id: str, message: Message) -> None:
         raise ChannelFault("no broker outside a lifecycle")
+
+    def deputy(self, zone_id: str, report: DeputyReport) -> None:
+        for record in report.records:
+            log.warning("zone %s: its agent applied phase %d: %s", zone_id, record.phase,
+                        record.describe())
 
     def idle(self, guest: str, kind: str, detail: str) -> None:
         if not self._idle:

@@ -199,16 +199,27 @@ def _has_nic(pid: int) -> bool:
         return "eth0" in f.read()
 
 
-def test_controller_killed_then_resumed_applies_overdue_at_once(db: str, tmp_path: Path) -> None:
+def _agent_pid(zone_id: str) -> int:
+    record = json.loads((Path("/run/hvtsm/agents") / f"{zone_id}.agent").read_text())
+    return int(record["pid"])
+
+
+def test_controller_and_agent_killed_then_resumed_applies_overdue_at_once(
+        db: str, tmp_path: Path) -> None:
+    """With the zone's agent gone too, nobody keeps the schedule (the deputy's case is
+    tests/integration/test_deputy_cgroup.py): the next controller applies what fell due at
+    once, audited as late."""
     policy = write_policy(tmp_path / "restart.toml", RESTART)
     proc = spawn(db, "run", "--policy", policy, "--json", "--", "sleep", "60")
     start = json_lines(wait_for(lambda: proc.stdout.readline(), what="start line"))[0]
     zone_id, pid = start["zone"], start["pid"]
     assert _has_nic(pid)
+    agent = _agent_pid(zone_id)
     proc.send_signal(signal.SIGKILL)
+    os.kill(agent, signal.SIGKILL)
     proc.wait(10)
     time.sleep(1.6)  # the network phase falls due while no controller runs
-    assert _has_nic(pid), "nothing may change while the controller is down"
+    assert _has_nic(pid), "with no agent either, nothing changes while the controller is down"
     resume = spawn(db, "resume", "--json")
     wait_for(lambda: not _has_nic(pid), timeout=10, what="the overdue network cut")
     out, err = resume.communicate(timeout=30)
@@ -216,7 +227,9 @@ def test_controller_killed_then_resumed_applies_overdue_at_once(db: str, tmp_pat
     events = json_lines(out)
     assert events[0]["event"] == "adopt" and events[0]["zone"] == zone_id
     phase1 = next(e for e in events if e["event"] == "phase" and e["phase"] == 1)
-    assert phase1["late"] and phase1["lag_ms"] > 500
+    assert phase1["late"] and phase1["lag_ms"] > 500 and phase1["by"] == "controller"
+    # the lost agent is an anomaly of its own, recorded (not dropped) for the adopted zone
+    assert any(e["event"] == "anomaly" and "is gone" in e["detail"] for e in events), events
     trail = audit(db, zone_id)
     applied = [t for t in trail if t["kind"] == "phase" and t["phase"] == 1]
     assert applied[0]["late"] and "no controller" in applied[0]["note"]

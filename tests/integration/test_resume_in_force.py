@@ -163,12 +163,15 @@ def resume(db: str) -> list[dict[str, Any]]:
 
 
 def assert_ended_by_its_policy(db: str, db_file: Path, zone_id: str, log: ZoneLog,
-                               events: list[dict[str, Any]]) -> dict[str, Any]:
-    """The end state both tests demand; returns phase 1's row in the audit trail."""
+                               events: list[dict[str, Any]], *,
+                               agent_lost: bool = False) -> dict[str, Any]:
+    """The end state both tests demand; returns phase 1's row in the audit trail. A lost
+    agent is an anomaly of its own (tests/integration/test_cli_run.py), nothing else is."""
     assert events[0]["event"] == "adopt" and events[0]["zone"] == zone_id, events
     end = events[-1]
     assert end["event"] == "exit" and end["zone"] == zone_id, end
-    assert (end["ended_by"], end["state"], end["hostile"]) == ("policy", "terminated", False)
+    assert (end["ended_by"], end["state"], end["hostile"]) == ("policy", "terminated",
+                                                               agent_lost), end
     row = zone_row(db_file, zone_id)
     assert row.state == "terminated" and "lifespan ended" in (row.end_reason or "")
     assert row.ended_at is not None
@@ -189,14 +192,25 @@ def assert_ended_by_its_policy(db: str, db_file: Path, zone_id: str, log: ZoneLo
     return cuts[0]
 
 
+def _agent_pid(zone_id: str) -> int:
+    record = json.loads((Path("/run/hvtsm/agents") / f"{zone_id}.agent").read_text())
+    return int(record["pid"])
+
+
+@pytest.mark.parametrize("agent", ["alive", "killed"])
 def test_a_cut_in_the_kernel_but_not_in_the_store_is_completed_at_resume(
-        tmp_path: Path, listener: int) -> None:
+        tmp_path: Path, listener: int, agent: str) -> None:
+    """`alive`: the zone's agent (its deputy) finds the cut done and says so; `killed`:
+    no deputy either, the resumed controller finds it done and completes it."""
     db_file = tmp_path / "hvtsm.db"
     db = f"sqlite:///{db_file}"
     policy = write_policy(tmp_path / "cut.toml", POLICY)
     proc, zone_id, log = start_controller(db, policy, listener)
     wait_for(lambda: any(ok for ok, _ in log.tries()), what="the zone reaching the host")
+    agent_pid = _agent_pid(zone_id)
     kill(proc)
+    if agent == "killed":
+        os.kill(agent_pid, signal.SIGKILL)
     row = zone_row(db_file, zone_id)
     assert row.phase_index == 0 and "1" in row.pending, "killed before the cut fell due"
 
@@ -208,13 +222,19 @@ def test_a_cut_in_the_kernel_but_not_in_the_store_is_completed_at_resume(
     assert zone_row(db_file, zone_id).phase_index == 0
 
     events = resume(db)
-    cut = assert_ended_by_its_policy(db, db_file, zone_id, log, events)
-    assert "already in force: network (NIC absent)" in cut["note"], cut
-    assert cut["late"] and "no controller" in cut["note"]
+    cut = assert_ended_by_its_policy(db, db_file, zone_id, log, events,
+                                     agent_lost=agent == "killed")
     [phase] = [e for e in events if e["event"] == "phase" and e["phase"] == 1]
-    assert phase["already"] == ["network (NIC absent)"]
-    [adopted] = [t for t in audit(db, zone_id) if t["kind"] == "adopted"]
-    assert "read from the zone: nic true -> false" in adopted["detail"], adopted
+    if agent == "alive":
+        assert "applied by the zone's agent while no controller ran (eth0 gone)" \
+            in cut["note"], cut
+        assert not cut["late"] and phase["by"] == "agent"
+    else:
+        assert "already in force: network (NIC absent)" in cut["note"], cut
+        assert cut["late"] and "no controller" in cut["note"]
+        assert phase["already"] == ["network (NIC absent)"] and phase["by"] == "controller"
+        [adopted] = [t for t in audit(db, zone_id) if t["kind"] == "adopted"]
+        assert "read from the zone: nic true -> false" in adopted["detail"], adopted
 
 
 def test_a_controller_killed_near_the_cut_is_resumed_to_the_same_end(
@@ -236,5 +256,6 @@ def test_a_controller_killed_near_the_cut_is_resumed_to_the_same_end(
     events = resume(db)
     cut = assert_ended_by_its_policy(db, db_file, zone_id, log, events)
     if before.phase_index == 0:
-        # the resumed controller applied it: with the NIC found gone or not
-        assert cut["late"]
+        # the zone's agent applied it (its deputy, 0.3 s after the due time) or the resumed
+        # controller did, late: with the NIC found gone or not
+        assert cut["late"] or "applied by the zone's agent" in cut["note"], cut

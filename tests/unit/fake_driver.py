@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvtsm.errors import ZoneError
+from hvtsm.monitor.deputy import DeputyReport
 from hvtsm.restrictions import Restrictions
 from hvtsm.zones.base import (
     ApplyReport,
     Backend,
+    DeputyOrders,
     DriverEvents,
     InForce,
     StartFacts,
@@ -79,6 +81,10 @@ class FakeDriver:
         self.fail_start = False
         #: what each apply reports as already in force (a zone ahead of its store)
         self.already: tuple[InForce, ...] = ()
+        #: each zone's schedules as its deputy got them, in order
+        self.delegated: dict[str, list[DeputyOrders]] = {}
+        #: what a zone's deputy reports when its zone is adopted
+        self.reports: dict[str, DeputyReport] = {}
 
     def bound(self, events: DriverEvents) -> FakeDriver:
         """This fake as a driver factory: `Manager(store, driver.bound)` keeps the test's
@@ -142,5 +148,22 @@ class FakeDriver:
     def channel_link(self, zone_id: str) -> None:
         return None
 
+    def deputy(self, handle: ZoneHandle[Any]) -> FakeDeputy:
+        return FakeDeputy(self, handle)
+
     def close(self) -> None:
         pass
+
+
+class FakeDeputy:
+    def __init__(self, driver: FakeDriver, handle: ZoneHandle[Any]) -> None:
+        self.driver = driver
+        self.handle = handle
+
+    def delegate(self, orders: DeputyOrders) -> None:
+        self.driver.delegated.setdefault(self.handle.zone_id, []).append(orders)
+        if orders.thaw:
+            self.handle.state.frozen = False
+
+    def report(self, timeout: float) -> DeputyReport | None:
+        return self.driver.reports.get(self.handle.zone_id)

@@ -439,3 +439,28 @@ def test_admin_requests_are_answered_with_admin_results() -> None:
         agent.admin.close()
     assert reply["type"] == "admin_result" and reply["id"] == "a2" and reply["ok"]
     assert reply["op"] == "nproc" and reply["limit"] == 4096
+
+
+# --- the deputy through the agent's own dispatch ------------------------------------------------
+
+
+def test_the_agents_deputy_keeps_a_schedule_and_hands_its_log_over(tmp_path: Path) -> None:
+    agent = Agent(FakePort())
+    limit = tmp_path / "pids.max"
+    limit.write_text("max")
+    agent.dispatch({"type": "deputy", "id": "z1", "in_force": 0, "grace": 0.3,
+                    "sent": time.time(), "phases": [{"index": 1, "due": time.time() - 1,
+                                                    "steps": [{"op": "lower",
+                                                               "path": str(limit),
+                                                               "value": 64}]}]})
+    agent.dispatch({"type": "deputy", "id": "z2", "phases": [{"index": 1, "due": 1.0,
+                                                             "steps": [{"op": "rm"}]}]})
+    refused = agent.outbox.get(0)[1]  # type: ignore[index]
+    assert refused["type"] == "error" and refused["id"] == "z2" and "rm" in refused["message"]
+    agent.deputies.deputy.step()
+    assert limit.read_text() == "64"
+    report = agent.hello()["deputy"]
+    assert [r["phase"] for r in report["records"]] == [1] and report["records"][0]["alone"]
+    assert decode(encode(dict(agent.hello(), seq=0)))["deputy"] == report
+    agent.dispatch({"type": "deputy_ack", "id": "z1", "seq": report["records"][0]["seq"]})
+    assert agent.hello()["deputy"]["records"] == []

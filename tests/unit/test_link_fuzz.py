@@ -266,7 +266,10 @@ def test_random_json_values(rig: Rig) -> None:
 TEMPLATES: dict[str, dict[str, Any]] = {
     "hello": {"protocol": 1, "agent_version": "v", "capabilities": ["a"], "pid": 3,
               "kernel": "k", "python": "3", "boot_ms": 1, "heartbeat": 1.0, "hostname": "h",
-              "port": "p", "workloads": [{"id": "w1", "pid": 100}], "id": "h1", "dropped": 0},
+              "port": "p", "workloads": [{"id": "w1", "pid": 100}], "id": "h1", "dropped": 0,
+              "deputy": {"records": [{"seq": 1, "zone": "w1", "phase": 1, "due": 1.7e9,
+                                      "started": 1.7e9, "finished": 1.7e9, "ok": True}],
+                         "lost": 0, "alone_since": 1.7e9}},
     "heartbeat": {"uptime": 1.0, "id": "k1", "dropped": 0, "queued": 0},
     "started": {"id": "w1", "pid": 100,
                 "standby": {"used": True, "id": "sb", "pid": 100, "prepared": 1.7e9}},

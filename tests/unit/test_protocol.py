@@ -64,6 +64,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
               "private": ["/tmp", "/var/tmp"]},
     "admin_result": {"type": "admin_result", "seq": 10, "id": "a1", "op": "scrub", "ok": True,
                      "killed": 3, "deleted": 2, "rounds": 1, "seconds": 0.052},
+    "deputy": {"type": "deputy", "id": "z1", "in_force": 0, "grace": 0.3,
+               "lock": "/sys/fs/cgroup/memory/hvtsm/z1",
+               "phases": [{"index": 1, "due": 1.7e9, "terminate": False, "steps": [
+                   {"op": "lower", "path": "/sys/fs/cgroup/memory/hvtsm/z1/memory.max",
+                    "value": 268435456}]}],
+               "fail_closed": [{"op": "kill", "procs": ["/sys/fs/cgroup/hvtsm/z1/cgroup.procs"],
+                                "version": 2, "kill": "/sys/fs/cgroup/hvtsm/z1/cgroup.kill"}]},
+    "deputy_ack": {"type": "deputy_ack", "id": "z1", "seq": 3, "thaw": True},
 }
 
 

@@ -249,6 +249,14 @@ class AgentLink:
         agent answers with an event of kind `transient` (on_event)."""
         self._commands.transient(workload_id, op, fields)
 
+    def delegate(self, zone_id: str, schedule: Mapping[str, Any], *, ack: int | None = None,
+                 thaw: bool = False) -> None:
+        """Give the zone's deputy its schedule (a ``deputy`` message: phases, in_force,
+        grace, fail_closed, lock; guest_agent/deputy.py), after acknowledging its records
+        up to `ack` (``deputy_ack``; `thaw`: what its freezes stood in for is applied).
+        ZoneError when the link cannot take it."""
+        self._commands.deputy(zone_id, schedule, ack, thaw)
+
     def channel_deliver(self, delivery_id: str, sender: str, data: bytes, *,
                         timeout: float = 30.0) -> None:
         """Write a message for the zone's workload (in pieces); ZoneError when the link

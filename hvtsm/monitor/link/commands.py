@@ -213,6 +213,16 @@ class Commands:
         msg.update({k: plain(v) for k, v in fields.items() if v is not None})
         self._transport.send(msg)
 
+    def deputy(self, zone_id: str, schedule: Mapping[str, Any], ack: int | None,
+               thaw: bool) -> None:
+        if ack is not None or thaw:
+            msg: Message = {"type": "deputy_ack", "id": zone_id, "seq": ack or 0}
+            if thaw:
+                msg["thaw"] = True
+            self._transport.send(msg)
+        self._transport.send({"type": "deputy", "id": zone_id, **plain(dict(schedule)),
+                              "sent": time.time()})
+
     def channel_deliver(self, delivery_id: str, sender: str, data: bytes,
                         timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from guest_agent.protocol import Message
+from hvtsm.monitor.deputy import DeputyReport
 from hvtsm.monitor.link.checks import heartbeat_period, pid_ok, short
 
 
@@ -32,6 +33,8 @@ class Hello:
     seq: int
     #: time.monotonic() when it arrived
     received: float
+    #: what the zone's deputy applied that no controller acknowledged yet
+    deputy: DeputyReport = field(default_factory=DeputyReport)
 
     @classmethod
     def from_message(cls, msg: Message, received: float) -> Hello:
@@ -43,7 +46,7 @@ class Hello:
             hostname=msg.get("hostname"), port=msg.get("port"),
             workloads=tuple((w["id"], w["pid"] if pid_ok(w["pid"]) else 0)
                             for w in msg.get("workloads") or ()),
-            seq=msg["seq"], received=received)
+            seq=msg["seq"], received=received, deputy=DeputyReport.parse(msg.get("deputy")))
 
 
 def doubts(msg: Message) -> list[str]:

@@ -1,6 +1,7 @@
 """The agents beside a cgroup driver's zones (hvtsm/monitor/host_agent.py): one per watched
-zone or zone with a channel, a spare started ahead for the next zone (Python and the
-agent's imports cost ~140 ms), and each zone's link wired to the driver's `DriverEvents`.
+zone, zone with a channel or zone with phases after its start (its deputy keeps them while
+no controller runs), a spare started ahead for the next zone (Python and the agent's
+imports cost ~140 ms), and each zone's link wired to the driver's `DriverEvents`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class ZoneAgents:
         self._spare: HostAgent | None = None
         self._spare_lock = threading.Lock()
         self._swept = False
+        #: after a controller restart: set once each zone's agent is back, or is not
+        self._back: dict[str, threading.Event] = {}
+        #: zones whose agent was found gone, told by `back` (once the zone is registered)
+        self._gone: dict[str, str] = {}
 
     # -- assigning --------------------------------------------------------------------------
 
@@ -90,9 +95,14 @@ class ZoneAgents:
 
     def watch(self, zone_id: str, state: CgroupZoneState, applied: Restrictions,
               procs_file: str, oom_file: str | None) -> launcher.Watch | None:
-        """Connect to the zone's agent and prepare the hand-over of the workload to it."""
+        """Connect to the zone's agent and prepare the hand-over of the workload to it (an
+        agent that only keeps the zone's schedule is connected, and gets no workload)."""
         agent = self._agents.get(zone_id)
-        if agent is None or state.monitor is None:
+        if agent is None:
+            return None
+        if state.monitor is None:
+            if state.channel is None:  # a channel's agent connects when it is handed over
+                self._connect(agent, zone_id)
             return None
         self._connect(agent, zone_id)
         profile = zone_profile(state.monitor, applied)
@@ -177,17 +187,21 @@ class ZoneAgents:
     # -- after a controller restart ---------------------------------------------------------
 
     def reattach(self, zone_id: str, state: CgroupZoneState) -> None:
-        """Take over the zone's running agent; without one, the zone is unwatched, which
-        is an anomaly (fail closed) rather than a silent gap."""
+        """Take over the zone's running agent; without one, the zone is unwatched (and its
+        schedule kept by nobody but this controller), which is an anomaly (fail closed)
+        rather than a silent gap."""
         pid, name = state.agent_pid, state.agent_name
-        watched = state.monitor is not None or state.channel is not None
-        if not watched or pid is None or name is None:
+        if pid is None or name is None:
             return
+        back = self._back[zone_id] = threading.Event()
         sink = self.sink(zone_id)
         agent = HostAgent.reattach(zone_id, pid, name)
         if agent is None:
-            sink.problem("disconnected", f"the zone's agent (pid {pid}) is gone: its "
-                         "processes are no longer watched")
+            # told by `back`: reported now, it could reach the lifecycle before the zone
+            # it belongs to is registered there, and be dropped
+            self._gone[zone_id] = (f"the zone's agent (pid {pid}) is gone: its processes "
+                                   "are no longer watched, nor its schedule kept")
+            back.set()
             return
         self._agents[zone_id] = agent
 
@@ -196,7 +210,21 @@ class ZoneAgents:
                 self._connect(agent, zone_id, timeout=15)
             except ZoneError as exc:
                 sink.problem("disconnected", f"the zone's agent did not come back: {exc}")
+            finally:
+                back.set()
         threading.Thread(target=connect, name=f"agent-{zone_id}", daemon=True).start()
+
+    def back(self, zone_id: str, timeout: float) -> AgentLink | None:
+        """After `reattach` (its caller registered the zone meanwhile): the zone's link once
+        its agent reconnected (its hello is in), None when it did not within `timeout` or
+        has no agent; an agent found gone is reported now, as a lost link."""
+        event = self._back.get(zone_id)
+        if event is not None:
+            event.wait(timeout)
+        gone = self._gone.pop(zone_id, None)
+        if gone is not None:
+            self.sink(zone_id).problem("disconnected", gone)
+        return self.link(zone_id)
 
 
 def _agent_name() -> str:

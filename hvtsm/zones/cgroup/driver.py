@@ -4,7 +4,8 @@ private mount namespace on this host.
 Every resource name derives from the zone id (cgroup `hvtsm/<id>`, netns `hvtsm-<id>`,
 veth `hz...`, namespace reference `/run/hvtsm/ns/<id>`), so a zone can be found and
 removed from its id alone, even when the controller that made it is gone. The agents
-beside the zones are `agents.py`'s, transient zones (child cgroups) `transient.py`'s.
+beside the zones are `agents.py`'s, transient zones (child cgroups) `transient.py`'s, the
+schedule an agent keeps while no controller runs (its deputy) `deputy.py`'s.
 """
 
 from __future__ import annotations
@@ -40,7 +41,17 @@ from hvtsm.zones.base import (
     ZoneStats,
     narrowed,
 )
-from hvtsm.zones.cgroup import cgroupfs, confine, launcher, limits, mounts, netns, nft, view
+from hvtsm.zones.cgroup import (
+    cgroupfs,
+    confine,
+    deputy,
+    launcher,
+    limits,
+    mounts,
+    netns,
+    nft,
+    view,
+)
 from hvtsm.zones.cgroup import transient as transient_zones
 from hvtsm.zones.cgroup.agents import ZoneAgents
 from hvtsm.zones.cgroup.cgroupfs import ZoneCgroup
@@ -126,8 +137,9 @@ class CgroupDriver:
         try:
             if spec.user == ZONE_USER:
                 state.uid = self.identities.claim(zone_id).uid
-            # the agent beside the zone watches it and/or serves its channel
-            if spec.monitor is not None or spec.channel is not None:
+            # the agent beside the zone watches it, serves its channel and/or keeps its
+            # schedule while no controller runs
+            if spec.monitor is not None or spec.channel is not None or spec.deputy:
                 agent = self.agents.take(zone_id)
                 state.agent_pid, state.agent_name = agent.pid, agent.name
                 state.channel = spec.channel
@@ -205,6 +217,12 @@ class CgroupDriver:
 
     def channel_link(self, zone_id: str) -> AgentLink | None:
         return self.agents.link(zone_id)
+
+    def deputy(self, handle: Handle) -> deputy.CgroupDeputy | None:
+        zone = narrowed(handle, CgroupZoneState)
+        if zone is None or zone.state.agent_pid is None:
+            return None  # a transient zone's phases are its controller's alone
+        return deputy.CgroupDeputy(zone, self.cgroup(handle.zone_id), self.agents)
 
     def close(self) -> None:
         self.agents.close()
@@ -290,6 +308,8 @@ class CgroupDriver:
         if restrictions.filesystem is not old.filesystem:
             notes += self._apply_filesystem(handle, restrictions.filesystem, already)
             done("filesystem", restrictions.filesystem)
+        # only lower, under the zone's lock (the deputy's too): a value the deputy lowered
+        # already is in force, never raised by a controller that comes late
         already += limits.tighten(self.cgroup(handle.zone_id), restrictions, old, done)
         if state.monitor is not None and changed:
             # the agent judges connects against the allow-list in force now
@@ -397,17 +417,19 @@ class CgroupDriver:
         _check_id(zone_id)
         handle: Handle = ZoneHandle(zone_id, self.backend, load_state(state), applied)
         cgroup = self.handle_cgroup(handle)
+        zone_state = handle.state
+        if isinstance(zone_state, CgroupZoneState):
+            # even an empty zone's: its deputy may have ended it, and says when
+            self.agents.reattach(zone_id, zone_state)
         pids = cgroup.pids()
         if not pids:
             return handle, None
-        zone_state = handle.state
         if isinstance(zone_state, CgroupTransientState):
             # its processes are watched by its parent's agent, adopted with the parent
             return handle, launcher.AdoptedWorkload(cgroup, min(pids))
         pid = zone_state.pid if zone_state.pid in pids else min(pids)
         zone_state.frozen = cgroup.frozen()
         self._read_network(zone_id, zone_state)
-        self.agents.reattach(zone_id, zone_state)
         return handle, launcher.AdoptedWorkload(cgroup, pid)
 
     def _read_network(self, zone_id: str, state: CgroupZoneState) -> None:

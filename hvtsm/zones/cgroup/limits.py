@@ -6,6 +6,10 @@ already holds at or below the phase's value (the phase half-applied before its c
 died, or something else lowered it further) is left as it is and reported in force; it is
 never raised to the phase's value. The readings compare in the kernel's own units (cgroup
 v2's cpu.weight is not a cpu.shares), so no conversion back can blur the decision.
+
+The zone's deputy (its agent, while no controller runs: zones/cgroup/deputy.py) lowers the
+same files; both writers hold the zone's lock (`lock_path`) from the look to the write, so
+whichever comes second finds the other's value and never raises it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from guest_agent.deputy_steps import zone_lock
 from hvtsm.restrictions import Restrictions
 from hvtsm.units import format_cpuset, format_size, parse_cpuset
 from hvtsm.zones.base import InForce
@@ -41,6 +46,11 @@ def _setters(cgroup: ZoneCgroup) -> dict[str, Callable[[Any], None]]:
             "memory": cgroup.set_memory}
 
 
+def lock_path(cgroup: ZoneCgroup) -> str:
+    """The directory both writers of the zone's limits flock."""
+    return str(cgroup.dirs()[0])
+
+
 def write(cgroup: ZoneCgroup, initial: Restrictions) -> None:
     """A cgroup just made: every limit `initial` sets, whatever the kernel's default is
     (cpu shares above the default are a policy's choice too)."""
@@ -58,16 +68,18 @@ def tighten(cgroup: ZoneCgroup, new: Restrictions, old: Restrictions,
     force; the others are written. `done` follows each field either way."""
     already: list[InForce] = []
     setters = _setters(cgroup)
-    for name in FIELDS:
-        value = getattr(new, name)
-        if value == getattr(old, name):
-            continue
-        found = None if value is None else in_force(cgroup, name, value)
-        if found is None:
-            setters[name](value)
-        else:
-            already.append(InForce(name, found))
-        done(name, value)
+    changed = [name for name in FIELDS if getattr(new, name) != getattr(old, name)]
+    if not changed:
+        return already
+    with zone_lock(lock_path(cgroup)):
+        for name in changed:
+            value = getattr(new, name)
+            found = None if value is None else in_force(cgroup, name, value)
+            if found is None:
+                setters[name](value)
+            else:
+                already.append(InForce(name, found))
+            done(name, value)
     return already
 
 

@@ -4,7 +4,8 @@ The guest boots the lab image (hvtsm/image), its init starts the guest agent, an
 workload runs through the agent (hvtsm/monitor/link/). Boot time is not lifespan: `start`
 returns once the agent reports the workload started. The guests themselves (boot, links,
 events, teardown) are `guests.py`'s; live tightening `tighten.py`'s; administration through
-the agent `admin.py`'s; transient zones (guest cgroups) `transient.py`'s.
+the agent `admin.py`'s; transient zones (guest cgroups) `transient.py`'s; what the agent
+keeps of the schedule while no controller runs (its deputy) `deputy.py`'s.
 
 A guest and a zone are not the same thing: a cold zone is its own guest (named by the zone
 id), a zone bound to a pooled guest (`bind`) names the guest in its state, and the guest
@@ -41,6 +42,7 @@ from hvtsm.zones.base import (
     guest_user,
     narrowed,
 )
+from hvtsm.zones.libvirt import deputy
 from hvtsm.zones.libvirt import guests as guest_names
 from hvtsm.zones.libvirt.admin import GuestAdmin
 from hvtsm.zones.libvirt.guests import DEFAULT_MEMORY, Guests, domain_name, tap_name
@@ -142,7 +144,7 @@ class LibvirtDriver:
     def terminate(self, handle: Handle) -> None:
         transient = narrowed(handle, GuestTransientState)
         if transient is not None:
-            self.transients.terminate(self._parent_link(transient), transient)
+            self.transients.terminate(_parent_link(self.guests, transient), transient)
             return
         state = _zone_state(handle)
         remote = self._workloads.get(handle.zone_id)
@@ -152,8 +154,10 @@ class LibvirtDriver:
         running = remote is not None and remote.poll() is None
         if state.bound and not running and not state.destroyed:
             # the workload exited on its own: the pooled guest outlives the zone (its pool
-            # scrubs or retires it); the zone only lets go of it
+            # scrubs or retires it); the zone only lets go of it, and its agent forgets the
+            # zone's schedule (a later phase must never cut the next zone's guest)
             self._workloads.pop(handle.zone_id, None)
+            deputy.forget(self.guests.link(state.guest), handle.zone_id)
             self.guests.unserve(state.guest, handle.zone_id)
             state.released = True
             return
@@ -174,7 +178,7 @@ class LibvirtDriver:
     def freeze(self, handle: Handle) -> None:
         transient = narrowed(handle, GuestTransientState)
         if transient is not None:
-            self.transients.act(self._parent_link(transient), transient, "freeze")
+            self.transients.act(_parent_link(self.guests, transient), transient, "freeze")
         else:
             dom = self.guests.domain(_zone_state(handle).domain, handle.zone_id)
             if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
@@ -184,7 +188,7 @@ class LibvirtDriver:
     def thaw(self, handle: Handle) -> None:
         transient = narrowed(handle, GuestTransientState)
         if transient is not None:
-            self.transients.act(self._parent_link(transient), transient, "thaw")
+            self.transients.act(_parent_link(self.guests, transient), transient, "thaw")
         else:
             dom = self.guests.domain(_zone_state(handle).domain, handle.zone_id)
             if dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
@@ -194,7 +198,7 @@ class LibvirtDriver:
     def stats(self, handle: Handle) -> ZoneStats:
         transient = narrowed(handle, GuestTransientState)
         if transient is not None:
-            return self.transients.stats(self._parent_link(transient), transient)
+            return self.transients.stats(_parent_link(self.guests, transient), transient)
         dom = self.guests.domain(_zone_state(handle).domain, handle.zone_id)
         info = dom.info()
         rss = dom.memoryStats().get("rss")
@@ -204,7 +208,7 @@ class LibvirtDriver:
     def apply(self, handle: Handle, restrictions: Restrictions) -> ApplyReport:
         transient = narrowed(handle, GuestTransientState)
         if transient is not None:
-            return self.transients.apply(self._parent_link(transient), transient,
+            return self.transients.apply(_parent_link(self.guests, transient), transient,
                                          restrictions)
         zone = _zone(handle)
         state = zone.state
@@ -312,13 +316,16 @@ class LibvirtDriver:
         self.transients.refuse(self.guests.link(state.guest), parent.zone_id, state, request,
                                reason)
 
-    def _parent_link(self, handle: ZoneHandle[GuestTransientState]) -> AgentLink | None:
-        return self.guests.link_of_zone(handle.state.parent)
-
     def channel_link(self, zone_id: str) -> AgentLink | None:
         """The link a zone's channel messages travel on (None: none, or closed)."""
         link = self.guests.link_of_zone(zone_id)
         return link if link is not None and not link.closed else None
+
+    def deputy(self, handle: Handle) -> deputy.GuestDeputy | None:
+        zone = narrowed(handle, GuestZoneState)
+        if zone is None or zone.state.workload is None:
+            return None  # a transient zone's phases are its controller's alone
+        return deputy.GuestDeputy(zone, self.guests)
 
     def agent_link(self, zone_id: str) -> AgentLink | None:
         """The link to a zone's (or a pooled guest's) agent (probes, administration)."""
@@ -389,6 +396,10 @@ class LibvirtDriver:
             self._envs[handle.zone_id] = dict(spec.env)
         if spec.channel is not None:
             state.channel_name = spec.channel
+
+
+def _parent_link(guests: Guests, handle: ZoneHandle[GuestTransientState]) -> AgentLink | None:
+    return guests.link_of_zone(handle.state.parent)
 
 
 def _zone(handle: ZoneHandle[Any]) -> ZoneHandle[GuestZoneState]:

@@ -1,0 +1,114 @@
+"""``python3 -S -m guest_agent.nsremount NSFILE``: every mount of the mount namespace at
+NSFILE (a zone's pinned reference, or /proc/PID/ns/mnt) remounted read-only; prints the
+number remounted.
+
+The deputy's helper child (deputy_steps.System.remount_namespace): setns(CLONE_NEWNS)
+refuses a multithreaded caller, so the agent starts this single-threaded process instead.
+It does what the controller's own read-only switch does (hvtsm/zones/cgroup/mounts.py
+`make_view_readonly`): each mount as a read-only bind remount keeping its nosuid, nodev,
+noexec and atime flags; a mount point that no longer resolves is skipped; any other
+failure is an error (status 1), so a zone is never believed read-only while a mount stays
+writable. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import sys
+
+from guest_agent.mountflags import (
+    MS_BIND,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_RELATIME,
+    MS_REMOUNT,
+    MS_STRICTATIME,
+)
+
+CLONE_NEWNS = 0x00020000
+_KEPT = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+         "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+
+
+def _unescape(raw: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out)
+
+
+def mounts(text: bytes) -> list[tuple[bytes, int, str]]:
+    """(mount point, read-only remount flags, file system type) of each mountinfo line."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        options = set(fields[5].decode().split(","))
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for name in options:
+            flags |= _KEPT.get(name, 0)
+        if not options & {"noatime", "relatime"}:
+            # strictatime has no word in mountinfo; without the flag the kernel picks its
+            # default and refuses the change on a locked mount
+            flags |= MS_STRICTATIME
+        out.append((_unescape(fields[4]), flags, fields[sep + 1].decode()))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python3 -m guest_agent.nsremount NSFILE", file=sys.stderr)
+        return 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                           ctypes.c_ulong, ctypes.c_void_p]
+    try:
+        fd = os.open(argv[0], os.O_RDONLY | os.O_CLOEXEC)
+        # opened before joining: the zone's /proc belongs to its own PID namespace, where
+        # this process has no entry (/proc/self does not resolve there)
+        proc_self = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        print(f"cannot open {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    if libc.setns(fd, CLONE_NEWNS) != 0:
+        print(f"cannot join {argv[0]}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 1
+    os.close(fd)
+    info = os.open("mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_self)
+    with os.fdopen(info, "rb") as f:
+        found = mounts(f.read())
+    count = 0
+    for point, flags, fstype in found:
+        if fstype == "nsfs":
+            continue
+        if libc.mount(None, point, None, flags, None) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+                continue
+            print(f"cannot remount {point.decode(errors='replace')} read-only: "
+                  f"{os.strerror(err)}", file=sys.stderr)
+            return 1
+        count += 1
+    print(f"remounted {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
