@@ -243,11 +243,14 @@ class Context:
 
 @contextlib.contextmanager
 def zone_lock(path: str) -> Iterator[None]:
-    """The zone's lock (flock on its cgroup directory): the controller's and the deputy's
-    writes of one zone's limits never interleave, so each read-compare-write of a
-    `LowerLimit` holds (a missing directory: nothing left to guard)."""
+    """The zone's lock (flock on a file only root reaches: one the zone could open, it
+    could hold): the controller's and the deputy's writes of one zone's limits never
+    interleave, so each read-compare-write of a `LowerLimit` holds. Made by whichever
+    writer comes first; one that cannot be made guards nothing, and the write goes on
+    (a tightening is never held back for want of its lock)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         yield
         return

@@ -327,3 +327,54 @@ def test_the_agent_makes_the_zone_read_only_in_its_own_namespaces(tmp_path: Path
         assert events[-1]["event"] == "exit" and events[-1]["ended_by"] == "policy"
     finally:
         hvtsm(db, "cleanup", zone_id)
+
+
+HELD = """
+name = "lowered-while-locked"
+[[phase]]
+at = "0s"
+network = "none"
+memory = "256MiB"
+[[phase]]
+at = "1s"
+memory = "128MiB"
+[[phase]]
+at = "3s"
+action = "terminate"
+"""
+
+#: the workload takes an exclusive flock on every cgroup directory and file it can open (its
+#: own cgroup is what it sees at /sys/fs/cgroup) and on anything under /run it can, then
+#: holds them: were the zone's lock among them, every tightening would wait on it
+LOCKER = r"""
+import fcntl, os, sys, time
+held = []
+for top in ('/sys/fs/cgroup', '/run', '/tmp'):
+    for root, dirs, files in os.walk(top):
+        for name in [''] + files:
+            path = os.path.join(root, name) if name else root
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(fd)
+            except OSError:
+                pass
+print('held', len(held), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_workload_holding_every_lock_it_can_reach_does_not_delay_a_tightening(
+        tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'hvtsm.db'}"
+    policy = write_policy(tmp_path / "held.toml", HELD)
+    result = hvtsm(db, "run", "--json", "--policy", policy, "--", "python3", "-c", LOCKER,
+                   timeout=60)
+    events = json_lines(result.stdout)
+    out = " ".join(e["data"] for e in events if e["event"] == "output")
+    assert "held" in out and int(out.split()[1]) > 0, out  # it did hold locks
+    [lowered] = [e for e in events if e["event"] == "phase" and e["phase"] == 1]
+    assert lowered["changes"] == {"memory": "128MiB"} and not lowered["late"], lowered
+    assert lowered["lag_ms"] < 500, lowered
+    end = events[-1]
+    assert end["event"] == "exit" and end["ended_by"] == "policy", end

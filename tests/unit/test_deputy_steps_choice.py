@@ -5,6 +5,8 @@ steps: a limit the deputy lowered first is never raised by a late controller."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,7 @@ def test_the_schedule_ends_with_a_kill_and_fails_closed_with_one(v2: CgroupV2) -
                            DeputyPhase(2, 1.8e9 + 5, FULL, terminate=True)), 0, 0.3)
     msg = cgroup_deputy.schedule(ZONE, v2, state(), FULL, orders)
     parsed = Schedule.from_message({"id": ZONE, **msg})
-    assert parsed.lock == str(v2.path)
+    assert parsed.lock == f"/run/hvtsm/locks/{ZONE}.lock"
     assert [p.index for p in parsed.phases] == [1, 2] and parsed.phases[1].terminate
     assert parsed.phases[1].steps == (steps.Kill((str(v2.path / "cgroup.procs"),), 2,
                                                  kill=str(v2.path / "cgroup.kill")),)
@@ -108,7 +110,7 @@ def test_a_late_controller_never_raises_what_the_deputy_lowered(v2: CgroupV2) ->
     done: list[str] = []
     already = limits.tighten(
         v2, FULL.with_field("memory", parse_size("256MiB")).with_field("pids", 64), FULL,
-        lambda name, value: done.append(name))
+        lambda name, value: done.append(name), lock=None)
     assert (v2.path / "memory.max").read_text() == str(128 * 2**20)
     assert (v2.path / "pids.max").read_text() == "64"
     assert done == ["pids", "memory"] and [a.field for a in already] == ["memory"]
@@ -118,7 +120,7 @@ def test_the_v1_controller_path_lowers_memory_in_the_kernels_order(v1: CgroupV1)
     d = v1.dir("memory")
     assert d is not None
     limits.tighten(v1, FULL.with_field("memory", parse_size("256MiB")), FULL,
-                   lambda name, value: None)
+                   lambda name, value: None, lock=None)
     assert (d / "memory.limit_in_bytes").read_text() == str(256 * 2**20)
     assert (d / "memory.memsw.limit_in_bytes").read_text() == str(256 * 2**20)
 
@@ -157,3 +159,34 @@ def test_a_guest_schedule_kills_the_workload_at_the_end() -> None:
     parsed = Schedule.from_message({"id": "z", **guest_deputy.schedule("w1", FULL, orders)})
     assert parsed.phases[0].steps == (steps.KillWorkload("w1"),)
     assert parsed.fail_closed == (steps.KillWorkload("w1"),) and parsed.in_force == 2
+
+
+def test_the_controller_waits_for_the_deputy_holding_the_zone_lock(
+        v2: CgroupV2, tmp_path: Path) -> None:
+    """Both writers hold the lock from the look to the write: a controller that comes
+    while the deputy lowers finds the deputy's value, never the one before it."""
+    lock = str(tmp_path / "locks" / f"{ZONE}.lock")
+    inside = threading.Event()
+    release = threading.Event()
+
+    def deputy() -> None:
+        with steps.zone_lock(lock):
+            inside.set()
+            release.wait(10)
+            (v2.path / "pids.max").write_text("32")
+
+    writer = threading.Thread(target=deputy)
+    writer.start()
+    assert inside.wait(10)
+    done: list[str] = []
+    controller = threading.Thread(target=lambda: limits.tighten(
+        v2, FULL.with_field("pids", 64), FULL, lambda name, _v: done.append(name), lock=lock))
+    controller.start()
+    controller.join(0.2)
+    assert controller.is_alive() and done == []  # held at the lock, not at a sleep
+    release.set()
+    writer.join(10)
+    controller.join(10)
+    assert (v2.path / "pids.max").read_text() == "32" and done == ["pids"]
+    assert oct(os.stat(lock).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(os.path.dirname(lock)).st_mode & 0o777) == "0o700"

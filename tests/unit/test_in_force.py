@@ -108,7 +108,7 @@ def test_v1_a_memory_limit_already_lower_stays_lower(v1: CgroupV1, tmp_path: Pat
     applied = Restrictions(memory=512 * MIB)
     done: list[str] = []
     already = limits.tighten(v1, Restrictions(memory=256 * MIB), applied,
-                             lambda name, _value: done.append(name))
+                             lambda name, _value: done.append(name), lock=None)
     assert writes == []
     assert already == [InForce("memory", "128MiB in the kernel, tighter than 256MiB")]
     assert done == ["memory"]  # the store follows: at least the phase's value is in force
@@ -127,7 +127,7 @@ def test_v1_half_a_memory_limit_is_finished_without_raising_the_other_half(
     (memory_v1(tmp_path) / "memory.limit_in_bytes").write_text(str(128 * MIB))
     assert limits.in_force(v1, "memory", 256 * MIB) is None
     writes = record_writes(monkeypatch)
-    limits.tighten(v1, Restrictions(memory=256 * MIB), Restrictions(), lambda *_: None)
+    limits.tighten(v1, Restrictions(memory=256 * MIB), Restrictions(), lambda *_: None, lock=None)
     assert writes == [("memory.memsw.limit_in_bytes", str(256 * MIB))]
     assert (memory_v1(tmp_path) / "memory.limit_in_bytes").read_text() == str(128 * MIB)
 
@@ -136,7 +136,7 @@ def test_v1_a_looser_kernel_is_written(v1: CgroupV1, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     writes = record_writes(monkeypatch)
     already = limits.tighten(v1, Restrictions(memory=256 * MIB, pids=64), Restrictions(),
-                             lambda *_: None)
+                             lambda *_: None, lock=None)
     assert already == []
     assert ("pids.max", "64") in writes and ("memory.limit_in_bytes", str(256 * MIB)) in writes
 
@@ -174,7 +174,7 @@ def test_an_unchanged_field_is_neither_read_nor_written(v1: CgroupV1, tmp_path: 
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     writes = record_writes(monkeypatch)
     same = Restrictions(memory=256 * MIB)
-    assert limits.tighten(v1, same, same, lambda *_: None) == []
+    assert limits.tighten(v1, same, same, lambda *_: None, lock=None) == []
     assert writes == []
 
 
@@ -204,7 +204,7 @@ def test_v2_readings(v2: CgroupV2, tmp_path: Path) -> None:
 def test_v2_memory_is_never_raised(v2: CgroupV2, tmp_path: Path) -> None:
     zone = tmp_path / "unified" / "hvtsm" / ZONE
     (zone / "memory.max").write_text(str(128 * MIB))
-    limits.tighten(v2, Restrictions(memory=256 * MIB), Restrictions(), lambda *_: None)
+    limits.tighten(v2, Restrictions(memory=256 * MIB), Restrictions(), lambda *_: None, lock=None)
     assert (zone / "memory.max").read_text() == str(128 * MIB)
     assert (zone / "memory.swap.max").read_text() == "0"
 

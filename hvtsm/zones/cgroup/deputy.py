@@ -11,7 +11,7 @@ rules the agent does not write: the zone is frozen instead (`Freeze`), until the
 writes them and thaws.
 
 Both writers of a zone's limit files (the controller in `limits.tighten`, the deputy) hold
-the zone's lock (`limits.lock_path`, a flock on its first cgroup directory) and only ever
+the zone's lock (`limits.lock_path`, a flock on a root-only file) and only ever
 lower a value, so whichever comes second finds its target in force: a late controller
 never raises what the deputy lowered.
 """
@@ -152,7 +152,7 @@ def schedule(zone_id: str, cgroup: ZoneCgroup, state: CgroupZoneState,
                                                  p.restrictions)]}
               for p in orders.phases]
     return {"phases": phases, "in_force": orders.in_force, "grace": orders.grace,
-            "fail_closed": [kill], "lock": limits.lock_path(cgroup)}
+            "fail_closed": [kill], "lock": limits.lock_path(zone_id)}
 
 
 class CgroupDeputy:

@@ -278,6 +278,7 @@ class CgroupDriver:
         step(lambda: netns.destroy(zone_id, ip=self._ip), lambda: netns.would_destroy(zone_id))
         step(lambda: netslots.release(zone_id), lambda: netslots.held(zone_id))
         step(lambda: mounts.drop_ns_ref(zone_id), lambda: mounts.would_drop_ns_ref(zone_id))
+        step(lambda: limits.drop_lock(zone_id), lambda: limits.would_drop_lock(zone_id))
         if plan:
             removed.extend(f"zone identity {uid}" for uid, owner
                            in self.identities.claimed().items() if owner == zone_id)
@@ -310,7 +311,8 @@ class CgroupDriver:
             done("filesystem", restrictions.filesystem)
         # only lower, under the zone's lock (the deputy's too): a value the deputy lowered
         # already is in force, never raised by a controller that comes late
-        already += limits.tighten(self.cgroup(handle.zone_id), restrictions, old, done)
+        already += limits.tighten(self.cgroup(handle.zone_id), restrictions, old, done,
+                                  lock=limits.lock_path(handle.zone_id))
         if state.monitor is not None and changed:
             # the agent judges connects against the allow-list in force now
             self.agents.update(handle.zone_id, zone_profile(state.monitor, handle.applied))
@@ -449,6 +451,7 @@ class CgroupDriver:
     def leftovers(self) -> set[str]:
         claims = {z for z in self.identities.claimed().values() if _ZONE_ID.match(z)}
         return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids() | claims
+                | {z for z in limits.locked_zone_ids() if _ZONE_ID.match(z)}
                 | {z for z in host_agent.recorded_zones() if _ZONE_ID.match(z)}
                 | set(cgroupfs.transient_ids(self.caps)))
 

@@ -9,11 +9,14 @@ v2's cpu.weight is not a cpu.shares), so no conversion back can blur the decisio
 
 The zone's deputy (its agent, while no controller runs: zones/cgroup/deputy.py) lowers the
 same files; both writers hold the zone's lock (`lock_path`) from the look to the write, so
-whichever comes second finds the other's value and never raises it.
+whichever comes second finds the other's value and never raises it. The lock is a file
+only root reaches: a zone sees its own cgroup directory, and a flock needs no more than a
+read-only open, so a lock there is one the workload could hold to stall every tightening.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,9 +49,38 @@ def _setters(cgroup: ZoneCgroup) -> dict[str, Callable[[Any], None]]:
             "memory": cgroup.set_memory}
 
 
-def lock_path(cgroup: ZoneCgroup) -> str:
-    """The directory both writers of the zone's limits flock."""
-    return str(cgroup.dirs()[0])
+#: root-only (0700), under the controllers' /run/hvtsm, which a zone's private /run hides
+LOCK_DIR = Path("/run/hvtsm/locks")
+
+
+def lock_path(zone_id: str) -> str:
+    """The file both writers of the zone's limits flock (made by the first of them)."""
+    return str(LOCK_DIR / f"{zone_id}.lock")
+
+
+def drop_lock(zone_id: str) -> list[str]:
+    """The zone's lock file removed (with the zone); what was removed."""
+    path = Path(lock_path(zone_id))
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return []
+    return [f"lock {path}"]
+
+
+def would_drop_lock(zone_id: str) -> list[str]:
+    path = Path(lock_path(zone_id))
+    return [f"lock {path}"] if path.exists() else []
+
+
+def locked_zone_ids() -> set[str]:
+    """The zones with a lock file (what a crash between a zone's end and this removal
+    leaves)."""
+    try:
+        return {p.name.removesuffix(".lock") for p in LOCK_DIR.iterdir()
+                if p.name.endswith(".lock")}
+    except FileNotFoundError:
+        return set()
 
 
 def write(cgroup: ZoneCgroup, initial: Restrictions) -> None:
@@ -62,16 +94,17 @@ def write(cgroup: ZoneCgroup, initial: Restrictions) -> None:
 
 
 def tighten(cgroup: ZoneCgroup, new: Restrictions, old: Restrictions,
-            done: Done) -> list[InForce]:
+            done: Done, *, lock: str | None) -> list[InForce]:
     """Bring the cgroup from `old` (what the store says is in force) to `new`: a field
     whose limit the kernel already holds at `new` or tighter is left and returned as in
-    force; the others are written. `done` follows each field either way."""
+    force; the others are written. `done` follows each field either way. `lock`: the
+    zone's `lock_path` when a deputy may write the same files (None: nobody else does)."""
     already: list[InForce] = []
     setters = _setters(cgroup)
     changed = [name for name in FIELDS if getattr(new, name) != getattr(old, name)]
     if not changed:
         return already
-    with zone_lock(lock_path(cgroup)):
+    with zone_lock(lock) if lock is not None else contextlib.nullcontext():
         for name in changed:
             value = getattr(new, name)
             found = None if value is None else in_force(cgroup, name, value)

@@ -94,8 +94,9 @@ class CgroupTransients:
             handle.applied = handle.applied.with_field(name, value)
 
         cgroup = self.cgroup(handle.state, handle.zone_id)
-        already = limits.tighten(cgroup, restrictions, old, done) if cgroup.version == 1 \
-            else []
+        # no deputy writes a transient zone's files: no lock to share
+        already = limits.tighten(cgroup, restrictions, old, done, lock=None) \
+            if cgroup.version == 1 else []
         network = agent_network(restrictions)
         if network != agent_network(old):
             try:
