@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from guest_agent import sysvipc
+from guest_agent import mountinfo, sysvipc
 from guest_agent.mountflags import (
     MS_BIND,
     MS_NOATIME,
@@ -214,7 +214,8 @@ def is_mount_point(path: str, proc: str = "/proc") -> bool:
         with open(f"{proc}/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == real:
+                if len(fields) > 4 and os.fsdecode(mountinfo.unescape(
+                        os.fsencode(fields[4]))) == real:
                     return True
         return False
     except OSError:
@@ -224,13 +225,6 @@ def is_mount_point(path: str, proc: str = "/proc") -> bool:
     except OSError:
         return False
     return here.st_dev != parent.st_dev or here.st_ino == parent.st_ino
-
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (\\040 for a space ...)."""
-    if "\\" not in field:
-        return field
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
 
 
 def _remove(path: str) -> None:

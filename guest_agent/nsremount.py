@@ -18,57 +18,9 @@ import errno
 import os
 import sys
 
-from guest_agent.mountflags import (
-    MS_BIND,
-    MS_NOATIME,
-    MS_NODEV,
-    MS_NODIRATIME,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_RDONLY,
-    MS_RELATIME,
-    MS_REMOUNT,
-    MS_STRICTATIME,
-)
+from guest_agent import mountinfo
 
 CLONE_NEWNS = 0x00020000
-_KEPT = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-         "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
-
-
-def _unescape(raw: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out)
-
-
-def mounts(text: bytes) -> list[tuple[bytes, int, str]]:
-    """(mount point, read-only remount flags, file system type) of each mountinfo line."""
-    out = []
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        try:
-            sep = fields.index(b"-", 6)
-        except ValueError:
-            continue
-        options = set(fields[5].decode().split(","))
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-        for name in options:
-            flags |= _KEPT.get(name, 0)
-        if not options & {"noatime", "relatime"}:
-            # strictatime has no word in mountinfo; without the flag the kernel picks its
-            # default and refuses the change on a locked mount
-            flags |= MS_STRICTATIME
-        out.append((_unescape(fields[4]), flags, fields[sep + 1].decode()))
-    return out
 
 
 def main(argv: list[str]) -> int:
@@ -93,12 +45,13 @@ def main(argv: list[str]) -> int:
     os.close(fd)
     info = os.open("mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_self)
     with os.fdopen(info, "rb") as f:
-        found = mounts(f.read())
+        found = mountinfo.parse(f.read())
     count = 0
-    for point, flags, fstype in found:
-        if fstype == "nsfs":
+    for entry in found:
+        if entry.fstype == "nsfs":
             continue
-        if libc.mount(None, point, None, flags, None) != 0:
+        point = entry.point
+        if libc.mount(None, point, None, entry.readonly_flags(), None) != 0:
             err = ctypes.get_errno()
             if err in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
                 continue

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from guest_agent import mountinfo
 from hvtsm.errors import HostError
 from hvtsm.units import parse_cpuset
 
@@ -54,31 +55,13 @@ class _Mount:
     super_options: tuple[str, ...]
 
 
-def _unescape(field_text: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field_text = field_text.replace(code, char)
-    return field_text
-
-
-def _cgroup_mounts(mountinfo: Path) -> list[_Mount]:
+def _cgroup_mounts(path: Path) -> list[_Mount]:
     try:
-        text = mountinfo.read_text()
+        text = path.read_bytes()
     except OSError:
         return []
-    mounts: list[_Mount] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if len(fields) < sep + 4 or len(fields) < 5:
-            continue
-        fstype = fields[sep + 1]
-        if fstype in ("cgroup", "cgroup2"):
-            mounts.append(_Mount(_unescape(fields[4]), fstype,
-                                 tuple(fields[sep + 3].split(","))))
-    return mounts
+    return [_Mount(os.fsdecode(e.point), e.fstype, e.super_options)
+            for e in mountinfo.parse(text) if e.fstype in ("cgroup", "cgroup2")]
 
 
 def _rebase(point: str, sysfs_root: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hvtsm.zones.cgroup.mounts import parse_mountinfo
+from guest_agent.mountinfo import parse as parse_mountinfo
 from hvtsm.zones.cgroup.view import CgroupMount, cgroup_mounts, hidden, named_binds
 
 

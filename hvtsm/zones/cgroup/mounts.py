@@ -10,84 +10,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from guest_agent import mountflags
+from guest_agent.mountinfo import MountEntry
+from guest_agent.mountinfo import parse as parse_mountinfo
 from hvtsm.zones.cgroup import libc
 
 #: bind mounts of zones' mount namespaces, one file per zone, named by zone id
 NS_REF_DIR = Path("/run/hvtsm/ns")
-
-#: per-mount options to keep when remounting read-only (changing them needs more privilege
-#: than a remount and would loosen or alter what the mount's owner chose)
-_KEPT_FLAGS = {
-    "nosuid": mountflags.MS_NOSUID,
-    "nodev": mountflags.MS_NODEV,
-    "noexec": mountflags.MS_NOEXEC,
-    "noatime": mountflags.MS_NOATIME,
-    "nodiratime": mountflags.MS_NODIRATIME,
-    "relatime": mountflags.MS_RELATIME,
-}
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    point: bytes
-    options: frozenset[str]
-    fstype: str
-    #: the file system's own options, in mountinfo's order (a cgroup v1 hierarchy's
-    #: controllers)
-    super_options: tuple[str, ...] = ()
-    mount_id: int = 0
-    parent_id: int = 0
-
-    def readonly_flags(self) -> int:
-        flags = mountflags.MS_REMOUNT | mountflags.MS_BIND | mountflags.MS_RDONLY
-        for option in self.options:
-            flags |= _KEPT_FLAGS.get(option, 0)
-        if not self.options & {"noatime", "relatime"}:
-            # no atime word in mountinfo means strictatime; without the flag the kernel
-            # would pick its default (relatime) and refuse the change on locked mounts
-            flags |= mountflags.MS_STRICTATIME
-        return flags
-
-
-def _unescape(raw: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    if b"\\" not in raw:
-        return raw
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out)
-
-
-def parse_mountinfo(text: bytes) -> list[MountEntry]:
-    entries: list[MountEntry] = []
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        try:
-            sep = fields.index(b"-", 6)
-        except ValueError:
-            continue
-        entries.append(MountEntry(
-            point=_unescape(fields[4]),
-            options=frozenset(fields[5].decode().split(",")),
-            fstype=fields[sep + 1].decode(),
-            super_options=tuple(fields[sep + 3].decode().split(","))
-            if len(fields) > sep + 3 else (),
-            mount_id=int(fields[0]),
-            parent_id=int(fields[1]),
-        ))
-    return entries
-
 
 def read_mountinfo(path: str = "/proc/self/mountinfo", *,
                    proc_dir: int | None = None) -> list[MountEntry]:

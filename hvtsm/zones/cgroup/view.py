@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guest_agent import mountflags
+from guest_agent.mountinfo import MountEntry
 from hvtsm.zones.cgroup import libc, mounts
 
 #: the directories every user may write to, which a zone gets a tmpfs of its own on
@@ -255,7 +256,7 @@ def named_binds(argv: Sequence[str], cwd: str, *, units: Sequence[Path] = ()) ->
     return tuple(p for p in out if not any(p.startswith(q + b"/") for q in out))
 
 
-def cgroup_mounts(zone_dirs: Sequence[str], entries: Sequence[mounts.MountEntry] | None = None
+def cgroup_mounts(zone_dirs: Sequence[str], entries: Sequence[MountEntry] | None = None
                   ) -> tuple[CgroupMount, ...]:
     """The host's cgroup hierarchies holding one of the zone's cgroup directories, to mount
     again inside the zone's cgroup namespace."""
