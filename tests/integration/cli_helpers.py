@@ -78,15 +78,20 @@ def write_policy(path: Path, body: str) -> str:
     return str(path)
 
 
-#: a workload that tries to reach the host side of its NIC every 100 ms and says how it went
-CONNECT_PROBE = r"""
-import socket, struct, sys, time
+#: the start of a probe workload: `gateway()`, the host end of the zone's NIC (None without
+#: a default route)
+GATEWAY = r"""
+import os, socket, struct, sys, time
 def gateway():
     for line in open('/proc/net/route').read().splitlines()[1:]:
         f = line.split()
         if f[1] == '00000000':
             return socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
     return None
+"""
+
+#: a workload that tries to reach the host side of its NIC every 100 ms and says how it went
+CONNECT_PROBE = GATEWAY + r"""
 port = int(sys.argv[1])
 gw = gateway()
 for _ in range(int(sys.argv[2])):

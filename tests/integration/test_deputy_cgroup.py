@@ -21,6 +21,7 @@ from hvtsm.lifecycle.deputy import DEPUTY_GRACE_S
 from hvtsm.store import Store
 from hvtsm.store.models import Zone
 from tests.integration.cli_helpers import (
+    GATEWAY,
     audit,
     env,
     hvtsm,
@@ -76,13 +77,7 @@ monitor = false
 
 #: every 50 ms: a connect to the host end of the zone's NIC, and the memory limit the zone's
 #: own cgroup file says (found through /proc/self/cgroup), each line stamped
-PROBE = r"""
-import os, socket, struct, sys, time
-def gateway():
-    for line in open('/proc/net/route').read().splitlines()[1:]:
-        f = line.split()
-        if f[1] == '00000000':
-            return socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+PROBE = GATEWAY + r"""
 def limit_file():
     for line in open('/proc/self/cgroup').read().splitlines():
         _, controllers, path = line.split(':', 2)

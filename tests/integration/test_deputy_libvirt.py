@@ -21,7 +21,7 @@ from hvtsm.lifecycle.deputy import DEPUTY_GRACE_S
 from hvtsm.store import Store
 from hvtsm.zones.base import Backend
 from hvtsm.zones.factory import driver_factory
-from tests.integration.cli_helpers import spawn, wait_for, write_policy, zones
+from tests.integration.cli_helpers import GATEWAY, spawn, wait_for, write_policy, zones
 from tests.integration.test_libvirt_zone import ready  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
@@ -51,13 +51,7 @@ monitor = false
 """
 
 #: every 100 ms: a connect to the host end of the guest's NIC, stamped, appended to LOG
-PROBE = r"""
-import socket, struct, sys, time
-def gateway():
-    for line in open('/proc/net/route').read().splitlines()[1:]:
-        f = line.split()
-        if f[1] == '00000000':
-            return socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+PROBE = GATEWAY + r"""
 gw = gateway()
 with open(sys.argv[1], 'a', buffering=1) as log:
     while True:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.integration.cli_helpers import (
+    GATEWAY,
     audit,
     json_lines,
     spawn,
@@ -60,14 +61,7 @@ monitor = false
 #: tries the host end of the zone's NIC every 50 ms, one line per try in a file of the
 #: zone's own scratch (its stdout is the controller's, which is killed): "ok TS" or
 #: "fail TS ERROR"
-PROBE = r"""
-import socket, struct, sys, time
-def gateway():
-    for line in open('/proc/net/route').read().splitlines()[1:]:
-        f = line.split()
-        if f[1] == '00000000':
-            return socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
-    return None
+PROBE = GATEWAY + r"""
 port, log = int(sys.argv[1]), sys.argv[2]
 target = gateway() or '10.213.0.1'
 while True:
