@@ -26,13 +26,19 @@ class StartError(Exception):
     """The workload could not be started; the text says why."""
 
 
+def base_env(name: str | None = None, home: str | None = None) -> dict[str, str]:
+    """The small clean environment every workload starts from, in a guest and beside a
+    cgroup zone alike: nothing of the starter's own (init's, the controller's)."""
+    out = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": home or "/", "TERM": "dumb"}
+    if name is not None:
+        out.update(USER=name, LOGNAME=name)
+    return out
+
+
 def build_env(env: dict[str, str] | None, user: pwd.struct_passwd | None) -> dict[
         str, str]:
-    """A small clean environment, then the host's `env` on top (the agent's own
-    environment, init's, is not passed on)."""
-    out = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/", "TERM": "dumb"}
-    if user is not None:
-        out.update(HOME=user.pw_dir or "/", USER=user.pw_name, LOGNAME=user.pw_name)
+    """The clean environment, then the host's `env` on top."""
+    out = base_env(None, None) if user is None else base_env(user.pw_name, user.pw_dir)
     out.update(env or {})
     return out
 

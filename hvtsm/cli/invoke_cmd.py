@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+from hvtsm.cli.envopts import add_env_options, zone_env
 from hvtsm.cli.exits import EXIT_USAGE, from_outcome
 from hvtsm.cli.output import say
 from hvtsm.cli.run_cmd import add_libvirt_options, libvirt_options
@@ -23,6 +24,7 @@ from hvtsm.pool.warm import WarmPool
 from hvtsm.store import Store
 from hvtsm.units import parse_duration_ms
 from hvtsm.zones.base import ZONE_USER, Backend
+from hvtsm.zones.environment import EnvError
 from hvtsm.zones.factory import driver_factory
 
 
@@ -52,6 +54,7 @@ def add_parsers(commands: Any) -> None:
     invoke.add_argument("--cold", action="store_true", help="do not use the warm pool")
     invoke.add_argument("--store-only", action="store_true",
                         help="only store and analyze the code; print its id")
+    add_env_options(invoke)
     invoke.add_argument("--json", action="store_true", help="print one JSON object")
     add_libvirt_options(invoke)
     invoke.set_defaults(handler=cmd_invoke)
@@ -65,6 +68,11 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if timeout <= 0:
         say("hvtsm invoke: error: --timeout must be above 0")
+        return EXIT_USAGE
+    try:
+        env = zone_env(args)
+    except EnvError as exc:
+        say(f"hvtsm invoke: error: {exc}")
         return EXIT_USAGE
     code = name = None
     if args.path is not None:
@@ -100,7 +108,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         result = Invoker(manager, pool=pool).invoke(InvokeRequest(
             code=code, name=name, code_id=args.code_id, args=tuple(args.arg), timeout=timeout,
             policy=args.policy, trust=args.trust, runtime=args.runtime, user=args.user,
-            backend=backend, warm=not args.cold))
+            backend=backend, warm=not args.cold, env=env.values))
     finally:
         if pool is not None:
             pool.close()

@@ -13,6 +13,7 @@ import time
 from typing import IO, Any
 
 from hvtsm.analysis import command_exec_globs
+from hvtsm.cli.envopts import add_env_options, zone_env
 from hvtsm.cli.exits import (
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
@@ -30,6 +31,7 @@ from hvtsm.policy.catalog import default_policy_path
 from hvtsm.policy.segments import choose
 from hvtsm.store import Store
 from hvtsm.zones.base import ZONE_USER, Backend, WorkloadIO
+from hvtsm.zones.environment import EnvError
 from hvtsm.zones.factory import AVAILABLE_BACKENDS, driver_factory, factories_for
 from hvtsm.zones.identity import known_user
 
@@ -59,6 +61,7 @@ def add_parsers(commands: Any) -> None:
                      help="addresses for zone NICs (default 10.213.0.0/16 for cgroup zones, "
                      "10.214.0.0/16 for libvirt zones)")
     add_libvirt_options(run)
+    add_env_options(run)
     run.add_argument("--json", action="store_true",
                      help="print JSON lines (phase, anomaly, reaction, output, exit) on stdout")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
@@ -104,6 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not known_user(args.user):
         say(f"hvtsm run: error: no such user: {args.user}")
         return EXIT_USAGE
+    try:
+        env = zone_env(args)
+    except EnvError as exc:
+        say(f"hvtsm run: error: {exc}")
+        return EXIT_USAGE
     choice = choose(load_policy(args.policy or default_policy_path()),
                     [(args.role, frozenset(args.capability))])
     policy, scale = choice.policy, choice.scale
@@ -122,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         manager.start()
         try:
             run = manager.launch(policy, argv, io=io, user=args.user, scale=scale,
-                                 expect_exec=expected)
+                                 expect_exec=expected, env=env.values)
             relays = _relay_output(run) if args.json else []
             interrupted = _wait(manager, run, interrupts)
             for relay in relays:

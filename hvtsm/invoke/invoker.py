@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
@@ -73,6 +74,8 @@ class InvokeRequest:
     backend: Backend = Backend.LIBVIRT
     #: False: never a pooled guest (always boot one)
     warm: bool = True
+    #: on top of the workload's clean environment (--env, --pass-env)
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,7 +209,7 @@ class Invoker:
             lease = self.pool.acquire(key, initial)
         timings["claim"] = _ms(t0)
         launch = _Launch(io=io, user=request.user, scale=scale, name=code_path.name,
-                         group=group, env={"HVTSM_INVOKE": group})
+                         group=group, env={**request.env, "HVTSM_INVOKE": group})
         run: ZoneRun | None = None
         if lease is not None:
             pool, leased = self.pool, lease

@@ -17,6 +17,7 @@ from hvtsm.policy import Policy
 from hvtsm.policy.transient import monitor_transient, transient_policy
 from hvtsm.restrictions import Restrictions
 from hvtsm.zones.base import Backend, WorkloadIO, ZoneHandle, ZoneSpec
+from hvtsm.zones.environment import ZoneEnv
 
 #: makes the zone instead of the driver's `create` (a warm pool binds a booted guest)
 Create = Callable[[ZoneSpec, Restrictions], ZoneHandle[Any]]
@@ -59,6 +60,7 @@ class Launcher:
                       policy_toml=toml, user=user, kind=kind, name=name, group=group,
                       created=f"policy {policy.name}, scale {scale:g}, command {list(argv)}")
         broker = self.core.channels()
+        given = ZoneEnv(dict(env or {}))  # its names are audited with the start, not values
 
         def make(run: ZoneRun, seq: int) -> Begun:
             run.transient_policy = tpolicy
@@ -81,9 +83,9 @@ class Launcher:
                 with contextlib.suppress(HvtsmError):
                     driver.terminate(handle)
                 raise
-            note = workload.start_note
+            notes = [n for n in (workload.start_note, given.audit_note()) if n]
             return Begun(handle=handle, workload=workload,
-                         detail=f"pid {workload.pid}" + (f"; {note}" if note else ""),
+                         detail="; ".join([f"pid {workload.pid}", *notes]),
                          facts=handle.state.facts())
 
         run = self.opener.open_zone(order, make)

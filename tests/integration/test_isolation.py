@@ -98,13 +98,9 @@ def victim_of(tmp_path: Path, scripts: Path) -> Iterator[Any]:
 
 def attack(db: str, policy: str, scripts: Path, victim: Victim, store: Path
            ) -> list[dict[str, Any]]:
-    os.environ["PROBE_STORE"] = str(store)
-    try:
-        result = hvtsm(db, "run", "--policy", policy, "--", ZONE_PY,
-                       str(scripts / "attacker.py"), str(victim.pid), str(victim.uid),
-                       timeout=60)
-    finally:
-        del os.environ["PROBE_STORE"]
+    result = hvtsm(db, "run", "--policy", policy, "--env", f"PROBE_STORE={store}", "--",
+                   ZONE_PY, str(scripts / "attacker.py"), str(victim.pid), str(victim.uid),
+                   timeout=60)
     assert "Traceback" not in result.stderr, result.stderr
     lines = json_lines(result.stdout)
     assert lines, result.stderr

@@ -130,7 +130,7 @@ class ZoneAgents:
             agent.give_channel(listener, name)
         finally:
             listener.close()  # the agent holds its own copy now
-        out = dict(os.environ if env is None else env)
+        out = dict(env or {})  # on top of the clean environment (launcher.spawn)
         source = str(stage_agent())  # a copy the zone's unprivileged user can read
         out["PYTHONPATH"] = source + (":" + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
         out[CHANNEL_ENV] = "unix:@" + CHANNEL_ADDRESS

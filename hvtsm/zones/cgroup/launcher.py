@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from guest_agent.endpoint import bind_listener
+from guest_agent.workload import base_env
 from hvtsm.errors import ZoneError
 from hvtsm.zones.base import WorkloadIO
 from hvtsm.zones.cgroup import libc, mounts
@@ -241,9 +242,10 @@ def spawn(entry: Entry, argv: Sequence[str], io: WorkloadIO, *,
         raise ZoneError(f"the zone's network namespace is gone: {exc.strerror}",
                         zone_id=entry.zone_id) from exc
     report = _ChildReport()
-    child_env = dict(os.environ if env is None else env)
-    if entry.user is not None:
-        child_env.update(HOME=entry.user.home, USER=entry.user.name, LOGNAME=entry.user.name)
+    # never the controller's own environment: the operator's shell holds secrets
+    child_env = base_env() if entry.user is None else base_env(entry.user.name,
+                                                                  entry.user.home)
+    child_env.update(env or {})
     executable = _resolve(argv[0], child_env, entry.zone_id, entry.user)
 
     def popen() -> subprocess.Popen[bytes]:
