@@ -10,6 +10,7 @@ from hvtsm.cli.exits import EXIT_INVALID, EXIT_OK
 from hvtsm.cli.output import say, table
 from hvtsm.errors import PolicyError
 from hvtsm.policy import Policy, load_policy
+from hvtsm.policy.compare import weaker_than
 from hvtsm.policy.segments import choose
 from hvtsm.units import format_duration_ms
 
@@ -20,9 +21,14 @@ def add_parsers(commands: Any) -> None:
     sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
     sub.required = True
     validate = sub.add_parser("validate", help="check policy files (exit 1 if any is invalid)",
-                              description="Check policy files; exit 0 when all are valid, "
+                              description="Check policy files; exit 0 when all are valid "
+                              "(and, with --against, none is weaker than the reference), "
                               "1 otherwise. Each error names file, phase and field.")
     validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--against", metavar="POLICY",
+                          help="also report where each file's anomaly profile detects or "
+                          "reacts less than POLICY's (a name in the policy directory or a "
+                          "path), field by field; any such finding exits 1")
     validate.add_argument("--json", action="store_true", help="one JSON object per file")
     validate.set_defaults(handler=cmd_validate)
     show = sub.add_parser("show", help="print a policy's timeline",
@@ -51,6 +57,15 @@ def check_references(policy: Policy) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     status = EXIT_OK
+    reference = None
+    if args.against is not None:
+        from hvtsm.policy.catalog import load_referenced
+
+        try:
+            reference = load_referenced(args.against, beside=None, field="--against")
+        except PolicyError as exc:
+            say(f"hvtsm: error: invalid reference policy {exc}")
+            return EXIT_INVALID
     for path in args.files:
         try:
             policy = load_policy(path)
@@ -63,13 +78,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
             else:
                 say(f"hvtsm: error: invalid policy {exc}")
             continue
+        weaker = [] if reference is None else weaker_than(policy, reference)
+        if weaker:
+            status = EXIT_INVALID
         if args.json:
-            print(json.dumps({"file": path, "valid": True, "name": policy.name,
-                              "phases": len(policy.phases), "lifespan_ms": policy.lifespan_ms}))
-        else:
-            life = ("no lifespan limit" if policy.lifespan_ms is None
-                    else f"lifespan {format_duration_ms(policy.lifespan_ms)}")
-            print(f"ok: {path}: policy {policy.name}, {len(policy.phases)} phases, {life}")
+            out: dict[str, Any] = {"file": path, "valid": True, "name": policy.name,
+                                   "phases": len(policy.phases),
+                                   "lifespan_ms": policy.lifespan_ms}
+            if reference is not None:
+                out["against"] = reference.name
+                out["weaker"] = [{"field": w.field, "detail": w.detail} for w in weaker]
+            print(json.dumps(out))
+            continue
+        life = ("no lifespan limit" if policy.lifespan_ms is None
+                else f"lifespan {format_duration_ms(policy.lifespan_ms)}")
+        print(f"ok: {path}: policy {policy.name}, {len(policy.phases)} phases, {life}")
+        if reference is not None and not weaker:
+            print(f"  detects and reacts at least as much as {reference.name}")
+        for finding in weaker:
+            print(f"  weaker than {reference.name if reference else ''}: {finding}")
     return status
 
 
