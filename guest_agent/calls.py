@@ -85,11 +85,15 @@ class ConnectCall:
 
 @dataclass(frozen=True)
 class OpenCall:
-    """open/openat/creat/openat2 as the filter notifies them (creating a file, mostly)."""
+    """open/openat/creat/openat2 as the filter notifies them (creating a file, or opening
+    one for writing)."""
 
     syscall: str
     path: str
     flags: int
+    #: the path as passed, and the directory fd it is relative to (inroot.lookup)
+    raw: str = ""
+    dirfd: int = AT_FDCWD
 
     @property
     def args(self) -> dict[str, Any]:
@@ -213,7 +217,8 @@ def open_call(n: seccomp.Notification, mem: Mem) -> OpenCall:
         how = mem.read(n.args[2], 8)
         flags = struct.unpack("<Q", how)[0] if len(how) == 8 else 0
     flags &= 0xFFFFFFFF
-    return OpenCall(name, resolve(n.pid, dirfd, mem.string(path_ptr)), flags)
+    raw = mem.string(path_ptr)
+    return OpenCall(name, resolve(n.pid, dirfd, raw), flags, raw, dirfd)
 
 
 __all__ = ["EXECS", "OPENS", "Call", "ConnectCall", "DeniedCall", "ExecCall", "ForeignCall",

@@ -90,6 +90,8 @@ class Facts:
     path_exists: bool = True
     #: files the watch created over the last second, this call included when it creates one
     new_files: int = 0
+    #: an open for writing of another process's memory: its /proc path ("": none)
+    foreign_mem: str = ""
 
 
 def judge(call: Call, profile: Profile, facts: Facts) -> Verdict | None:
@@ -178,6 +180,9 @@ def creates_file(call: OpenCall, profile: Profile, path_exists: bool) -> bool:
 
 
 def judge_open(call: OpenCall, profile: Profile, facts: Facts) -> Verdict | None:
+    if facts.foreign_mem:
+        return anomaly("injection", f"open of {facts.foreign_mem} for writing: another "
+                       "process's memory", call.syscall, call.args)
     glob = profile.path_sensitive(call.path)
     if glob is not None:
         what = "write" if call.writes else "read"

@@ -23,7 +23,7 @@ import select
 import time
 from typing import Callable
 
-from guest_agent import inroot, seccomp
+from guest_agent import inroot, procmem, seccomp
 from guest_agent.calls import EXECS, O_CREAT, Call, ConnectCall, ExecCall, OpenCall, decode
 from guest_agent.containment import Containment
 from guest_agent.holds import Holds
@@ -162,9 +162,11 @@ class Notifications:
                          zone_network=transient.network if transient else "full")
         if isinstance(call, OpenCall):
             exists = os.path.lexists(call.path) if call.flags & O_CREAT else True
+            foreign = procmem.foreign_mem(pid, call)
             if not creates_file(call, watch.profile, exists):
-                return Facts(path_exists=exists)
-            return Facts(path_exists=exists, new_files=int(watch.new_files.add(now)))
+                return Facts(path_exists=exists, foreign_mem=foreign)
+            return Facts(path_exists=exists, new_files=int(watch.new_files.add(now)),
+                         foreign_mem=foreign)
         return Facts()
 
 

@@ -234,6 +234,8 @@ ANOMALY_CATEGORIES = (
     "denied-syscall", "sensitive-path", "unexpected-exec", "reverse-shell", "connect-out",
     "fork-rate", "syscall-rate", "new-file-rate", "memory-spike", "oom-kill",
     "events-dropped", "foreign-abi",
+    # an open for writing of another process's /proc/PID/mem (code injection)
+    "injection",
     # transient zones: a held code path the host did not answer in time (the agent), one
     # split too many for the policy's max_zones (raised by the host itself)
     "transient-timeout", "transient-limit",

@@ -8,7 +8,8 @@ SECCOMP_RET_ALLOW, so the watch costs little for ordinary work:
 * a foreign ABI (not AUDIT_ARCH_X86_64, or an x32 number) - every call;
 * every syscall in profile.deny_syscalls;
 * execve, execveat, connect;
-* openat with O_CREAT|O_TMPFILE in flags, open likewise, creat, openat2.
+* openat with O_CREAT|O_TMPFILE or a write access mode (O_WRONLY, O_RDWR) in flags, open
+  likewise, creat, openat2: a new file, or a write (into /proc/PID/mem: injection).
 
 Process creation (clone, clone3, fork, vfork) is NOT notified unless deny-listed: a caller
 waiting for the agent's answer is woken by any signal (wait_for_completion_interruptible in
@@ -50,6 +51,9 @@ PR_SET_NO_NEW_PRIVS = 38
 O_CREAT = 0o100
 O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE: an unnamed new file is a new file too
 NEW_FILE_FLAGS = O_CREAT | O_TMPFILE_BIT
+#: O_WRONLY | O_RDWR: an open for writing (another process's /proc/PID/mem among them)
+WRITE_FLAGS = 0o3
+NOTIFIED_OPEN_FLAGS = NEW_FILE_FLAGS | WRITE_FLAGS
 
 # struct seccomp_data offsets
 OFF_NR = 0
@@ -109,7 +113,7 @@ def build_program(deny: Iterable[str]) -> list[Insn]:
     for nr in notify:
         prog += [(BPF_JEQ_K, 0, 1, nr), (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF)]
     # conditional ones (unless denied outright, which the loop above already caught)
-    conditional = (("openat", 2, NEW_FILE_FLAGS), ("open", 1, NEW_FILE_FLAGS))
+    conditional = (("openat", 2, NOTIFIED_OPEN_FLAGS), ("open", 1, NOTIFIED_OPEN_FLAGS))
     for name, arg, mask in conditional:
         nr = X86_64[name]
         if nr in deny_nrs:

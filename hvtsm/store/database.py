@@ -38,7 +38,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # commits off fsync's critical path, which phase lag would otherwise feel.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    # many controllers at once on a busy host (each imports, starts an agent, writes its
+    # start) hold the write lock in turn: waiting is right, failing a run is not
+    cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
 
 

@@ -49,6 +49,9 @@ def bad_cases(port: int) -> list[Case]:
         Case("ptrace_attach.py", (), frozenset({"denied-syscall"})),
         Case("module_load.py", (), frozenset({"denied-syscall"})),
         Case("mount_tmpfs.py", (), frozenset({"denied-syscall"})),
+        Case("mem_inject.py", ("direct",), frozenset({"injection"})),
+        Case("mem_inject.py", ("symlink",), frozenset({"injection"})),
+        Case("mem_inject.py", ("reopen",), frozenset({"injection"})),
     ]
 
 

@@ -52,7 +52,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, S
 
 
 def ids(cases: list[Case]) -> list[str]:
-    return [c.program.removesuffix(".py") for c in cases]
+    """A program's name, with its variant when the corpus runs it in several ways."""
+    names = [c.program.removesuffix(".py") for c in cases]
+    return [f"{n}-{c.args[0]}" if names.count(n) > 1 else n
+            for n, c in zip(names, cases, strict=True)]
 
 
 @pytest.mark.parametrize("index", range(len(bad_cases(1))), ids=ids(bad_cases(1)))

@@ -103,12 +103,16 @@ def test_process_creation_not_notified() -> None:
     assert verdict(Profile(deny_syscalls=("fork",)), "fork") == NOTIFY
 
 
-def test_opens_notified_only_when_creating() -> None:
+def test_opens_notified_only_when_creating_or_writing() -> None:
     p = Profile()
-    o_rdonly, o_wronly, o_creat, o_trunc = 0, 1, 0o100, 0o1000
+    o_rdonly, o_wronly, o_rdwr, o_creat, o_trunc = 0, 1, 2, 0o100, 0o1000
     o_tmpfile = 0o20000000 | 0o200000
     assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_rdonly) == ALLOW
-    assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_wronly | o_trunc) == ALLOW
+    assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_rdonly | o_trunc) == ALLOW
+    # a write (into /proc/PID/mem, say) is looked at, created or not
+    assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_wronly | o_trunc) == NOTIFY
+    assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_rdwr) == NOTIFY
+    assert verdict(p, "open", 0x1000, o_rdwr) == NOTIFY
     assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_wronly | o_creat) == NOTIFY
     assert verdict(p, "openat", 0xFFFFFF9C, 0x1000, o_tmpfile | 2) == NOTIFY
     assert verdict(p, "open", 0x1000, o_rdonly) == ALLOW
