@@ -341,6 +341,10 @@ class Profile:
         policy=True)
     deny_exec: tuple[str, ...] = setting(
         "globs", (), "globs of programs whose exec is an anomaly", policy=True)
+    tripwires: tuple[str, ...] = setting(
+        "paths", (), "files only this zone reaches, bound over its sensitive files in its "
+        "view: every open of one is an attempt, decided before any byte is read "
+        "(permission events; set by the host)")
     shells: tuple[str, ...] = setting(
         "globs", DEFAULT_SHELLS,
         "globs of shells: exec'd with a socket on stdin/stdout is a reverse shell")

@@ -64,6 +64,8 @@ class Watch:
     procs_file: str | None = None
     oom_file: str | None = None
     group: fanotify.Group | None = None
+    #: permission marks on the zone's tripwires (profile.tripwires)
+    tripwire_group: fanotify.Group | None = None
     first_exec_done: bool = False
     known: set[int] = field(default_factory=set)
     ended: bool = False
@@ -116,6 +118,8 @@ class Watch:
         out = ["seccomp-unotify"]
         if self.group is not None:
             out.append("fanotify")
+        if self.tripwire_group is not None:
+            out.append("tripwires")
         out.append("proc-sampling")
         return out
 

@@ -105,8 +105,9 @@ def started_detail(setup: Setup, zone_id: str) -> str:
 def standby_pid(setup: Setup, zone_id: str) -> int:
     """The standby pid the zone's trail names, which must be the workload's own pid."""
     detail = started_detail(setup, zone_id)
-    found = re.fullmatch(r"pid (\d+); started from a standby prepared at \S+ \(pid (\d+)\)",
-                         detail)
+    # the start's other notes (the environment's names) follow
+    found = re.match(r"pid (\d+); started from a standby prepared at \S+ \(pid (\d+)\)"
+                     r"(?:;|\Z)", detail)
     assert found and found[1] == found[2], detail
     return int(found[1])
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from hvtsm.agent_stage import ZONE_UNITS, stage_agent
 from hvtsm.errors import ZoneError
 from hvtsm.restrictions import Restrictions
-from hvtsm.zones.cgroup import view
+from hvtsm.zones.cgroup import tripwire, view
 from hvtsm.zones.cgroup.launcher import UserInfo
 from hvtsm.zones.cgroup.state import CgroupZoneState
 from hvtsm.zones.identity import Identities, Identity
@@ -27,9 +28,13 @@ def workload_user(zone_id: str, state: CgroupZoneState) -> UserInfo | None:
 
 def zone_view(applied: Restrictions, state: CgroupZoneState, argv: Sequence[str],
               user: UserInfo | None, readonly: bool, *,
-              keep_run: tuple[bytes, ...]) -> view.ViewSpec:
+              keep_run: tuple[bytes, ...], wire: Path | None = None) -> view.ViewSpec:
     """Everything of the host read-only but the zone's own scratch (sized by its memory
-    limit), with what its command line names in a hidden place bound back read-only."""
+    limit), with what its command line names in a hidden place bound back read-only, and
+    its sensitive files covered by `wire` (its tripwire, when it is watched)."""
+    covered: list[str] = []
+    if wire is not None and state.monitor is not None:
+        covered, _warnings = tripwire.covered(state.monitor.get("sensitive_paths") or ())
     cwd = state.cwd or os.getcwd()
     binds = list(view.named_binds(argv, cwd, units=ZONE_UNITS))
     if state.channel is not None:  # the channel's client library is on its PYTHONPATH
@@ -41,7 +46,9 @@ def zone_view(applied: Restrictions, state: CgroupZoneState, argv: Sequence[str]
         scratch_size=applied.memory or view.DEFAULT_SCRATCH, host_readonly=True,
         readonly=readonly, binds=tuple(binds), keep_run=keep_run,
         cgroups=view.cgroup_mounts(state.cgroups), account=account,
-        workdir=os.fsencode(cwd))
+        workdir=os.fsencode(cwd),
+        tripwire=os.fsencode(wire) if wire is not None and covered else None,
+        covered=tuple(os.fsencode(p) for p in covered))
 
 
 def release_identity(identities: Identities, zone_id: str) -> list[str]:
@@ -56,6 +63,8 @@ def describe(spec: view.ViewSpec, user: UserInfo | None) -> str:
         f"user {user.name}" if user is not None else "the controller's user"
     binds = f"; {len(spec.binds)} path(s) of the command line bound in read-only" \
         if spec.binds else ""
+    if spec.covered:
+        binds += f"; {len(spec.covered)} sensitive file(s) behind a tripwire"
     return (f"{who}; own PID, IPC, cgroup and network namespaces; private /tmp, /var/tmp, "
             f"/dev/shm and /run (at most {spec.scratch_size >> 20} MiB each); the rest of "
             f"the host read-only{binds}")

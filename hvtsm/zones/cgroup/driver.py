@@ -50,6 +50,7 @@ from hvtsm.zones.cgroup import (
     mounts,
     netns,
     nft,
+    tripwire,
     view,
 )
 from hvtsm.zones.cgroup import transient as transient_zones
@@ -185,8 +186,12 @@ class CgroupDriver:
         procs_files = tuple(str(p) for p in cgroup.procs_files())
         user = confine.workload_user(zone_id, state)
         readonly = handle.applied.filesystem is FilesystemMode.RO
+        wire = tripwire.make(zone_id) if state.monitor is not None else None
         seen = confine.zone_view(handle.applied, state, argv, user, readonly,
-                                 keep_run=self._keep_run)
+                                 keep_run=self._keep_run, wire=wire)
+        if state.monitor is not None and seen.covered:
+            # the agent marks it for as long as the zone is watched (every profile after)
+            state.monitor = {**state.monitor, "tripwires": [str(wire)]}
         entry = launcher.Entry(
             zone_id=zone_id,
             procs_files=procs_files,
@@ -279,6 +284,7 @@ class CgroupDriver:
         step(lambda: netslots.release(zone_id), lambda: netslots.held(zone_id))
         step(lambda: mounts.drop_ns_ref(zone_id), lambda: mounts.would_drop_ns_ref(zone_id))
         step(lambda: limits.drop_lock(zone_id), lambda: limits.would_drop_lock(zone_id))
+        step(lambda: tripwire.remove(zone_id), lambda: tripwire.would_remove(zone_id))
         if plan:
             removed.extend(f"zone identity {uid}" for uid, owner
                            in self.identities.claimed().items() if owner == zone_id)
@@ -452,6 +458,7 @@ class CgroupDriver:
         claims = {z for z in self.identities.claimed().values() if _ZONE_ID.match(z)}
         return (cgroupfs.zone_ids(self.caps) | netns.zone_ids() | mounts.ref_zone_ids() | claims
                 | {z for z in limits.locked_zone_ids() if _ZONE_ID.match(z)}
+                | {z for z in tripwire.zone_ids() if _ZONE_ID.match(z)}
                 | {z for z in host_agent.recorded_zones() if _ZONE_ID.match(z)}
                 | set(cgroupfs.transient_ids(self.caps)))
 

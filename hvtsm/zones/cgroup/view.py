@@ -22,6 +22,9 @@ namespace, before its first instruction.
   directory when that is hidden.
 * The identity's own line in /etc/passwd and /etc/group (copies in the zone's /run), so
   `whoami`, `id` and getpwuid() answer as for any user.
+* Each existing file its sensitive_paths name covered by the zone's tripwire (tripwire.py):
+  the real file is out of reach, and an open of what stands there is the agent's to
+  decide before any byte is read.
 
 Runs in a forked child of a multithreaded controller: plain os calls and mount(2), no
 imports, no locks, no threads (as mounts.py).
@@ -102,6 +105,9 @@ class ViewSpec:
     #: where the workload starts (entered after the view is built: a directory the view
     #: hides must not stay reachable as the working directory)
     workdir: bytes = b"/"
+    #: the zone's tripwire file, and the host files it is bound over (tripwire.py)
+    tripwire: bytes | None = None
+    covered: tuple[bytes, ...] = ()
 
 
 def build(spec: ViewSpec) -> None:
@@ -110,6 +116,9 @@ def build(spec: ViewSpec) -> None:
     keep = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in spec.keep_run
             if os.path.isdir(path)]
     sources = [(os.open(path, os.O_PATH | os.O_CLOEXEC), path) for path in spec.binds]
+    # opened before the zone's own /run hides it
+    wire = os.open(spec.tripwire, os.O_PATH | os.O_CLOEXEC) \
+        if spec.tripwire is not None and spec.covered else None
     os.chdir(b"/")
     if spec.host_readonly:
         mounts.make_view_readonly()
@@ -136,6 +145,8 @@ def build(spec: ViewSpec) -> None:
         _bind(fd, path)
     if spec.account is not None:
         _account(spec.account)
+    if wire is not None:
+        _cover(wire, spec.covered)
     for path in HIDDEN_DIRS:
         if os.path.isdir(path):  # their empty tmpfs, after the binds made their way in
             _remount_readonly(path)
@@ -166,6 +177,20 @@ def _bind(fd: int, target: bytes) -> None:
     libc.mount(b"/proc/self/fd/%d" % fd, target, None, mountflags.MS_BIND)
     _remount_readonly(target)
     os.close(fd)
+
+
+def _cover(wire: int, paths: Sequence[bytes]) -> None:
+    """The tripwire (`wire`, an O_PATH) bound over each of `paths`, read-only; a path gone
+    since the controller looked is skipped, any other failure fails the start (the zone
+    must not run with a sensitive file in reach)."""
+    source = b"/proc/self/fd/%d" % wire
+    for path in paths:
+        try:
+            libc.mount(source, path, None, mountflags.MS_BIND)
+        except FileNotFoundError:
+            continue
+        _remount_readonly(path)
+    os.close(wire)
 
 
 def _remount_readonly(target: bytes) -> None:
