@@ -31,6 +31,8 @@ class Proc:
     ppid: int
     start: int
     rss_pages: int
+    #: CPU time used (clock ticks): its own and its reaped children's
+    cpu_ticks: int = 0
 
 
 def read_proc(pid: int) -> Proc | None:
@@ -40,7 +42,8 @@ def read_proc(pid: int) -> Proc | None:
             data = f.read()
         # comm may hold spaces and parentheses: the fields follow the last ')'
         fields = data[data.rindex(b")") + 2:].split()
-        return Proc(pid, int(fields[1]), int(fields[19]), int(fields[21]))
+        return Proc(pid, int(fields[1]), int(fields[19]), int(fields[21]),
+                    sum(int(f) for f in fields[11:15]))  # utime stime cutime cstime
     except (OSError, ValueError, IndexError):
         return None
 

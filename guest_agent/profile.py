@@ -34,6 +34,9 @@ DEFAULT_SHELLS = ("*/sh", "*/bash", "*/dash", "*/zsh", "*/ash", "*/ksh", "*/busy
 #: bounds of sample_interval (s): faster would cost more than it tells, slower misses spikes
 MIN_SAMPLE = 0.05
 MAX_SAMPLE = 10.0
+#: seconds a sustained-CPU judgement may span (cpu_window)
+MIN_WINDOW = 1.0
+MAX_WINDOW = 3600.0
 #: how long a held code path may wait for the host (s), and the default
 MAX_HOLD = 60.0
 DEFAULT_HOLD = 5.0
@@ -359,6 +362,11 @@ class Profile:
         "slow CPU (0: no limit)", policy=True)
     max_syscalls_per_s: float = setting(
         "rate", 0, "read/write-family syscalls per second (0: no limit)", policy=True)
+    max_cpu_share: float = setting(
+        "share", 0, "share (0-1) of the CPUs the zone may run on that its processes may use, "
+        "sustained over cpu_window: a miner after a benign start (0: no limit)", policy=True)
+    cpu_window: float = setting(
+        "window", 30, "seconds over which max_cpu_share is judged", policy=True)
     max_new_files_per_s: float = setting(
         "rate", 0, "files created per second (0: no limit)", policy=True)
     memory_spike_mib_per_s: float = setting(
@@ -505,6 +513,14 @@ def _check(kind: str, name: str, value: Any) -> Any:
         if kind == "interval" and not MIN_SAMPLE <= value <= MAX_SAMPLE:
             raise ProfileError(f"must be between {MIN_SAMPLE} and {MAX_SAMPLE}", field=name)
         return float(value) if isinstance(value, float) else value
+    if kind in ("share", "window"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ProfileError("must be a number", field=name)
+        low, high = (0, 1) if kind == "share" else (MIN_WINDOW, MAX_WINDOW)
+        if not low <= value <= high:
+            raise ProfileError(f"must be between {low:g} and {high:g}", field=name)
+        return float(value)
     if kind in ("network", "contain"):
         choices = NETWORKS if kind == "network" else CONTAINS
         if value not in choices:

@@ -236,6 +236,8 @@ ANOMALY_CATEGORIES = (
     "events-dropped", "foreign-abi",
     # an open for writing of another process's /proc/PID/mem (code injection)
     "injection",
+    # the zone's processes used more than max_cpu_share of its CPUs for cpu_window seconds
+    "cpu-hog",
     # transient zones: a held code path the host did not answer in time (the agent), one
     # split too many for the policy's max_zones (raised by the host itself)
     "transient-timeout", "transient-limit",

@@ -10,6 +10,11 @@ what no notified call shows, from /proc, for each running watch.
   can fail with EINTR), so ``max_processes`` is judged on the processes alive at each
   sample and ``max_forks_per_s`` on the processes new since the previous one, or, in a
   guest with one workload, on the kernel's count of created tasks (``fork-rate``).
+* Sustained CPU use (``cpu-hog``): the CPU time the members used over the last
+  ``cpu_window`` seconds (their own and their reaped children's, from /proc/<pid>/stat)
+  against ``max_cpu_share`` of the CPUs the zone may run on (its first process's
+  affinity: a cgroup zone's cpuset), once the window is covered; contained on the process
+  that used most of it.
 * OOM kills (the header's oom_file beside a cgroup zone, /proc/vmstat in a guest), and
   lost events (``events-dropped``, when the profile says drops are anomalies).
 * A ``stats`` event every STATS_PERIOD seconds, and, in a guest, a look at whether a
@@ -18,6 +23,7 @@ what no notified call shows, from /proc, for each running watch.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Callable
@@ -32,6 +38,7 @@ from guest_agent.reports import Reporter
 from guest_agent.watch import Watch
 
 STATS_PERIOD = 5.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: seconds over which memory growth is judged
 MEMORY_WINDOW = 1.0
 MIB = 1 << 20
@@ -103,6 +110,7 @@ class Sampler:
         if watch.rss or watch.io:
             self._check_rates(watch, profile, rss, io, dt)
         self._check_processes(watch, procs, now)
+        self._check_cpu(watch, procs, now)
         watch.rss, watch.io, watch.sampled_at = rss, io, now
         self._check_oom(watch)
         self._check_drops(watch, now)
@@ -136,6 +144,41 @@ class Sampler:
                                    f"{rate:.0f} read/write syscalls per second (limit "
                                    f"{profile.max_syscalls_per_s:g})", top,
                                    {"rate_per_s": round(rate)})
+
+    def _check_cpu(self, watch: Watch, procs: dict[int, proccount.Proc], now: float) -> None:
+        ticks = {pid: p.cpu_ticks for pid, p in procs.items()}
+        first = not watch.cpu and not watch.cpu_history
+        # a process new since the last sample used all its ticks within the interval
+        used = {pid: t - watch.cpu.get(pid, 0) for pid, t in ticks.items()
+                if t > watch.cpu.get(pid, 0)}
+        watch.cpu = ticks
+        if first:
+            # what ran before the watch's first sample is the workload's start, not use
+            watch.cpu_history.append((now, {}))
+            return
+        watch.cpu_history.append((now, used))
+        window = watch.profile.cpu_window
+        while len(watch.cpu_history) > 1 and now - watch.cpu_history[1][0] >= window:
+            watch.cpu_history.popleft()
+        limit = watch.profile.max_cpu_share
+        began = watch.cpu_history[0][0]
+        if not limit or now - began < window:
+            return
+        per_pid: dict[int, int] = {}
+        for _, sample in list(watch.cpu_history)[1:]:
+            for pid, count in sample.items():
+                per_pid[pid] = per_pid.get(pid, 0) + count
+        cpus = _cpus_of(watch.root_pid or next(iter(procs), 0))
+        share = sum(per_pid.values()) / CLK_TCK / (now - began) / cpus
+        if share <= limit or not per_pid:
+            return
+        top = max(per_pid, key=lambda p: per_pid[p])
+        self._rate_anomaly(watch, "cpu-hog",
+                           f"{share:.0%} of {cpus} CPU(s) used over the last "
+                           f"{now - began:.0f} s (limit {limit:.0%}); pid {top} used "
+                           f"{per_pid[top] / CLK_TCK:.1f} s of it", top,
+                           {"share": round(share, 3), "cpus": cpus,
+                            "window_s": round(now - began, 1)})
 
     def _rate_anomaly(self, watch: Watch, category: str, detail: str, pid: int,
                       args: dict[str, object]) -> None:
@@ -208,6 +251,14 @@ class Sampler:
                           f"{new} monitoring events lost ({watch.lost} in total)", None,
                           {"lost": watch.lost}, rate=True)
         self.reporter.anomaly(watch, verdict, None, "", "none", time.time(), now, None)
+
+
+def _cpus_of(pid: int) -> int:
+    """How many CPUs `pid` may run on (a cgroup zone's cpuset); all of them if unknown."""
+    try:
+        return max(1, len(os.sched_getaffinity(pid)))
+    except OSError:
+        return os.cpu_count() or 1
 
 
 __all__ = ["MEMORY_WINDOW", "STATS_PERIOD", "Sampler"]

@@ -92,6 +92,11 @@ class Watch:
     rss_history: collections.deque[tuple[float, dict[int, int]]] = field(
         default_factory=collections.deque)
     io: dict[int, int] = field(default_factory=dict)
+    #: CPU ticks per process at the last sample, and (time, ticks used since the sample
+    #: before, per process) over the last profile.cpu_window seconds
+    cpu: dict[int, int] = field(default_factory=dict)
+    cpu_history: collections.deque[tuple[float, dict[int, int]]] = field(
+        default_factory=collections.deque)
     sampled_at: float = 0.0
     oom_base: int | None = None
     lost_reported: int = 0
