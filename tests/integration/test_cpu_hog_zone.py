@@ -59,7 +59,7 @@ def test_a_miner_is_a_cpu_hog_and_is_contained(tmp_path: Path) -> None:
     assert "of 1 CPU(s)" in str(anomaly["detail"]), anomaly
     evidence = anomaly["evidence"]
     assert isinstance(evidence, dict) and evidence["contained"] == "killed"
-    assert evidence["program"] == "/usr/bin/python3"
+    assert str(evidence["program"]).startswith("/usr/bin/python3")
     end = events[-1]
     assert end["event"] == "exit" and end["ended_by"] in ("reaction", "containment"), end
 

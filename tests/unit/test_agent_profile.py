@@ -30,7 +30,8 @@ def test_defaults_round_trip() -> None:
             "max_processes": 64,
             "max_syscalls_per_s": 1e5, "max_new_files_per_s": 5.5,
             "memory_spike_mib_per_s": 100, "contain": "deny", "drops_are_anomalies": False,
-            "sample_interval": 0.5}
+            "sample_interval": 0.5, "tripwires": ["/run/hvtsm/tripwires/z1"],
+            "max_cpu_share": 0.9, "cpu_window": 30.0}
     assert Profile.from_dict(full).to_dict() == full
     assert Profile.from_dict(Profile.from_dict(full).to_dict()) == Profile.from_dict(full)
 
@@ -49,6 +50,9 @@ def test_defaults_round_trip() -> None:
     ("max_forks_per_s", -1, "monitor.max_forks_per_s: must be >= 0"),
     ("max_forks_per_s", True, "monitor.max_forks_per_s: must be a number"),
     ("max_syscalls_per_s", "9", "monitor.max_syscalls_per_s: must be a number"),
+    ("max_cpu_share", 1.5, "monitor.max_cpu_share: must be between 0 and 1"),
+    ("cpu_window", 0, "monitor.cpu_window: must be between 1 and 3600"),
+    ("tripwires", ["wire"], "monitor.tripwires: 'wire' is not absolute"),
     ("memory_spike_mib_per_s", float("nan"), "monitor.memory_spike_mib_per_s: must be a "
                                              "number"),
     ("max_new_files_per_s", float("inf"), "monitor.max_new_files_per_s: must be a number"),
