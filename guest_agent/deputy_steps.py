@@ -30,6 +30,7 @@ Stdlib only, python >= 3.9.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import signal
@@ -100,23 +101,26 @@ def _paths(d: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(_path({"op": d.get("op"), name: v}, name) for v in value)
 
 
-class Step:
+class Step(abc.ABC):
     """One monotonic, idempotent step (see the module docstring)."""
 
     op: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def run(self, ctx: Context) -> Outcome:
-        raise NotImplementedError
+        """Put the step's effect in force; an effect already in force is success."""
 
-    def thaw(self, ctx: Context) -> None:
+    def thaw(self, ctx: Context) -> None:  # noqa: B027 (a no-op unless a stand-in)
         """Undo a stand-in freeze (STAND_INS); the other steps are never undone."""
 
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The step as the ``deputy`` message carries it."""
 
     @classmethod
+    @abc.abstractmethod
     def parse(cls, d: dict[str, Any]) -> Step:
-        raise NotImplementedError
+        """The step from its message form; StepError when it cannot be used."""
 
 
 @dataclass(frozen=True)
