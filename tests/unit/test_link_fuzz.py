@@ -371,13 +371,12 @@ def test_a_huge_line_then_a_heartbeat(rig: Rig) -> None:
     assert rig.link.health().messages == before + 1 and rig.link.health().flood_dropped == 0
     oversized = [d for k, d in rig.problems if k == "oversized"]
     assert len(oversized) == 1, rig.problems  # one line, one report
-    # past the byte budget within one window, the link paused to the window's end; on a
-    # host too busy to read that much within one second, the line spans windows instead
-    # and no budget is exceeded: either way the heartbeat behind it arrived, nothing lost
+    # past the byte budget within one window, the link paused to the window's end; where
+    # the line's reading spans two windows (a busy host, or a window opened by the rig's
+    # own traffic), no budget is exceeded: either way the heartbeat behind it arrived and
+    # nothing was lost (the assertions above)
     if "flood" in rig.kinds():
         assert took > 0.5  # it waited for the pause
-    else:
-        assert took >= 1.0, (took, rig.problems)
     rig.check("oversized")
 
 
