@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +83,19 @@ class FakeDriver:
         self.already: tuple[InForce, ...] = ()
         #: each zone's schedules as its deputy got them, in order
         self.delegated: dict[str, list[DeputyOrders]] = {}
+        self.delegation = threading.Condition()
         #: what a zone's deputy reports when its zone is adopted
         self.reports: dict[str, DeputyReport] = {}
+
+    def wait_delegated(self, zone_id: str, done: Callable[[DeputyOrders], bool],
+                       timeout: float = 5.0) -> DeputyOrders:
+        """The zone's latest orders once `done` holds for them (AssertionError on timeout)."""
+        with self.delegation:
+            ok = self.delegation.wait_for(
+                lambda: bool(self.delegated.get(zone_id)) and done(self.delegated[zone_id][-1]),
+                timeout)
+            assert ok, f"no orders for {zone_id} met the condition: {self.delegated.get(zone_id)}"
+            return self.delegated[zone_id][-1]
 
     def bound(self, events: DriverEvents) -> FakeDriver:
         """This fake as a driver factory: `Manager(store, driver.bound)` keeps the test's
@@ -161,7 +172,9 @@ class FakeDeputy:
         self.handle = handle
 
     def delegate(self, orders: DeputyOrders) -> None:
-        self.driver.delegated.setdefault(self.handle.zone_id, []).append(orders)
+        with self.driver.delegation:
+            self.driver.delegated.setdefault(self.handle.zone_id, []).append(orders)
+            self.driver.delegation.notify_all()
         if orders.thaw:
             self.handle.state.frozen = False
 

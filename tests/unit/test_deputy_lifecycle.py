@@ -46,11 +46,9 @@ def test_the_deputy_hears_of_every_change_of_the_schedule(store: Store) -> None:
     assert moved.phases[0].due == pytest.approx(run.pending[1])
     assert moved.phases[0].due < first.phases[0].due
     manager.jump(run.zone_id, reason="test")
-    deadline = time.monotonic() + 5
-    while run.phase_index < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert driver.delegated[run.zone_id][-1].in_force == 1
-    assert [p.index for p in driver.delegated[run.zone_id][-1].phases] == [2, 3]
+    after = driver.wait_delegated(run.zone_id, lambda orders: orders.in_force == 1)
+    assert run.phase_index == 1
+    assert [p.index for p in after.phases] == [2, 3]
     manager.shutdown()
 
 

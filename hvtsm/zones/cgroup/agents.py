@@ -44,6 +44,7 @@ class ZoneAgents:
         self._spare: HostAgent | None = None
         self._spare_lock = threading.Lock()
         self._swept = False
+        self._taken = 0
         #: after a controller restart: set once each zone's agent is back, or is not
         self._back: dict[str, threading.Event] = {}
         #: zones whose agent was found gone, told by `back` (once the zone is registered)
@@ -52,8 +53,8 @@ class ZoneAgents:
     # -- assigning --------------------------------------------------------------------------
 
     def take(self, zone_id: str) -> HostAgent:
-        """The spare (started ahead), else a new agent, assigned to the zone; either way a
-        new spare is started for the zone after this one."""
+        """The spare (started ahead), else a new agent, assigned to the zone; from the
+        second zone on, a new spare is started for the zone after this one."""
         with self._spare_lock:
             if not self._swept:
                 host_agent.sweep_spares()
@@ -64,8 +65,13 @@ class ZoneAgents:
                 agent = None
             if agent is None:
                 agent = HostAgent.launch(_agent_name())
-            with contextlib.suppress(ZoneError):
-                self._spare = HostAgent.launch(_agent_name())
+            # a driver's first zone starts no spare: a one-shot `hvtsm run` would start an
+            # agent it never uses (fifty of them at once doubled the load of fifty runs);
+            # a driver that started one zone is likely to start more
+            if self._taken:
+                with contextlib.suppress(ZoneError):
+                    self._spare = HostAgent.launch(_agent_name())
+            self._taken += 1
         agent.assign(zone_id)
         self._agents[zone_id] = agent
         return agent
@@ -86,7 +92,8 @@ class ZoneAgents:
                 self.events, zone_id, transient=self._on_transient)
         return sink
 
-    def _connect(self, agent: HostAgent, zone_id: str, *, timeout: float = 10.0) -> None:
+    def _connect(self, agent: HostAgent, zone_id: str, *,
+                 timeout: float = host_agent.CONNECT_TIMEOUT_S) -> None:
         sink = self.sink(zone_id)
         agent.connect(on_problem=sink.problem, on_event=sink.event, on_channel=sink.channel,
                       timeout=timeout)
