@@ -185,7 +185,8 @@ def test_a_refused_profile_comes_back_as_a_workload_error(pair: Any) -> None:
     agent.send({"type": "error", "id": work.id, "kind": "invalid",
                 "message": "profile field 'bogus' is unknown"})
     deadline = time.monotonic() + 3
-    while not work.errors and time.monotonic() < deadline:
+    # the reader thread records the workload's error, then tells the problem handler
+    while not (work.errors and problems) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert work.errors == ["profile field 'bogus' is unknown"]
     assert ("agent_error", f"{work.id}: profile field 'bogus' is unknown") in problems
