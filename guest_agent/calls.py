@@ -33,6 +33,15 @@ AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 NR = X86_64
 EXECS = frozenset(NR[n] for n in ("execve", "execveat"))
 OPENS = frozenset(NR[n] for n in ("open", "openat", "creat", "openat2"))
+MAPS = frozenset(NR[n] for n in ("mmap", "mprotect"))
+#: syscall -> (index of the path argument, index of its dirfd or -1, whether it moves)
+_FILE_ARGS = {"rename": (0, -1, True), "renameat": (1, 0, True), "renameat2": (1, 0, True),
+              "link": (0, -1, True), "linkat": (1, 0, True), "unlink": (0, -1, False),
+              "unlinkat": (1, 0, False), "rmdir": (0, -1, False)}
+FILE_CALLS = frozenset(NR[n] for n in _FILE_ARGS)
+MAP_ANONYMOUS = 0x20
+MAX_ENV = 512
+_PRELOAD_VARS = (b"LD_PRELOAD=", b"LD_AUDIT=")
 
 PTRACE_REQUESTS = {0: "TRACEME", 1: "PEEKTEXT", 2: "PEEKDATA", 3: "PEEKUSER", 4: "POKETEXT",
                    5: "POKEDATA", 6: "POKEUSER", 7: "CONT", 8: "KILL", 9: "SINGLESTEP",
@@ -57,6 +66,8 @@ class ExecCall:
     raw: str = ""
     dirfd: int = AT_FDCWD
     by_fd: bool = False
+    #: the address of its environment in the caller's memory (read on demand: `preloads`)
+    envp: int = 0
 
     @property
     def args(self) -> dict[str, Any]:
@@ -105,6 +116,37 @@ class OpenCall:
 
 
 @dataclass(frozen=True)
+class MapCall:
+    """mmap with PROT_EXEC of a file (`fd`), or mprotect adding PROT_EXEC at `addr`."""
+
+    syscall: str
+    prot: int
+    fd: int = -1
+    addr: int = 0
+    anonymous: bool = False
+
+    @property
+    def args(self) -> dict[str, Any]:
+        if self.syscall == "mmap":
+            return {"fd": self.fd, "prot": self.prot}
+        return {"addr": hex(self.addr), "prot": self.prot}
+
+
+@dataclass(frozen=True)
+class FileCall:
+    """A rename or link (`moves`), or an unlink/rmdir, of `path` (absolute, as the caller
+    meant it)."""
+
+    syscall: str
+    path: str
+    moves: bool
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+
+@dataclass(frozen=True)
 class DeniedCall:
     """A call of a deny_syscalls entry (exec excepted: an ExecCall judges that)."""
 
@@ -129,7 +171,7 @@ class ForeignCall:
         return {"raw": [hex(a) for a in self.raw]}
 
 
-Call = Union[ExecCall, ConnectCall, OpenCall, DeniedCall, ForeignCall]
+Call = Union[ExecCall, ConnectCall, OpenCall, MapCall, FileCall, DeniedCall, ForeignCall]
 
 
 def decode(n: seccomp.Notification, mem: Mem, denied: Collection[str]) -> Call | None:
@@ -147,6 +189,10 @@ def decode(n: seccomp.Notification, mem: Mem, denied: Collection[str]) -> Call |
         return connect_call(n, mem)
     if n.nr in OPENS:
         return open_call(n, mem)
+    if n.nr in MAPS:
+        return map_call(n)
+    if n.nr in FILE_CALLS:
+        return file_call(n, mem)
     return None
 
 
@@ -178,7 +224,41 @@ def exec_call(n: seccomp.Notification, mem: Mem) -> ExecCall:
             if not p:
                 break
             argv.append(mem.string(p, 1024))
-    return ExecCall(syscall_name(n.nr), path, tuple(argv), raw, dirfd, by_fd)
+    envp = n.args[2] if n.nr == NR["execve"] else n.args[3]
+    return ExecCall(syscall_name(n.nr), path, tuple(argv), raw, dirfd, by_fd, envp)
+
+
+def preloads(call: ExecCall, mem: Mem) -> list[str]:
+    """The libraries an exec's environment preloads (LD_PRELOAD, LD_AUDIT), as written."""
+    if not call.envp:
+        return []
+    ptrs = mem.read(call.envp, 8 * MAX_ENV)
+    out: list[str] = []
+    for (p,) in struct.iter_unpack("<Q", ptrs[:len(ptrs) // 8 * 8]):
+        if not p:
+            break
+        head = mem.read(p, 11)
+        for var in _PRELOAD_VARS:
+            if head.startswith(var):
+                value = mem.string(p, 4096)[len(var):]
+                out += [v for v in value.replace(":", " ").split() if v]
+    return out
+
+
+def map_call(n: seccomp.Notification) -> MapCall:
+    prot = n.args[2] & 0xFFFFFFFF
+    if n.nr == NR["mmap"]:
+        return MapCall("mmap", prot, fd=_s32(n.args[4]),
+                       anonymous=bool(n.args[3] & MAP_ANONYMOUS))
+    return MapCall("mprotect", prot, addr=n.args[0])
+
+
+def file_call(n: seccomp.Notification, mem: Mem) -> FileCall:
+    name = syscall_name(n.nr)
+    arg, dirfd_arg, moves = _FILE_ARGS[name]
+    dirfd = _s32(n.args[dirfd_arg]) if dirfd_arg >= 0 else AT_FDCWD
+    raw = mem.string(n.args[arg])
+    return FileCall(name, resolve(n.pid, dirfd, raw) if raw else "", moves)
 
 
 def connect_call(n: seccomp.Notification, mem: Mem) -> ConnectCall:
@@ -221,5 +301,5 @@ def open_call(n: seccomp.Notification, mem: Mem) -> OpenCall:
     return OpenCall(name, resolve(n.pid, dirfd, raw), flags, raw, dirfd)
 
 
-__all__ = ["EXECS", "OPENS", "Call", "ConnectCall", "DeniedCall", "ExecCall", "ForeignCall",
-           "OpenCall", "decode"]
+__all__ = ["EXECS", "FILE_CALLS", "MAPS", "OPENS", "Call", "ConnectCall", "DeniedCall",
+           "ExecCall", "FileCall", "ForeignCall", "MapCall", "OpenCall", "decode", "preloads"]

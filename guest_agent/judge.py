@@ -32,7 +32,9 @@ from guest_agent.calls import (
     ConnectCall,
     DeniedCall,
     ExecCall,
+    FileCall,
     ForeignCall,
+    MapCall,
     OpenCall,
 )
 from guest_agent.inroot import MISSING
@@ -92,6 +94,11 @@ class Facts:
     new_files: int = 0
     #: an open for writing of another process's memory: its /proc path ("": none)
     foreign_mem: str = ""
+    #: an exec's or executable mapping's code came from the network: why ("": it did not,
+    #: or provenance is off); provenance.py
+    code_origin: str = ""
+    #: files removed (or truncated) by the watch over the last second, this call included
+    deletions: int = 0
 
 
 def judge(call: Call, profile: Profile, facts: Facts) -> Verdict | None:
@@ -106,7 +113,33 @@ def judge(call: Call, profile: Profile, facts: Facts) -> Verdict | None:
                        call.args)
     if isinstance(call, ConnectCall):
         return judge_connect(call, profile, facts)
+    if isinstance(call, MapCall):
+        return judge_map(call, facts)
+    if isinstance(call, FileCall):
+        return judge_file(call, profile, facts)
     return judge_open(call, profile, facts)
+
+
+def judge_map(call: MapCall, facts: Facts) -> Verdict | None:
+    if not facts.code_origin:
+        return None
+    return anomaly("dropped-code", f"{call.syscall} of code as executable: {facts.code_origin}",
+                   call.syscall, call.args)
+
+
+def judge_file(call: FileCall, profile: Profile, facts: Facts) -> Verdict | None:
+    if call.moves:
+        return None  # a move only pins provenance (notifications.py)
+    return _deletion_rate(profile, facts, call.syscall, call.args)
+
+
+def _deletion_rate(profile: Profile, facts: Facts, syscall: str,
+                   args: dict[str, Any]) -> Verdict | None:
+    limit = profile.max_deletes_per_s
+    if limit and facts.deletions > limit:
+        return anomaly("deletion-rate", f"{facts.deletions} files removed or truncated in the "
+                       f"last second (limit {limit:g})", syscall, args, rate=True)
+    return None
 
 
 def judge_exec(call: ExecCall, profile: Profile, facts: Facts) -> Verdict | None:
@@ -129,6 +162,10 @@ def judge_exec(call: ExecCall, profile: Profile, facts: Facts) -> Verdict | None
                 return anomaly("reverse-shell",
                                f"exec of shell {path} with a socket on {where} ({target})",
                                call.syscall, args)
+    # a shell on a socket is the more precise name than its stdin's network origin
+    if facts.code_origin:
+        return anomaly("dropped-code", f"exec of {path}: {facts.code_origin}", call.syscall,
+                       args)
     verdict = profile.exec_verdict(path)
     if real != path:
         by_real = profile.exec_verdict(real)
@@ -188,6 +225,10 @@ def judge_open(call: OpenCall, profile: Profile, facts: Facts) -> Verdict | None
         what = "write" if call.writes else "read"
         return anomaly("sensitive-path", f"{what} of {call.path} matches {glob}", call.syscall,
                        call.args)
+    if facts.deletions:
+        verdict = _deletion_rate(profile, facts, call.syscall, call.args)
+        if verdict is not None:
+            return verdict
     if not creates_file(call, profile, facts.path_exists):
         return None
     limit = profile.max_new_files_per_s
@@ -198,4 +239,4 @@ def judge_open(call: OpenCall, profile: Profile, facts: Facts) -> Verdict | None
 
 
 __all__ = ["Action", "Facts", "Verdict", "anomaly", "creates_file", "judge", "judge_connect",
-           "judge_exec", "judge_open"]
+           "judge_exec", "judge_file", "judge_map", "judge_open"]

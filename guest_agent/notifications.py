@@ -23,16 +23,29 @@ import select
 import time
 from typing import Callable
 
-from guest_agent import inroot, procmem, seccomp
-from guest_agent.calls import EXECS, O_CREAT, Call, ConnectCall, ExecCall, OpenCall, decode
+from guest_agent import inroot, origin_facts, procmem, seccomp
+from guest_agent.calls import (
+    EXECS,
+    O_CREAT,
+    Call,
+    ConnectCall,
+    ExecCall,
+    FileCall,
+    MapCall,
+    OpenCall,
+    decode,
+)
 from guest_agent.containment import Containment
 from guest_agent.holds import Holds
-from guest_agent.judge import Action, Facts, Verdict, creates_file, judge
+from guest_agent.judge import Action, Facts, Verdict, anomaly, creates_file, judge
+from guest_agent.members import members
 from guest_agent.procfs import Mem, ProcReadError, fd_target
+from guest_agent.provenance import in_view
 from guest_agent.reports import Reporter
 from guest_agent.watch import Watch
 
 log = logging.getLogger("guest_agent")
+O_TRUNC = 0o1000
 
 
 def _realpath(path: str) -> str:
@@ -132,41 +145,66 @@ class Notifications:
         call = decode(notif, mem, profile.deny_syscalls)
         if call is None:
             return None
-        verdict = judge(call, profile, self.facts(watch, call, notif.pid, now))
+        verdict = judge(call, profile, self.facts(watch, call, notif.pid, now, mem))
         if isinstance(call, ExecCall) and verdict is None and not watch.first_exec_done:
             watch.first_exec(notif.pid)
+        elif isinstance(call, ConnectCall) and verdict is None:
+            self._connected(watch, call, notif.pid)
+        elif isinstance(call, OpenCall) and verdict is None and call.writes:
+            watch.provenance.opened_for_writing(notif.pid, call.path)
         elif isinstance(call, OpenCall) and verdict is not None \
                 and verdict.category == "sensitive-path":
             # fanotify will see the same open: one report is enough
             watch.recent_sensitive[(notif.pid, call.path)] = time.monotonic()
         return verdict
 
+    def _connected(self, watch: Watch, call: ConnectCall, pid: int) -> None:
+        """The caller is still blocked in its connect: an interpreter about to run what it
+        receives is contained before the first byte can arrive."""
+        if not watch.profile.provenance or call.family not in ("inet", "inet6"):
+            return
+        fed = origin_facts.connected(watch, call, pid, members(watch))
+        for reader, why in fed:
+            act_mono, act_time = time.monotonic(), time.time()
+            verdict = anomaly("dropped-code", why, None, {"pid": reader, "connect": call.args})
+            self.containment.call(watch, verdict, reader, act_time, act_mono, None)
+
     @staticmethod
-    def facts(watch: Watch, call: Call, pid: int, now: float) -> Facts:
+    def facts(watch: Watch, call: Call, pid: int, now: float, mem: Mem) -> Facts:
         """What judging `call` of `pid` needs to know beyond the call (judge.Facts). The
-        watch's count of new files grows here when the call creates one."""
+        watch's counts of new and removed files grow here when the call adds to them."""
         if isinstance(call, ExecCall):
             found = None if call.by_fd else inroot.lookup(pid, call.raw, call.dirfd)
             if found is not None and found.missing:
                 return Facts(lookup_error=found.error)
             if not watch.first_exec_done:
                 return Facts(first_exec_done=False)
+            real = found.real if found is not None and found.real else _realpath(call.path)
             return Facts(pid=pid, root_pid=watch.root_pid, zone=watch.zone_of(pid),
-                         real_path=found.real if found is not None and found.real
-                         else _realpath(call.path),
-                         stdio=(fd_target(pid, 0), fd_target(pid, 1)))
+                         real_path=real, stdio=(fd_target(pid, 0), fd_target(pid, 1)),
+                         code_origin=origin_facts.exec_origin(watch, call, pid, real, mem))
+        if isinstance(call, MapCall):
+            return Facts(pid=pid, code_origin=origin_facts.map_origin(watch, call, pid))
+        if isinstance(call, FileCall):
+            if call.moves:
+                watch.provenance.pin(pid)
+                return Facts(pid=pid)
+            return Facts(pid=pid, deletions=int(watch.deletions.add(now)))
         if isinstance(call, ConnectCall):
             zone = watch.zone_of(pid) if call.family in ("inet", "inet6") else None
             transient = watch.transients.get(zone) if zone is not None else None
             return Facts(pid=pid, root_pid=watch.root_pid, zone=zone,
                          zone_network=transient.network if transient else "full")
         if isinstance(call, OpenCall):
-            exists = os.path.lexists(call.path) if call.flags & O_CREAT else True
+            truncates = bool(call.flags & O_TRUNC) and bool(watch.profile.max_deletes_per_s)
+            exists = os.path.lexists(in_view(pid, call.path)) \
+                if call.flags & O_CREAT or truncates else True
             foreign = procmem.foreign_mem(pid, call)
+            deletions = int(watch.deletions.add(now)) if truncates and exists else 0
             if not creates_file(call, watch.profile, exists):
-                return Facts(path_exists=exists, foreign_mem=foreign)
+                return Facts(path_exists=exists, foreign_mem=foreign, deletions=deletions)
             return Facts(path_exists=exists, new_files=int(watch.new_files.add(now)),
-                         foreign_mem=foreign)
+                         foreign_mem=foreign, deletions=deletions)
         return Facts()
 
 

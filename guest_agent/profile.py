@@ -31,6 +31,12 @@ from guest_agent.syscalls import numbers
 NETWORKS = ("full", "loopback", "none")
 CONTAINS = ("none", "deny", "kill")
 DEFAULT_SHELLS = ("*/sh", "*/bash", "*/dash", "*/zsh", "*/ash", "*/ksh", "*/busybox")
+#: programs that run code they read (a script argument, or stdin): judged by its origin
+DEFAULT_INTERPRETERS = (
+    *DEFAULT_SHELLS, "*/python", "*/python2*", "*/python3*", "*/pypy*", "*/perl", "*/perl5*",
+    "*/ruby*",
+    "*/node", "*/nodejs", "*/php", "*/php?*", "*/lua", "*/lua5*", "*/tclsh*", "*/awk",
+    "*/gawk", "*/mawk")
 #: bounds of sample_interval (s): faster would cost more than it tells, slower misses spikes
 MIN_SAMPLE = 0.05
 MAX_SAMPLE = 10.0
@@ -351,6 +357,17 @@ class Profile:
     shells: tuple[str, ...] = setting(
         "globs", DEFAULT_SHELLS,
         "globs of shells: exec'd with a socket on stdin/stdout is a reverse shell")
+    provenance: bool = setting(
+        "bool", True, "judge code by its origin: an exec, executable mapping or preload of a "
+        "file written from network data (by a process that connected out, or read what one "
+        "wrote), or an interpreter running such a script or stdin, is dropped-code",
+        policy=True)
+    interpreters: tuple[str, ...] = setting(
+        "globs", DEFAULT_INTERPRETERS,
+        "globs of programs whose script argument or stdin is code (provenance)", policy=True)
+    trusted_origins: tuple[str, ...] = setting(
+        "egress", (), "destinations ('net[:port[-port]]') whose data is not network code: "
+        "a package mirror (provenance)", policy=True)
     network: str = setting("network", "full", "full | loopback | none: the zone's network now")
     egress: tuple[str, ...] = setting(
         "egress", (), "allowed destinations now, as 'net[:port[-port]]' (empty: any when full)")
@@ -369,6 +386,9 @@ class Profile:
         "window", 30, "seconds over which max_cpu_share is judged", policy=True)
     max_new_files_per_s: float = setting(
         "rate", 0, "files created per second (0: no limit)", policy=True)
+    max_deletes_per_s: float = setting(
+        "rate", 0, "files and directories removed (or truncated) per second: mass "
+        "destruction (0: no limit)", policy=True)
     memory_spike_mib_per_s: float = setting(
         "rate", 0, "resident memory growth per second (0: no limit)", policy=True)
     contain: str = setting(
@@ -386,6 +406,8 @@ class Profile:
     def __post_init__(self) -> None:
         # parsed once: verdicts run for every notified call
         object.__setattr__(self, "_egress", tuple(parse_egress(r) for r in self.egress))
+        object.__setattr__(self, "_trusted",
+                           tuple(parse_egress(r) for r in self.trusted_origins))
 
     @classmethod
     def from_dict(cls, d: Any) -> Profile:
@@ -430,6 +452,19 @@ class Profile:
         if self.allow_exec and first_match(self.allow_exec, path) is None:
             return f"exec of {path} is not in allow_exec"
         return None
+
+    def trusted_origin(self, address: str, port: int) -> bool:
+        """Whether data from (`address`, `port`) is trusted as code (trusted_origins)."""
+        rules: tuple[EgressRule, ...] = getattr(self, "_trusted", ())
+        if not rules:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(r.matches(ip, port) for r in rules)
 
     def connect_verdict(self, family: str, address: str, port: int) -> str | None:
         """Why a connect to (`family` inet|inet6|unix, `address`, `port`) is not allowed

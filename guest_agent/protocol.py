@@ -238,6 +238,9 @@ ANOMALY_CATEGORIES = (
     "injection",
     # the zone's processes used more than max_cpu_share of its CPUs for cpu_window seconds
     "cpu-hog",
+    # code of network origin exec'd, mapped executable, preloaded or interpreted
+    # (provenance), and files removed faster than max_deletes_per_s
+    "dropped-code", "deletion-rate",
     # transient zones: a held code path the host did not answer in time (the agent), one
     # split too many for the policy's max_zones (raised by the host itself)
     "transient-timeout", "transient-limit",

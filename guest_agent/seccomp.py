@@ -9,7 +9,11 @@ SECCOMP_RET_ALLOW, so the watch costs little for ordinary work:
 * every syscall in profile.deny_syscalls;
 * execve, execveat, connect;
 * openat with O_CREAT|O_TMPFILE or a write access mode (O_WRONLY, O_RDWR) in flags, open
-  likewise, creat, openat2: a new file, or a write (into /proc/PID/mem: injection).
+  likewise, creat, openat2: a new file, or a write (into /proc/PID/mem: injection);
+* with profile.provenance: rename, renameat, renameat2, link, linkat (a file written from
+  network data is pinned by inode before it moves), mmap with PROT_EXEC of a file (not
+  MAP_ANONYMOUS's fd -1) and mprotect adding PROT_EXEC (provenance.py);
+* with profile.max_deletes_per_s: unlink, unlinkat, rmdir (mass destruction).
 
 Process creation (clone, clone3, fork, vfork) is NOT notified unless deny-listed: a caller
 waiting for the agent's answer is woken by any signal (wait_for_completion_interruptible in
@@ -96,12 +100,33 @@ ALWAYS = ("execve", "execveat", "connect", "creat", "openat2")
 PROCESS_CREATION = ("clone", "clone3", "fork", "vfork")
 
 
-def build_program(deny: Iterable[str]) -> list[Insn]:
-    """The filter for a profile whose deny_syscalls are `deny`: a list of (code, jt, jf, k).
-    Each match returns at once (jeq over one ret) so no jump offset outgrows its 8 bits
-    however long the deny list is."""
+#: notified with profile.provenance: a move pins a network-written file's inode first
+MOVES = ("rename", "renameat", "renameat2", "link", "linkat")
+#: notified with profile.max_deletes_per_s
+DELETES = ("unlink", "unlinkat", "rmdir")
+PROT_EXEC = 0x4
+#: the low 32 bits of mmap's fd -1 (an anonymous mapping)
+NO_FD = 0xFFFFFFFF
+
+
+def extra_calls(profile: Profile) -> tuple[str, ...]:
+    """The syscalls beyond ALWAYS that a filter for `profile` notifies on every call."""
+    out: tuple[str, ...] = ()
+    if profile.provenance:
+        out += MOVES
+    if profile.max_deletes_per_s:
+        out += DELETES
+    return out
+
+
+def build_program(deny: Iterable[str], extra: Iterable[str] = (), *,
+                  exec_maps: bool = False) -> list[Insn]:
+    """The filter for a profile whose deny_syscalls are `deny`, notifying `extra` calls too
+    and (`exec_maps`) executable file mappings: a list of (code, jt, jf, k). Each match
+    returns at once (jeq over one ret) so no jump offset outgrows its 8 bits however long
+    the deny list is."""
     deny_nrs = sorted(set(numbers(deny)))
-    notify = sorted(set(deny_nrs) | {X86_64[n] for n in ALWAYS})
+    notify = sorted(set(deny_nrs) | {X86_64[n] for n in (*ALWAYS, *extra)})
     prog: list[Insn] = [
         (BPF_LD_W_ABS, 0, 0, OFF_ARCH),
         (BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
@@ -122,6 +147,20 @@ def build_program(deny: Iterable[str]) -> list[Insn]:
         prog += [(BPF_JEQ_K, 0, 4, nr), (BPF_LD_W_ABS, 0, 0, off_arg(arg)),
                  (BPF_JSET_K, 0, 1, mask),
                  (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF), (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+    if exec_maps:
+        mmap, mprotect = X86_64["mmap"], X86_64["mprotect"]
+        if mmap not in deny_nrs:
+            # mmap: PROT_EXEC set and an fd other than -1
+            prog += [(BPF_JEQ_K, 0, 6, mmap), (BPF_LD_W_ABS, 0, 0, off_arg(2)),
+                     (BPF_JSET_K, 0, 3, PROT_EXEC), (BPF_LD_W_ABS, 0, 0, off_arg(4)),
+                     (BPF_JEQ_K, 1, 0, NO_FD),
+                     (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+                     (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+        if mprotect not in deny_nrs:
+            prog += [(BPF_JEQ_K, 0, 4, mprotect), (BPF_LD_W_ABS, 0, 0, off_arg(2)),
+                     (BPF_JSET_K, 0, 1, PROT_EXEC),
+                     (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+                     (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
     prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     if len(prog) > BPF_MAXINSNS:
         raise ValueError(f"seccomp filter of {len(prog)} instructions is too long")
@@ -130,8 +169,9 @@ def build_program(deny: Iterable[str]) -> list[Insn]:
 
 def notified_numbers(profile: Profile) -> frozenset[int]:
     """Syscall numbers a filter built for `profile` may notify."""
+    maps = ("mmap", "mprotect") if profile.provenance else ()
     return frozenset(numbers(profile.deny_syscalls)) | {
-        X86_64[n] for n in (*ALWAYS, "openat", "open")}
+        X86_64[n] for n in (*ALWAYS, "openat", "open", *extra_calls(profile), *maps)}
 
 
 def pack_program(prog: list[Insn]) -> bytes:
@@ -183,7 +223,8 @@ class Installer:
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
-        self.program = build_program(profile.deny_syscalls)
+        self.program = build_program(profile.deny_syscalls, extra_calls(profile),
+                                     exec_maps=profile.provenance)
         self.notified = notified_numbers(profile)
         code = pack_program(self.program)
         self._libc = libc()
@@ -332,5 +373,6 @@ def available() -> str | None:
     return _available[0]
 
 
-__all__ = ["ALWAYS", "PROCESS_CREATION", "Installer", "Listener", "Notification", "available",
-           "build_program", "notified_numbers", "pack_program"]
+__all__ = ["ALWAYS", "DELETES", "MOVES", "PROCESS_CREATION", "Installer", "Listener",
+           "Notification", "available", "build_program", "extra_calls", "notified_numbers",
+           "pack_program"]

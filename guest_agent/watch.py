@@ -16,6 +16,7 @@ from typing import Any
 from guest_agent import fanotify, proccount, seccomp
 from guest_agent.procfs import cgroup_components
 from guest_agent.profile import Profile
+from guest_agent.provenance import Provenance
 from guest_agent.rates import RateWindow
 
 log = logging.getLogger("guest_agent")
@@ -82,6 +83,10 @@ class Watch:
     tasks_base: int | None = None
     #: files created over the last second
     new_files: RateWindow = field(default_factory=RateWindow)
+    #: files removed or truncated over the last second
+    deletions: RateWindow = field(default_factory=RateWindow)
+    #: which processes received network data and which files they wrote
+    provenance: Provenance = field(default_factory=Provenance)
     #: anomalies emitted over the last second (beyond MAX_ANOMALIES_PER_S: dropped)
     emitted: RateWindow = field(default_factory=_emit_window)
     #: per rate category: the emission of the current RATE_EMIT_PERIOD

@@ -77,6 +77,9 @@ have_initdb() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
 
+# the monitor's benign corpus builds and runs code the way developers do
+[ "$DEV" -eq 1 ] && PACKAGES+=(make git sqlite3 tar)
+
 if [ "$DEV" -eq 1 ] && ! have_initdb; then
     PACKAGES+=(postgresql)
 fi

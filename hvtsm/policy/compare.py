@@ -26,7 +26,7 @@ from hvtsm.policy.model import Containment, Policy, Reaction
 
 #: the [anomaly] rates where 0 is "no limit" and a higher value is looser
 RATES = ("max_forks_per_s", "max_processes", "max_syscalls_per_s", "max_new_files_per_s",
-         "memory_spike_mib_per_s", "max_cpu_share")
+         "max_deletes_per_s", "memory_spike_mib_per_s", "max_cpu_share")
 
 _CONTAIN = [Containment.NONE, Containment.DENY, Containment.KILL]
 _REACTION = list(Reaction)  # mildest first
@@ -119,6 +119,17 @@ def weaker_than(policy: Policy, reference: Policy) -> list[Weakness]:
     if b.max_cpu_share and a.max_cpu_share and a.cpu_window > b.cpu_window:
         found.append(Weakness("cpu_window", f"{a.cpu_window:g} s, the reference "
                               f"{b.cpu_window:g} s: sustained use is seen later"))
+    if b.provenance:
+        if not a.provenance:
+            found.append(Weakness("provenance", "off: code of network origin runs unjudged"))
+        else:
+            for glob, path in uncovered(a.interpreters, b.interpreters):
+                found.append(Weakness("interpreters", f"does not cover {glob!r} (such as "
+                                      f"{path}): its scripts and stdin are not judged"))
+            trusted = sorted(set(a.trusted_origins) - set(b.trusted_origins))
+            if trusted:
+                found.append(Weakness("trusted_origins", "trusts " + ", ".join(trusted)
+                                      + ", which the reference does not"))
     if _CONTAIN.index(mine.contain) < _CONTAIN.index(theirs.contain):
         found.append(Weakness("contain", f"{mine.contain}, the reference {theirs.contain}"))
     if b.drops_are_anomalies and not a.drops_are_anomalies:

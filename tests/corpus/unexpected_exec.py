@@ -1,4 +1,5 @@
-"""Misbehaves: drops a program into /tmp and runs it (a downloaded payload's shape)."""
+"""Misbehaves: drops a program into /dev/shm and runs it (a payload hidden in memory-backed
+scratch, where the shipped policies deny exec whatever its origin)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 from _common import act, behave, survived
 
 behave()
-payload = os.path.join(tempfile.mkdtemp(prefix="payload-", dir="/tmp"), "x")
+payload = os.path.join(tempfile.mkdtemp(prefix="payload-", dir="/dev/shm"), "x")
 shutil.copy("/bin/true", payload)
 os.chmod(payload, 0o755)
 act("unexpected_exec")

@@ -31,7 +31,9 @@ def test_defaults_round_trip() -> None:
             "max_syscalls_per_s": 1e5, "max_new_files_per_s": 5.5,
             "memory_spike_mib_per_s": 100, "contain": "deny", "drops_are_anomalies": False,
             "sample_interval": 0.5, "tripwires": ["/run/hvtsm/tripwires/z1"],
-            "max_cpu_share": 0.9, "cpu_window": 30.0}
+            "max_cpu_share": 0.9, "cpu_window": 30.0, "provenance": False,
+            "interpreters": ["*/python3*"], "trusted_origins": ["192.0.2.0/24:443"],
+            "max_deletes_per_s": 50}
     assert Profile.from_dict(full).to_dict() == full
     assert Profile.from_dict(Profile.from_dict(full).to_dict()) == Profile.from_dict(full)
 
