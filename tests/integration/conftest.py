@@ -34,3 +34,12 @@ def listener() -> Iterator[int]:
     stop.set()
     thread.join()
     server.close()
+
+
+@pytest.fixture(scope="module")
+def payload_port() -> Iterator[int]:
+    """An HTTP server of code and data for zones to fetch (monitor_corpus.payloads)."""
+    from tests.integration.monitor_corpus import payload_server
+
+    with payload_server() as port:
+        yield port

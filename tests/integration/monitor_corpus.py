@@ -3,16 +3,21 @@ under the shipped default policy: shared by the cgroup and the guest tests and t
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
+import io
 import os
 import shutil
+import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvtsm.lifecycle import Manager, ZoneRun
-from hvtsm.policy import load_policy
+from hvtsm.policy import Policy, load_policy
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.zones.base import Backend, WorkloadIO
@@ -64,6 +69,61 @@ def benign_cases(port: int) -> list[Case]:
     ]
 
 
+def dropped_cases(port: int) -> list[Case]:
+    """Code fetched from payload_server and run, in every shape dropped.py knows."""
+    return [Case("dropped.py", (mode, "gateway", str(port)), frozenset({"dropped-code"}))
+            for mode in DROPPED_MODES]
+
+
+DROPPED_MODES = ("exec", "base64", "rename", "copy", "tar", "script-py", "pipe-sh", "preload",
+                 "mmap", "memfd")
+#: a library that does nothing when loaded (glibc keeps it as an empty compatibility stub)
+HARMLESS_LIBRARY = Path("/lib/x86_64-linux-gnu/libutil.so.1")
+
+
+def payloads() -> dict[str, bytes]:
+    """What payload_server serves, by path."""
+    true = Path("/bin/true").read_bytes()
+    script = b"echo payload-ran\n"
+    bundle = io.BytesIO()
+    with tarfile.open(fileobj=bundle, mode="w") as tar:
+        info = tarfile.TarInfo("script.sh")
+        info.size, info.mode = len(script), 0o755
+        tar.addfile(info, io.BytesIO(script))
+    return {"/true": true, "/true.b64": base64.b64encode(true), "/script.sh": script,
+            "/script.py": b"print('payload-ran')\n", "/lib.so": HARMLESS_LIBRARY.read_bytes(),
+            "/bundle.tar": bundle.getvalue(),
+            "/data.csv": b"".join(b"%d,%d\n" % (i, i * i) for i in range(200))}
+
+
+@contextlib.contextmanager
+def payload_server() -> Iterator[int]:
+    """An HTTP server on all host addresses (a zone reaches it at its gateway) serving
+    payloads(); yields its port."""
+    served = payloads()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = served.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @contextlib.contextmanager
 def corpus_dir() -> Iterator[Path]:
     """The corpus copied where any user (and a guest over 9p) can read it."""
@@ -104,8 +164,8 @@ class Outcome:
 
 def run_case(manager: Manager, store: Store, corpus: Path, case: Case, *,
              backend: Backend | None = None, timeout: float = 60,
-             user: str = "nobody") -> Outcome:
-    policy = load_policy(DEFAULT_POLICY)
+             user: str = "nobody", policy: Policy | None = None) -> Outcome:
+    policy = policy or load_policy(DEFAULT_POLICY)
     with tempfile.TemporaryFile() as out:
         io = WorkloadIO(stdin=None, stdout=out.fileno(), stderr=out.fileno())
         run = manager.launch(policy, [PYTHON, str(corpus / case.program), *case.args], io=io,

@@ -17,6 +17,7 @@ from hvtsm.host import probe_host
 from hvtsm.lifecycle import Manager
 from hvtsm.monitor import host_agent
 from hvtsm.policy import load_policy
+from hvtsm.policy.loader import parse_policy
 from hvtsm.store import Store
 from hvtsm.store.audit import zone_trail
 from hvtsm.store.models import ZoneState
@@ -25,11 +26,13 @@ from hvtsm.zones.cgroup.driver import CgroupDriver
 from tests.integration.cli_helpers import audit, hvtsm, json_lines
 from tests.integration.monitor_corpus import (
     DEFAULT_POLICY,
+    DROPPED_MODES,
     Case,
     bad_cases,
     benign_cases,
     corpus_dir,
     decoy_key,
+    dropped_cases,
     run_case,
 )
 
@@ -85,6 +88,59 @@ def test_benign_program_finishes_without_anomaly(
     assert outcome.run.state is ZoneState.EXITED and outcome.run.exit_status == 0, \
         outcome.output
     assert case.output in outcome.output
+
+
+@pytest.mark.parametrize("mode", DROPPED_MODES)
+def test_code_from_the_network_never_runs(
+        setup: tuple[Manager, Store, Path], payload_port: int, mode: str) -> None:
+    """Judged by where it came from, not by the directory it lies in (its scratch /tmp)."""
+    manager, store, corpus = setup
+    case = dropped_cases(payload_port)[DROPPED_MODES.index(mode)]
+    outcome = run_case(manager, store, corpus, case, timeout=40)
+    assert f"ACT {mode}" in outcome.output, outcome.output  # the code did arrive
+    assert "SURVIVED" not in outcome.output and "payload-ran" not in outcome.output, \
+        outcome.output
+    assert "dropped-code" in outcome.categories, (outcome.categories, outcome.output)
+    evidence = outcome.evidence[outcome.categories.index("dropped-code")]
+    assert evidence.get("contained") in ("killed", "denied"), evidence
+    assert outcome.run.state is ZoneState.TERMINATED  # the default policy ends such a zone
+
+
+def test_code_from_a_trusted_origin_runs(
+        setup: tuple[Manager, Store, Path], payload_port: int) -> None:
+    """trusted_origins: the zones' gateways (a package mirror on the host, say)."""
+    manager, store, corpus = setup
+    text = DEFAULT_POLICY.read_text().replace(
+        "max_forks_per_s = 200", 'trusted_origins = ["10.213.0.0/16"]\nmax_forks_per_s = 200')
+    policy = parse_policy(text.encode(), source="default+trusted")
+    case = dropped_cases(payload_port)[DROPPED_MODES.index("exec")]
+    outcome = run_case(manager, store, corpus, case, timeout=40, policy=policy)
+    assert "SURVIVED exec" in outcome.output, outcome.output
+    assert outcome.categories == [], outcome.evidence
+
+
+def test_ordinary_work_is_never_an_anomaly(
+        setup: tuple[Manager, Store, Path], payload_port: int) -> None:
+    """Compile and run C in /tmp, make, a library built and loaded, scripts written here,
+    a package's own tests, compileall, tar, git, sqlite; data fetched and sorted."""
+    manager, store, corpus = setup
+    case = Case("benign_build.py", ("gateway", str(payload_port)), frozenset(), "OK build")
+    outcome = run_case(manager, store, corpus, case, timeout=90)
+    assert outcome.categories == [], (outcome.evidence, outcome.output)
+    assert outcome.run.state is ZoneState.EXITED and outcome.run.exit_status == 0, \
+        outcome.output
+    assert case.output in outcome.output
+
+
+def test_mass_deletion_is_stopped(setup: tuple[Manager, Store, Path]) -> None:
+    manager, store, corpus = setup
+    case = Case("mass_delete.py", ("600",), frozenset({"deletion-rate"}))
+    outcome = run_case(manager, store, corpus, case, timeout=40)
+    assert "ACT mass-delete" in outcome.output, outcome.output
+    assert "SURVIVED" not in outcome.output, outcome.output
+    assert "deletion-rate" in outcome.categories, (outcome.categories, outcome.output)
+    evidence = outcome.evidence[outcome.categories.index("deletion-rate")]
+    assert evidence.get("contained") in ("killed", "denied"), evidence
 
 
 #: dash's SIGCHLD handler has no SA_RESTART: a fork that waited for the agent while a
